@@ -1,0 +1,170 @@
+"""Checkpoint tensors as numpy, without PyTorch: safetensors read lazily (memory-mapped), and TensorSource, which
+tracks which tensors a converter consumed so that none is silently left behind.
+
+Pickled checkpoints (`pytorch_model.bin`) execute code when loaded; they are refused unless the caller passes
+`allow_pickle=True` (which then needs torch).
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from jaxlens.errors import CheckpointError, UnsafeCheckpointError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarray]]:
+    """Lazy readers for every tensor of one safetensors file: {name: () -> float32/int np.ndarray}.
+
+    The file is memory-mapped, so only tensors that are read cost memory. BF16 is widened to float32.
+
+    Raises:
+        CheckpointError: the file is truncated, its header is corrupt, or a dtype is unknown.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes).")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes does not fit a {size}-byte file "
+                                  "(truncated or not safetensors).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e}).") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which jaxlens cannot read.")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} needs bytes up to {data_start + end}, the file has {size}. "
+                "Download or save the checkpoint again."
+            )
+        out[name] = _reader(mm, data_start + begin, data_start + end, dtype, shape)
+    return out
+
+
+def _reader(mm, begin: int, end: int, dtype: str, shape: tuple) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        arr = mm[begin:end].view(_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.array(arr)
+    return read
+
+
+class TensorSource:
+    """Named checkpoint tensors that a converter takes one by one; `finish()` raises if any was left.
+
+    Args:
+        readers: {name: () -> np.ndarray}; a name may also map straight to an array.
+        origin: where the tensors came from (for messages).
+    """
+
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray] | np.ndarray], origin: str = "checkpoint"):
+        self._readers, self.origin = dict(readers), origin
+        self._taken: set[str] = set()
+
+    def names(self) -> list[str]:
+        return list(self._readers)
+
+    def has(self, name: str) -> bool:
+        return name in self._readers
+
+    def strip_prefix(self, prefix: str) -> None:
+        """Rename `prefix + x` to `x` when every tensor that matters has the prefix (HF base-model checkpoints
+        saved with or without `transformer.` / `model.`)."""
+        self._readers = {k.removeprefix(prefix): v for k, v in self._readers.items()}
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor `name` (as float32 if floating), marked as used; checked against `shape` if given."""
+        if name not in self._readers:
+            raise CheckpointError(
+                f"{self.origin}: tensor {name!r} is missing. Found {len(self._readers)} tensors, e.g. "
+                f"{self.names()[:6]}. Is this checkpoint of the architecture its config names?"
+            )
+        r = self._readers[name]
+        arr = r() if callable(r) else np.asarray(r)
+        if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.origin}: tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)} from the "
+                "config. The config and the weights disagree: check config.json belongs to these weights."
+            )
+        self._taken.add(name)
+        return arr
+
+    def take_layers(self, fmt: str, n_layers: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """`fmt.format(l)` for every layer, stacked on a leading layer axis."""
+        return np.stack([self.take(fmt.format(l), shape) for l in range(n_layers)])
+
+    def maybe_take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        return self.take(name, shape) if name in self._readers else None
+
+    def drop(self, pattern: str) -> None:
+        """Mark tensors matching the regex `pattern` as deliberately unused (buffers such as causal masks)."""
+        self._taken |= {n for n in self._readers if re.fullmatch(pattern, n)}
+
+    def finish(self) -> None:
+        """Raise CheckpointError if any tensor was neither taken nor dropped."""
+        left = sorted(set(self._readers) - self._taken)
+        if left:
+            raise CheckpointError(
+                f"{self.origin}: {len(left)} checkpoint tensor(s) were not used by the converter: {left[:8]}"
+                f"{' ...' if len(left) > 8 else ''}. The checkpoint has parts this architecture does not "
+                "describe; refusing to drop them silently."
+            )
+
+
+def load_dir_tensors(path: Path, *, allow_pickle: bool = False) -> TensorSource:
+    """All weight tensors of a Hugging Face model directory (safetensors, single or sharded).
+
+    Raises:
+        UnsafeCheckpointError: only pickled weights (`*.bin`, `*.pt`) are present and allow_pickle is False.
+        CheckpointError: no weights found.
+    """
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        readers: dict = {}
+        for f in files:
+            readers.update(read_safetensors(f))
+        return TensorSource(readers, origin=str(path))
+    pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth")))
+    if pickles:
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{path} holds only pickled weights ({', '.join(p.name for p in pickles)}); loading a pickle "
+                "can execute arbitrary code. Convert it to safetensors, or pass allow_pickle=True if you trust "
+                "its source (this needs torch)."
+            )
+        return TensorSource(_load_pickles(pickles), origin=str(path))
+    raise CheckpointError(f"No weights (*.safetensors or *.bin) found in {path}.")
+
+
+def _load_pickles(files) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("Reading pickled (*.bin) checkpoints needs torch: pip install torch.") from None
+    out = {}
+    for f in files:
+        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+            out[k] = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+    return out

@@ -1,0 +1,39 @@
+"""Errors jaxlens raises on purpose. Each message says what was wrong, what was found, and how to fix it."""
+
+import difflib
+from collections.abc import Sequence
+
+
+class JaxlensError(Exception):
+    """Base class of every error jaxlens raises on purpose."""
+
+
+class ConfigError(JaxlensError, ValueError):
+    """An architecture configuration that jaxlens cannot honour."""
+
+
+class UnknownHookError(JaxlensError, KeyError):
+    """A hook name that the model does not have."""
+
+    def __init__(self, name: str, known: Sequence[str]):
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        super().__init__(f"No hook point named {name!r}.{hint} List them with `jaxlens.hook_names.all_names(cfg)`.")
+
+    __str__ = Exception.__str__  # KeyError would wrap the message in quotes
+
+
+class InputError(JaxlensError, ValueError):
+    """Tokens, text or arguments that cannot be run (out-of-vocabulary ids, too long, wrong rank)."""
+
+
+class InterventionError(JaxlensError, ValueError):
+    """An intervention that does not fit the activation it is applied to."""
+
+
+class CheckpointError(JaxlensError, ValueError):
+    """A checkpoint that cannot be converted: unknown config keys, leftover or missing tensors, bad files."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint, refused unless the caller allows pickle explicitly."""

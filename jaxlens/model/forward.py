@@ -1,0 +1,236 @@
+"""forward(params, cfg, tokens, *, interventions, cache_names) -> (logits, cache): the model as a pure function.
+
+    logits, cache = forward(params, cfg, tokens,
+                            interventions={"blocks.3.attn.hook_z": zero_ablate(mask)},
+                            cache_names=("blocks.5.hook_resid_post", "blocks.attn.hook_pattern"))
+
+Blocks run under `jax.lax.scan` over the stacked `layer` axis: compile time does not grow with depth. Per-layer
+differences (attention windows) and stacked interventions are scanned data; an intervention addressed to one
+layer is applied where the scanned layer index equals it. Nothing is mutated and no hook is registered.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxlens import hook_names
+from jaxlens.config import Config
+from jaxlens.errors import InputError, InterventionError
+from jaxlens.interventions import as_intervention
+from jaxlens.model.attention import Context, KVState
+from jaxlens.model.block import block, windows
+from jaxlens.model.hooks import Hooks
+from jaxlens.model.norms import norm
+from jaxlens.shapes import Params
+
+# einsum letters: b=batch p=pos d=d_model v=d_vocab
+
+
+def forward(
+    params: Params,
+    cfg: Config,
+    tokens: Int[Array, "batch pos"] | Float[Array, "batch pos d_model"],
+    *,
+    interventions: Mapping[str, Any] | None = None,
+    cache_names: Iterable[str] = (),
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    attention_mask: Bool[Array, "batch pos"] | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Run the model with interventions and return (logits, cache).
+
+    Args:
+        params: the params pytree (`params.param_shapes`).
+        cfg: the architecture (static under jit).
+        tokens: token ids [batch pos]; with `start_at_layer`, the residual stream [batch pos d_model] entering
+            that layer instead (TransformerLens's semantics).
+        interventions: {hook name: intervention or list of them}. `blocks.3.x` addresses layer 3,
+            `blocks.x` every layer (array leaves with a leading `layer` axis). See `jaxlens.interventions`.
+        cache_names: hook names to record. `blocks.x` without a layer index records every layer run, stacked.
+        start_at_layer, stop_at_layer: run only blocks [start, stop). With stop_at_layer the output is the
+            residual stream entering block `stop_at_layer` (no final norm or unembedding).
+        attention_mask: True for real tokens, False for padding (keys masked; positions count real tokens).
+
+    Returns:
+        (logits [batch pos d_vocab] or the residual stream, {hook name: activation}).
+
+    Raises:
+        InputError: tokens of the wrong rank, out of the vocabulary, longer than n_ctx, bad layer bounds.
+        UnknownHookError: an intervention or cache name that is not a hook point.
+        InterventionError: an intervention that does not fit its activation.
+    """
+    out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
+                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, attention_mask=attention_mask)
+    return out, cache
+
+
+def run(
+    params: Params,
+    cfg: Config,
+    tokens,
+    *,
+    interventions=None,
+    cache_names: Iterable[str] = (),
+    start_at_layer: int | None = None,
+    stop_at_layer: int | None = None,
+    attention_mask=None,
+    kv_cache: KVState | None = None,
+    pos_offset: Int[Array, ""] | int = 0,
+) -> tuple[Array, dict[str, Array], KVState | None]:
+    """`forward`, plus incremental decoding: with `kv_cache` (KVState with a leading layer axis, max_pos long)
+    the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third."""
+    start = 0 if start_at_layer is None else start_at_layer
+    stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
+    if stop < 0:
+        stop += cfg.n_layers
+    if not 0 <= start <= stop <= cfg.n_layers:
+        raise InputError(
+            f"Layer bounds start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer} do not satisfy "
+            f"0 <= start <= stop <= n_layers={cfg.n_layers}."
+        )
+    glob_iv, stacked_iv, at_layer_iv = _split_interventions(cfg, interventions or {}, start, stop)
+    glob_cache, block_cache = hook_names.names_by_layer(cache_names, cfg)
+    for rel, layers in block_cache.items():
+        bad = [l for l in layers if l != "all" and not start <= l < stop]
+        if bad:
+            raise InputError(f"Cannot cache blocks.{bad[0]}.{rel}: this forward runs only layers [{start}, {stop}).")
+    top = Hooks(here=glob_iv, names_to_cache=frozenset(glob_cache))
+
+    if start_at_layer is None:
+        tokens = check_tokens(tokens, cfg, pos_offset if isinstance(pos_offset, int) else 0)
+        resid, positions = _embed(params, cfg, tokens, top, attention_mask, pos_offset)
+    else:
+        resid = jnp.asarray(tokens)
+        if resid.ndim != 3 or resid.shape[-1] != cfg.d_model:
+            raise InputError(
+                f"With start_at_layer the input is the residual stream [batch pos d_model={cfg.d_model}]; "
+                f"found shape {resid.shape}."
+            )
+        positions = _positions(resid.shape[:2], attention_mask, pos_offset)
+    ctx = Context(positions=positions, key_valid=None if attention_mask is None else jnp.asarray(attention_mask, bool),
+                  offset=pos_offset)
+
+    def body(resid, xs):
+        p, idx, window, here, kv = xs
+        hooks = Hooks(prefix="blocks.", layer=idx, here=here, at_layer=at_layer_iv,
+                      names_to_cache=frozenset(block_cache))
+        resid, kv = block(p, resid, cfg, hooks, ctx, window, kv)
+        return resid, (hooks.cache, kv)
+
+    sl = lambda x: x[start:stop]
+    xs = (jax.tree_util.tree_map(sl, params["blocks"]), jnp.arange(start, stop), sl(windows(cfg)), stacked_iv,
+          kv_cache)
+    resid, (stacked_cache, new_kv) = jax.lax.scan(body, resid, xs)
+
+    if stop_at_layer is not None:
+        out = resid
+    else:
+        out = unembed(params, cfg, norm(params.get("ln_final", {}), resid, cfg, top, "ln_final"))
+    cache = {}
+    for name in cache_names:  # in the order asked for
+        layer, rel = hook_names.parse(cfg, name)
+        if layer is None:
+            if rel in top.cache:
+                cache[name] = top.cache[rel]
+        else:
+            cache[name] = stacked_cache[rel] if layer == "all" else stacked_cache[rel][layer - start]
+    return out, cache, new_kv
+
+
+def unembed(params: Params, cfg: Config, x: Float[Array, "batch pos d_model"]) -> Float[Array, "batch pos d_vocab"]:
+    """Logits from the final normalised residual (with output softcapping where the config has it)."""
+    logits = jnp.einsum("bpd,dv->bpv", x, params["unembed"]["W_U"]) + params["unembed"]["b_U"]
+    if cfg.output_logits_soft_cap is not None:
+        logits = cfg.output_logits_soft_cap * jnp.tanh(logits / cfg.output_logits_soft_cap)
+    return logits
+
+
+def check_tokens(tokens, cfg: Config, pos_offset: int = 0) -> Int[Array, "batch pos"]:
+    """Tokens as an int array, checked: rank 2, ids inside the vocabulary, length within n_ctx.
+
+    JAX's gather clamps out-of-range ids silently, so concrete tokens are checked before the embedding.
+    """
+    try:
+        concrete = np.asarray(tokens)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None
+    arr = jnp.asarray(tokens)
+    if arr.ndim != 2:
+        raise InputError(f"tokens must be [batch pos]; found shape {arr.shape}. Use tokens[None] for one sequence.")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise InputError(f"tokens must be integer ids; found dtype {arr.dtype}.")
+    if pos_offset + arr.shape[1] > cfg.n_ctx:
+        raise InputError(
+            f"Sequence of {arr.shape[1]} tokens (from position {pos_offset}) is longer than the model's context "
+            f"n_ctx={cfg.n_ctx}. Shorten the input or split it."
+        )
+    if concrete is not None and concrete.size:
+        lo, hi = int(concrete.min()), int(concrete.max())
+        if lo < 0 or hi >= cfg.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"Token id {bad} is outside the vocabulary [0, {cfg.d_vocab}). Check the tokenizer matches the "
+                "model (jaxlens would otherwise read a clamped embedding silently)."
+            )
+    return arr
+
+
+def lm_cross_entropy_loss(
+    logits: Float[Array, "batch pos d_vocab"],
+    tokens: Int[Array, "batch pos"],
+    attention_mask: Bool[Array, "batch pos"] | None = None,
+    per_token: bool = False,
+) -> Array:
+    """Next-token cross-entropy as TransformerLens computes it (mean, or [batch pos-1] with per_token)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, :-1]
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    if per_token:
+        return nll
+    if attention_mask is None:
+        return nll.mean()
+    m = jnp.asarray(attention_mask, bool)
+    valid = (m[:, 1:] & m[:, :-1]).astype(jnp.float32)
+    return (nll * valid).sum() / valid.sum()
+
+
+def _positions(shape, attention_mask, pos_offset) -> Int[Array, "batch pos"]:
+    if attention_mask is not None:
+        m = jnp.asarray(attention_mask, jnp.int32)
+        return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + pos_offset
+    return jnp.broadcast_to(jnp.arange(shape[1]) + pos_offset, shape)
+
+
+def _embed(params, cfg: Config, tokens, hooks: Hooks, attention_mask, pos_offset):
+    positions = _positions(tokens.shape, attention_mask, pos_offset)
+    resid = hooks("hook_embed", params["embed"]["W_E"][tokens])
+    if cfg.positional_embedding_type == "standard":
+        resid = resid + hooks("hook_pos_embed", params["pos_embed"]["W_pos"][positions])
+    return resid, positions
+
+
+def _split_interventions(cfg: Config, interventions: Mapping[str, Any], start: int, stop: int):
+    """{name: iv} -> (global {rel: [iv]}, stacked {rel: [iv sliced to layers]}, at_layer {rel: [(l, iv)]})."""
+    glob, stacked, at_layer = {}, {}, {}
+    for name, iv in interventions.items():
+        ivs = as_intervention(iv)
+        ivs = ivs if isinstance(ivs, list) else [ivs]
+        layer, rel = hook_names.parse(cfg, name)
+        if layer is None:
+            glob.setdefault(rel, []).extend(ivs)
+        elif layer == "all":
+            for one in ivs:
+                for leaf in jax.tree_util.tree_leaves(one):
+                    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != cfg.n_layers:
+                        raise InterventionError(
+                            f"Intervention at {name!r} addresses every layer, so each array in it needs a leading "
+                            f"layer axis of size n_layers={cfg.n_layers}; found shape {jnp.shape(leaf)}. Address "
+                            f"one layer with 'blocks.<layer>.{rel}', or stack the values over layers."
+                        )
+                stacked.setdefault(rel, []).append(jax.tree_util.tree_map(lambda x: x[start:stop], one))
+        elif start <= layer < stop:
+            at_layer.setdefault(rel, []).extend((layer, one) for one in ivs)
+    return glob, stacked, at_layer

@@ -1,0 +1,54 @@
+"""The single hook primitive: identity, plus an optional intervention and an optional recording.
+
+Names at call sites are TransformerLens's names relative to the block (`"attn.hook_z"`). A hook point that no
+one caches or intervenes on is the identity and costs nothing; `Hooks.wants(name)` lets optional hook points
+(`attn.hook_result`, `hook_q_input`) take their expensive path only when someone asks.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxlens.interventions import HookPoint
+
+
+class Hooks:
+    """Hook points of one block (or of the model outside the blocks).
+
+    Args:
+        prefix: prepended to relative names for messages and `hook.name` ("blocks.{layer}." or "").
+        layer: the layer index (a Python int, a traced scalar under scan, or None outside the blocks).
+        here: relative name -> interventions applied at every call (already sliced to this layer).
+        at_layer: relative name -> [(layer, intervention)] applied only where `layer` equals the given layer.
+        names_to_cache: relative names to record.
+    """
+
+    def __init__(self, *, prefix: str = "", layer=None, here: Mapping | None = None,
+                 at_layer: Mapping | None = None, names_to_cache=frozenset()):
+        self.prefix, self.layer = prefix, layer
+        self.here, self.at_layer = here or {}, at_layer or {}
+        self.names_to_cache = names_to_cache
+        self.cache: dict[str, jax.Array] = {}
+
+    def wants(self, name: str) -> bool:
+        return name in self.here or name in self.at_layer or name in self.names_to_cache
+
+    def __call__(self, name: str, x: jax.Array) -> jax.Array:
+        for iv in self.here.get(name, ()):
+            x = iv(x, HookPoint(self._full(name, self.layer), self.layer))
+        for layer, iv in self.at_layer.get(name, ()):
+            hook = HookPoint(self._full(name, layer), layer)
+            if isinstance(self.layer, int):
+                if self.layer == layer:
+                    x = iv(x, hook)
+            else:
+                x = jnp.where(self.layer == layer, iv(x, hook), x)
+        if name in self.names_to_cache:
+            self.cache[name] = x
+        return x
+
+    def _full(self, name: str, layer) -> str:
+        if self.prefix == "":
+            return name
+        return f"blocks.{layer}.{name}" if isinstance(layer, int) else f"blocks.{name}"

