@@ -69,6 +69,7 @@ def load(source, *, allow_pickle: bool = False) -> tuple[Config, dict]:
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json; jaxlens needs it to know the architecture.")
     hf = json.loads(config_file.read_text())
+    family_for(hf)  # an unknown architecture is reported before any weight is read
     return convert(hf, load_dir_tensors(path, allow_pickle=allow_pickle))
 
 
