@@ -20,7 +20,7 @@ from jaxlens.converters._checkpoint import TensorSource, load_dir_tensors
 from jaxlens.errors import CheckpointError
 from jaxlens.params import check_params
 
-FAMILIES = ("gpt2",)
+FAMILIES = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2", "gemma", "gemma2")
 REGISTRY: dict[str, str] = {}  # HF architecture -> module name
 for _family in FAMILIES:
     for _arch in importlib.import_module(f"jaxlens.converters.{_family}").ARCHITECTURES:
