@@ -17,14 +17,18 @@ import numpy as np
 
 from jaxlens.config import Config
 from jaxlens.converters._checkpoint import TensorSource, load_dir_tensors
+from jaxlens import hub
 from jaxlens.errors import CheckpointError
 from jaxlens.params import check_params
 
-FAMILIES = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "phi3")
 REGISTRY: dict[str, str] = {}  # HF architecture -> module name
 for _family in FAMILIES:
     for _arch in importlib.import_module(f"jaxlens.converters.{_family}").ARCHITECTURES:
         REGISTRY[_arch] = _family
+
+
+ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM")  # jaxlens.converters.bert; loaded by HookedEncoder
 
 
 def family_for(hf: Mapping[str, Any]):
@@ -32,6 +36,9 @@ def family_for(hf: Mapping[str, Any]):
     archs = hf.get("architectures") or []
     if not archs:
         raise CheckpointError("The config has no `architectures` entry; jaxlens picks the converter by it.")
+    if archs[0] in ENCODER_ARCHITECTURES:
+        raise CheckpointError(f"{archs[0]} is a BERT-style encoder, not a decoder: load it with "
+                              "jaxlens.encoder.HookedEncoder.from_pretrained (converter: jaxlens.converters.bert).")
     if archs[0] not in REGISTRY:
         raise CheckpointError(
             f"No jaxlens converter for architecture {archs[0]!r}. Supported: {sorted(REGISTRY)}."
@@ -62,7 +69,9 @@ def load(source, *, allow_pickle: bool = False) -> tuple[Config, dict]:
         hf.setdefault("architectures", [type(source).__name__])
         sd = {k: _tensor_to_numpy(v) for k, v in source.state_dict().items()}
         return convert(hf, TensorSource(sd, origin=f"in-memory {type(source).__name__}"))
-    path = Path(source)
+    path = hub.resolve(source)  # a directory, a .gguf file, a cached HF repo id or a packaged model name
+    if path.is_file():
+        return hub.load_gguf(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory holding config.json and weights.")
     config_file = path / "config.json"
