@@ -18,6 +18,8 @@ from jaxtyping import Array, Float, Int
 from jaxlens import hook_names
 from jaxlens.config import Config
 from jaxlens.errors import InputError
+from jaxlens.model.hooks import Hooks
+from jaxlens.model.norms import norm
 from jaxlens.shapes import Params
 
 PosSlice = int | Sequence[int] | tuple | slice | None
@@ -120,8 +122,9 @@ class ActivationCache:
                 comps.append(self["resid_mid", l])
                 labels.append(f"{l}_mid")
         stack = jnp.stack([_pos(c, pos_slice) for c in comps])
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        if apply_ln:  # at the final layer each component gets its own norm statistics: the logit lens (TL 3.x)
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
+                                           has_batch_dim=self.has_batch_dim, recompute_ln=layer == n)
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
@@ -184,16 +187,25 @@ class ActivationCache:
 
     def apply_ln_to_stack(self, residual_stack: Float[Array, "... d_model"], layer: int | None = None,
                           mlp_input: bool = False, pos_slice: PosSlice = None,
-                          batch_slice: PosSlice = None, has_batch_dim: bool = True) -> Array:
+                          batch_slice: PosSlice = None, has_batch_dim: bool = True,
+                          recompute_ln: bool = False) -> Array:
         """Divide each component by the cached norm scale of the final residual (layer None / -1 / n_layers) or
         of ln1 (ln2 with mlp_input) at `layer`, centring first for LayerNorm: the linear part of the norm.
-        Weights are not applied (fold them with `fold_ln` first, as TL assumes)."""
+        Weights are not applied (fold them with `fold_ln` first, as TL assumes).
+
+        With recompute_ln and the final layer, each component instead goes through ln_final with statistics of
+        its own (and ln_final's weights, if not folded): the logit lens."""
         kind = self.cfg.normalization_type
         if kind is None:
             return residual_stack
+        final = layer is None or layer == -1 or layer == self.cfg.n_layers
+        if has_batch_dim and batch_slice is not None:
+            residual_stack = _pos(residual_stack, batch_slice, axis=1)
+        if recompute_ln and final:
+            return norm(self._weights(top=True).get("ln_final", {}), residual_stack, self.cfg, Hooks(), "ln_final")
         if kind in ("LN", "LNPre"):
             residual_stack = residual_stack - residual_stack.mean(-1, keepdims=True)
-        if layer is None or layer == -1 or layer == self.cfg.n_layers:
+        if final:
             scale = self["ln_final.hook_scale"]
         else:
             scale = self[f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"]

@@ -29,10 +29,10 @@ def global_hook_axes(cfg: Config) -> dict[str, str]:
 def block_hook_axes(cfg: Config) -> dict[str, str]:
     """Hooks of one block, relative names -> axis strings (kv_head_index is n_key_value_heads)."""
     out = {"hook_resid_pre": "batch pos d_model"}
-    norms = [] if cfg.normalization_type is None else ["ln1", "ln2"]
-    for ln in norms:
-        out[f"{ln}.hook_scale"] = "batch pos 1"
-        out[f"{ln}.hook_normalized"] = "batch pos d_model"
+    has_norm = cfg.normalization_type is not None
+    if has_norm:
+        out["ln1.hook_scale"] = "batch pos 1"
+        out["ln1.hook_normalized"] = "batch pos d_model"
     out.update({
         "hook_q_input": "batch pos head_index d_model",
         "hook_k_input": "batch pos kv_head_index d_model",
@@ -57,6 +57,9 @@ def block_hook_axes(cfg: Config) -> dict[str, str]:
     if not cfg.parallel_attn_mlp:
         out["hook_resid_mid"] = "batch pos d_model"
     out["hook_mlp_in"] = "batch pos d_model"
+    if has_norm:
+        out["ln2.hook_scale"] = "batch pos 1"
+        out["ln2.hook_normalized"] = "batch pos d_model"
     out["mlp.hook_pre"] = "batch pos d_mlp"
     if cfg.gated_mlp:
         out["mlp.hook_pre_linear"] = "batch pos d_mlp"
@@ -172,11 +175,12 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     return full
 
 
-def names_by_layer(names: Iterable[str], cfg: Config) -> tuple[list[str], dict[str, set]]:
-    """Split hook names into global names and {relative block name: set of layers or {"all"}}."""
+def names_by_layer(names: Iterable[str], cfg: Config, parse_fn=None) -> tuple[list[str], dict[str, set]]:
+    """Split hook names into global names and {relative block name: set of layers or {"all"}} (`parse_fn`:
+    another model kind's name table, e.g. the encoder's; `parse` by default)."""
     glob, block = [], {}
     for n in names:
-        layer, rel = parse(cfg, n)
+        layer, rel = (parse_fn or parse)(cfg, n)
         if layer is None:
             glob.append(rel)
         else:

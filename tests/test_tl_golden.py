@@ -116,8 +116,6 @@ def test_legacy_hooks_names_shapes_and_values(pair):
     close(jl_logits, tl_logits, "logits")
 
 
-@pytest.mark.xfail(strict=True, reason="jaxlens's LN hook_normalized holds (x - mean) / scale * w + b; TL's "
-                   "(3.9 HookedTransformer and the 4.3 bridge) holds (x - mean) / scale, before the weights")
 def test_hook_normalized_is_before_ln_weights(model_dir):
     tl, jl = boot(model_dir, False), HookedTransformer.from_pretrained_no_processing(model_dir)
     tokens = np.random.RandomState(1).randint(0, HF_CONFIG["vocab_size"], (1, 11))
@@ -150,9 +148,6 @@ def test_accumulated_resid(caches):
         close(got, want, f"accumulated_resid {kw}")
 
 
-@pytest.mark.xfail(strict=True, reason="jaxlens divides every component by the cached ln_final scale; TL "
-                   "(3.9 and 4.3) applies ln_final to each component with its own statistics at the final "
-                   "layer (logit lens)")
 def test_accumulated_resid_final_layer_apply_ln(caches):
     tl, jl, tc, jc = caches
     for kw in [dict(apply_ln=True), dict(apply_ln=True, pos_slice=(2, 7), incl_mid=True)]:

@@ -1,6 +1,6 @@
 """LayerNorm and RMSNorm with TransformerLens's hooks (`hook_scale`, `hook_normalized`).
 
-LN: hook_normalized holds (x - mean) / scale * w + b. RMS: hook_normalized holds x / scale, before w (as TL).
+hook_normalized holds (x - mean) / scale (LN) or x / scale (RMS), before the weights, as in TransformerLens 3.x.
 LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
 Statistics are computed in float32 and cast back.
 """
@@ -30,7 +30,7 @@ def norm(
     scale = hooks(f"{name}.hook_scale", jnp.sqrt((h * h).mean(-1, keepdims=True) + cfg.eps))
     h = h / scale
     if kind == "LN":
-        h = hooks(f"{name}.hook_normalized", h * p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32))
+        h = hooks(f"{name}.hook_normalized", h) * p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32)
     elif kind == "RMS":
         h = hooks(f"{name}.hook_normalized", h) * p["w"].astype(jnp.float32)
     else:

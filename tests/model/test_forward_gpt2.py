@@ -31,8 +31,10 @@ def test_logits_resid_and_pattern_match_hf(reference):
     for layer in range(model.cfg.n_layers):
         np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer], atol=1e-4)
         np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer], atol=1e-5)
-    # HF's last hidden state is after ln_f; jaxlens's ln_final.hook_normalized is the same thing
-    np.testing.assert_allclose(np.asarray(cache["ln_final.hook_normalized"]), ref["hidden_states"][-1], atol=1e-4)
+    # HF's last hidden state is after ln_f; ln_final.hook_normalized is before its weights (as TL 3.x)
+    lnf = model.params["ln_final"]
+    np.testing.assert_allclose(np.asarray(cache["ln_final.hook_normalized"] * lnf["w"] + lnf["b"]),
+                               ref["hidden_states"][-1], atol=1e-4)
 
 
 def test_in_memory_model_loads_like_directory(reference):
