@@ -1,0 +1,275 @@
+"""Core forward benchmark: jaxlens vs Hugging Face transformers vs TransformerLens, GPT-2-small shape.
+
+One random GPT-2-small (d_model 768, 12 layers, 12 heads, d_mlp 3072, vocab 50257, n_ctx 1024) is built
+with `transformers` and loaded into jaxlens with `from_pretrained_no_processing`, so every library runs the
+same weights (checked: the logits agree). Batch 1, 16 and 256 tokens. Timed, each the median of N runs
+after warm-up:
+
+- jaxlens `model(tokens)` and `model.run_with_cache(tokens)` (all default hooks), jitted, `block_until_ready`;
+- HF `model(tokens)` under `torch.no_grad()` with 2 torch threads, with its default attention (sdpa) and with
+  eager attention returning hidden states and attentions (its nearest thing to a cache);
+- TransformerLens 4.x (if installed) `TransformerBridge` in compatibility mode, forward and `run_with_cache`.
+
+Also the compile time of the jitted forward (and run_with_cache) for 12 and 48 layers: the blocks run under
+`jax.lax.scan`, so it should barely grow with depth. Measured as `jax.jit(f).lower(shapes).compile()` on
+abstract shapes (no weights allocated).
+
+    python benchmarks/bench_forward.py                 # full run, appends a section to BENCHMARKS.md
+    python benchmarks/bench_forward.py --quick --no-append
+    python benchmarks/bench_forward.py --dtype bfloat16 --repeats 10
+"""
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxlens  # noqa: E402
+from jaxlens import HookedTransformer, hook_names  # noqa: E402
+
+GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds (fn must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def build_hf(torch_dtype):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(**GPT2_SMALL, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(torch_dtype).eval()
+
+
+def bench_jaxlens(model: HookedTransformer, tokens: np.ndarray, repeats: int) -> dict[str, float]:
+    toks = jnp.asarray(tokens)
+    fwd = lambda: jax.block_until_ready(model(toks))
+    cache = lambda: jax.block_until_ready(model.run_with_cache(toks))
+    return {"forward": median_ms(fwd, repeats), "run_with_cache": median_ms(cache, repeats)}
+
+
+def bench_hf(hf, tokens: np.ndarray, repeats: int) -> dict[str, float]:
+    import torch
+
+    toks = torch.as_tensor(tokens, dtype=torch.long)
+    out = {}
+    with torch.no_grad():
+        for impl in ("sdpa", "eager"):
+            hf.set_attn_implementation(impl)
+            out[f"forward ({impl})"] = median_ms(lambda: hf(toks), repeats)
+        full = lambda: hf(toks, output_hidden_states=True, output_attentions=True)
+        out["hidden+attn (eager)"] = median_ms(full, repeats)
+    hf.set_attn_implementation("sdpa")
+    return out
+
+
+def boot_tl(hf, torch_dtype):
+    """TransformerLens 4.x bridge (compatibility mode, TL's default processing) on a copy of `hf`, or None."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:
+        print(f"TransformerLens not available ({e}); skipping it.", file=sys.stderr)
+        return None
+    from jaxlens import testing
+
+    with tempfile.TemporaryDirectory() as d:
+        model = copy.deepcopy(hf).float()
+        testing.save_hf_model(model, Path(d), testing.train_tiny_tokenizer(Path(d)))
+        br = TransformerBridge.boot_transformers(d, device="cpu", dtype=torch_dtype)
+    br.enable_compatibility_mode(disable_warnings=True)
+    return br
+
+
+def bench_tl(br, tokens: np.ndarray, repeats: int) -> dict[str, float]:
+    import torch
+
+    toks = torch.as_tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        return {"forward": median_ms(lambda: br(toks), repeats),
+                "run_with_cache": median_ms(lambda: br.run_with_cache(toks), repeats)}
+
+
+COMPILED = {
+    "forward": "forward (no cache)",
+    "per-layer": "forward + default hooks, per-layer names (`blocks.3.attn.hook_z`, as run_with_cache)",
+    "stacked": "forward + default hooks, stacked names (`blocks.attn.hook_z`, [layer ...])",
+}
+
+
+def compile_seconds(cfg: jaxlens.Config, n_layers: int, n_tokens: int, dtype,
+                    kind: str) -> tuple[float, float]:
+    """(lower, compile) seconds of jax.jit(forward).lower(abstract shapes).compile() at n_layers layers.
+
+    kind: "forward" (no cache), "per-layer" (every default hook, one name per layer) or "stacked" (the same
+    activations as one [layer ...] array per hook)."""
+    cfg = cfg.replace(n_layers=n_layers)
+    params = jax.eval_shape(lambda: jaxlens.init_params(cfg, jax.random.key(0), dtype=dtype))
+    tokens = jax.ShapeDtypeStruct((1, n_tokens), jnp.int32)
+    names = () if kind == "forward" else tuple(hook_names.default_names(cfg))
+    if kind == "stacked":
+        names = tuple(dict.fromkeys(n if not n.startswith("blocks.") else "blocks." + n.split(".", 2)[2]
+                                    for n in names))
+
+    def f(params, tokens):  # a fresh function each time: nothing is reused from jit's cache
+        return jaxlens.forward(params, cfg, tokens, cache_names=names)
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(f).lower(params, tokens)
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}{load}"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--quick", action="store_true", help="16 tokens only, 3 repeats, compile at 12/48 layers")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs each (default 15; quick 3)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 16 256)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 15)
+    lengths = args.lengths or ([16] if args.quick else [16, 256])
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch_dtype = getattr(torch, args.dtype)
+    jnp_dtype = getattr(jnp, args.dtype)
+
+    t0 = time.perf_counter()
+    hf = build_hf(torch_dtype)
+    jl = HookedTransformer.from_pretrained_no_processing(copy.deepcopy(hf).float(), dtype=jnp_dtype)
+    br = None if args.no_tl else boot_tl(hf, torch_dtype)
+    print(f"models built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    rows = []  # (tokens, library, what, ms)
+    rng = np.random.RandomState(0)
+    for n in lengths:
+        tokens = rng.randint(1, GPT2_SMALL["vocab_size"], (1, n))
+        with torch.no_grad():
+            ref = hf(torch.as_tensor(tokens)).logits.float().numpy()
+        err = float(np.abs(np.asarray(jl(tokens), np.float32) - ref).max())
+        tol = 1e-3 if args.dtype == "float32" else 0.5
+        assert err < tol, f"jaxlens and HF logits differ by {err} at {n} tokens: not the same model"
+        print(f"{n} tokens: |jaxlens - HF| logits max {err:.2e}", file=sys.stderr)
+        res = {"jaxlens": bench_jaxlens(jl, tokens, repeats),
+               "HF transformers": bench_hf(hf, tokens, repeats)}
+        if br is not None:
+            res["TransformerLens"] = bench_tl(br, tokens, repeats)
+        for lib, d in res.items():
+            for what, ms in d.items():
+                rows.append((n, lib, what, ms))
+                print(f"{n:>4} tokens  {lib:<16} {what:<20} {ms:9.2f} ms", file=sys.stderr)
+
+    compile_rows = []
+    for kind in COMPILED:
+        for n_layers in (12, 48):
+            lower_s, compile_s = compile_seconds(jl.cfg, n_layers, lengths[0], jnp_dtype, kind)
+            compile_rows.append((n_layers, COMPILED[kind], lower_s, compile_s))
+            print(f"{n_layers} layers, {kind}: lower {lower_s:.2f} s, compile {compile_s:.2f} s", file=sys.stderr)
+
+    report = render(args, argv, rows, compile_rows, repeats, br is not None, lengths[0])
+    print(report)
+    if not args.no_append:
+        append(args.out, report)
+        print(f"appended to {args.out}", file=sys.stderr)
+    return report
+
+
+def render(args, argv, rows, compile_rows, repeats, with_tl, compile_tokens) -> str:
+    cmd = "python benchmarks/bench_forward.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    versions = f"jax {jax.__version__}"
+    import torch
+    import transformers
+
+    versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
+    if with_tl:
+        from importlib.metadata import version
+
+        versions += f", transformer-lens {version('transformer-lens')}"
+    lines = [
+        f"### Core forward ({args.dtype}, {datetime.date.today().isoformat()})",
+        "",
+        f"- Command: `{cmd.strip()}`",
+        f"- Machine: {machine()}; torch threads {args.threads}; {versions}",
+        f"- GPT-2-small shape, random weights (identical in every library), batch 1, median of {repeats} "
+        "runs after warm-up. Ratios: other library's time / jaxlens's time for the same operation "
+        "(forward vs forward; run_with_cache vs run_with_cache; HF hidden+attn vs jaxlens run_with_cache).",
+        "",
+        "| tokens | library | operation | ms | vs jaxlens |",
+        "|---:|---|---|---:|---:|",
+    ]
+    jl = {(n, what): ms for n, lib, what, ms in rows if lib == "jaxlens"}
+    for n, lib, what, ms in rows:
+        base = jl.get((n, "run_with_cache" if ("cache" in what or "hidden" in what) else "forward"))
+        ratio = "1.00x" if lib == "jaxlens" else f"{ms / base:.2f}x"
+        lines.append(f"| {n} | {lib} | {what} | {ms:.2f} | {ratio} |")
+    lines += ["", f"Compile time, `jax.jit(f).lower(abstract shapes).compile()`, {compile_tokens} tokens:",
+              "",
+              "| layers | function | lower s | compile s |", "|---:|---|---:|---:|"]
+    lines += [f"| {n} | {what} | {lo:.2f} | {co:.2f} |" for n, what, lo, co in compile_rows]
+    return "\n".join(lines) + "\n"
+
+
+SECTION = "## Core forward"
+
+
+def append(path: Path, report: str) -> None:
+    """Add `report` at the end of the "Core forward" section of BENCHMARKS.md (before the next `## ` section),
+    creating the section, and the file with a short header, if missing. Nothing else is rewritten."""
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nMeasured timings of jaxlens against Hugging Face transformers and TransformerLens. "
+        "Each entry names the command that produced it, the machine and the date; entries are appended, "
+        "never rewritten.\n")
+    if SECTION not in text:
+        text = (text.rstrip("\n") + f"\n\n{SECTION}\n\n`benchmarks/bench_forward.py`: one forward and one "
+                "run_with_cache, jaxlens vs HF vs TransformerLens, plus compile time against depth.\n")
+    start = text.index(SECTION) + len(SECTION)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    head, tail = text[:end].rstrip("\n"), text[end:]
+    path.write_text(head + "\n\n" + report + ("\n" + tail if tail else ""))
+
+
+if __name__ == "__main__":
+    main()
