@@ -206,7 +206,8 @@ def main(argv=None) -> str:
         for n_layers in (12, 48):
             lower_s, compile_s = compile_seconds(jl.cfg, n_layers, lengths[0], jnp_dtype, kind)
             compile_rows.append((n_layers, COMPILED[kind], lower_s, compile_s))
-            print(f"{n_layers} layers, {kind}: lower {lower_s:.2f} s, compile {compile_s:.2f} s", file=sys.stderr)
+            print(f"{n_layers} layers, {kind}: lower {lower_s:.2f} s, compile {compile_s:.2f} s",
+                  file=sys.stderr)
 
     report = render(args, argv, rows, compile_rows, repeats, br is not None, lengths[0])
     print(report)
