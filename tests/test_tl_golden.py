@@ -110,8 +110,6 @@ def test_legacy_hooks_names_shapes_and_values(pair):
             causal = np.tril(np.ones(want.shape[-2:], bool))
             assert np.all(np.isfinite(want[..., causal]))
             got, want = got[..., causal], want[..., causal]
-        if name.endswith("hook_normalized") and "ln1" in jl.params["blocks"]:
-            continue  # unfolded LayerNorm: see test_hook_normalized_is_before_ln_weights
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=name)
     close(jl_logits, tl_logits, "logits")
 
