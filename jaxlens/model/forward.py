@@ -212,13 +212,16 @@ def _embed(params, cfg: Config, tokens, hooks: Hooks, attention_mask, pos_offset
     return resid, positions
 
 
-def _split_interventions(cfg: Config, interventions: Mapping[str, Any], start: int, stop: int):
-    """{name: iv} -> (global {rel: [iv]}, stacked {rel: [iv sliced to layers]}, at_layer {rel: [(l, iv)]})."""
+def _split_interventions(cfg: Config, interventions: Mapping[str, Any], start: int, stop: int, parse=None):
+    """{name: iv} -> (global {rel: [iv]}, stacked {rel: [iv sliced to layers]}, at_layer {rel: [(l, iv)]}).
+
+    `parse` maps a name to (layer, relative name); the decoder's `hook_names.parse` by default (the encoder
+    passes its own table)."""
     glob, stacked, at_layer = {}, {}, {}
     for name, iv in interventions.items():
         ivs = as_intervention(iv)
         ivs = ivs if isinstance(ivs, list) else [ivs]
-        layer, rel = hook_names.parse(cfg, name)
+        layer, rel = (parse or hook_names.parse)(cfg, name)
         if layer is None:
             glob.setdefault(rel, []).extend(ivs)
         elif layer == "all":
