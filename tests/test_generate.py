@@ -1,0 +1,176 @@
+"""generate: the KV-cache decode gives the tokens of greedy decoding by full forwards (argmax each step), also
+under grouped-query rotary attention with a sliding window, left padding and interventions; sampling is
+reproducible from its key; bad input gives clear errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlens
+from jaxlens import Add, HookedTransformer, Patch, testing
+from jaxlens.errors import InputError
+from jaxlens.generate import generate, sample_logits, steps_taken
+
+GPT = testing.tiny_config(n_ctx=24)
+LLAMA = testing.tiny_config(n_ctx=24, n_heads=6, n_key_value_heads=2, d_head=6, normalization_type="RMS",
+                            positional_embedding_type="rotary", gated_mlp=True, act_fn="silu",
+                            window_sizes=(None, 4, None))
+P, N = 5, 6  # prompt length, new tokens
+PROMPTS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, P)), jnp.int32)
+
+
+@functools.cache
+def params_of(cfg):
+    return jaxlens.init_params(cfg, jax.random.key(3), scale=0.5)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _logits(params, tokens, ivs, mask, cfg):
+    return jaxlens.forward(params, cfg, tokens, interventions=ivs, attention_mask=mask)[0]
+
+
+def reference(cfg, prompts, n, ivs=None, mask=None):
+    """Greedy decoding by full forwards over a fixed-size buffer: causal attention makes the logits at position
+    i independent of the (zero) tokens after it, so each step reads the argmax at the last real position."""
+    b, p = prompts.shape
+    buf = np.zeros((b, p + n), np.int32)
+    buf[:, :p] = np.asarray(prompts)
+    full_mask = None if mask is None else jnp.concatenate([mask, jnp.ones((b, n), bool)], axis=1)
+    for i in range(n):
+        logits = _logits(params_of(cfg), jnp.asarray(buf), ivs or {}, full_mask, cfg)
+        buf[:, p + i] = np.asarray(logits[:, p + i - 1].argmax(-1))
+    return buf
+
+
+@pytest.mark.parametrize("cfg", [GPT, LLAMA], ids=["gpt", "gqa_rotary_window"])
+def test_kv_cache_equals_greedy_full_forward(cfg):
+    want = reference(cfg, PROMPTS, N)
+    got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    no_cache = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
+                        use_past_kv_cache=False)
+    np.testing.assert_array_equal(np.asarray(no_cache), want)
+
+
+def test_reference_agrees_with_unpadded_forwards():
+    """The fixed-buffer reference equals plain argmax decoding on growing sequences (a few steps)."""
+    tokens = np.asarray(PROMPTS)
+    for _ in range(3):
+        logits = jaxlens.forward(params_of(GPT), GPT, jnp.asarray(tokens))[0]
+        tokens = np.concatenate([tokens, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    np.testing.assert_array_equal(tokens, reference(GPT, PROMPTS, 3))
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    short = PROMPTS[1, 2:]
+    padded = PROMPTS.at[1, :2].set(0)
+    mask = jnp.asarray([[True] * P, [False, False] + [True] * (P - 2)])
+    got = np.asarray(generate(params_of(LLAMA), LLAMA, padded, attention_mask=mask, max_new_tokens=N,
+                              do_sample=False, stop_at_eos=False))
+    np.testing.assert_array_equal(got[0], reference(LLAMA, PROMPTS[:1], N)[0])
+    np.testing.assert_array_equal(got[1, P:], reference(LLAMA, short[None], N)[0, P - 2:])
+
+
+def test_steering_and_position_interventions_match_reference():
+    cfg, rng = LLAMA, np.random.RandomState(1)
+    steer = jnp.asarray(rng.randn(cfg.d_model), jnp.float32)
+    prompt_only = jnp.asarray(rng.randn(P, cfg.d_model), jnp.float32)
+    per_position = jnp.asarray(rng.randn(P + N, cfg.d_model), jnp.float32)
+    stacked = jnp.asarray(rng.randn(cfg.n_layers, 1, cfg.d_model), jnp.float32)
+    ivs = {"blocks.1.hook_resid_pre": Add(steer), "blocks.0.hook_attn_out": Add(prompt_only),
+           "blocks.2.hook_mlp_out": Patch(per_position, mask=jnp.arange(P + N)[:, None] % 3 == 0),
+           "blocks.hook_resid_mid": Add(stacked)}
+    got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
+                   interventions=ivs)
+    ref_ivs = dict(ivs, **{"blocks.0.hook_attn_out": Add(jnp.concatenate([prompt_only, jnp.zeros((N, cfg.d_model))]))})
+    want = reference(cfg, PROMPTS, N, ref_ivs)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert not np.array_equal(want, reference(cfg, PROMPTS, N))  # the interventions change the output
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    params, kw = params_of(GPT), dict(max_new_tokens=N, stop_at_eos=False, temperature=2.0)
+    greedy = np.asarray(generate(params, GPT, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False))
+    a = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), **kw))
+    b = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), **kw))
+    c = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(8), **kw))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
+    np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, **kw)),
+                                  greedy)
+    np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_p=1e-6,
+                                                      **kw)), greedy)
+    no_repeat = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, freq_penalty=1e3, **kw))
+    for row in no_repeat:  # a huge frequency penalty never picks a token already in the sequence
+        assert len(set(row[P:])) == N and not set(row[P:]) & set(row[:P])
+
+
+def test_sample_logits_filters():
+    logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draw = lambda **kw: np.asarray(jax.vmap(lambda k: sample_logits(logits, k, **kw))(keys))[:, 0]
+    assert set(draw(top_k=2)) == {1, 3}
+    assert set(draw(top_p=0.7)) == {1, 3}  # 0.5 then 0.3 reaches 0.7; 0.15 would come after 0.8
+    assert set(draw(top_p=0.45)) == {1}
+    assert set(draw()) == {0, 1, 2, 3}
+    assert int(sample_logits(logits, keys[0], greedy=True)[0]) == 1
+
+
+def test_stops_at_eos_and_pads_with_it():
+    want = reference(GPT, PROMPTS, N)
+    eos = int(want[0, P + 1])  # row 0 produces it at its second step
+    got = np.asarray(generate(params_of(GPT), GPT, PROMPTS, max_new_tokens=N, do_sample=False, eos_token_id=eos))
+    np.testing.assert_array_equal(got[0, : P + 2], want[0, : P + 2])
+    assert (got[0, P + 2:] == eos).all()
+    row1_end = np.nonzero(want[1, P:] == eos)[0]
+    stop1 = row1_end[0] + 1 if row1_end.size else N
+    np.testing.assert_array_equal(got[1, : P + stop1], want[1, : P + stop1])
+    assert steps_taken(got, P, eos) == max(2, stop1)
+
+
+def test_facade_text_in_text_out(tmp_path):
+    tok = testing.train_tiny_tokenizer(tmp_path)
+    cfg = GPT.replace(d_vocab=len(tok))
+    model = HookedTransformer(cfg, jaxlens.init_params(cfg, jax.random.key(4), scale=0.5), tok)
+    one = model.generate("When Mary and", max_new_tokens=4, do_sample=False, stop_at_eos=False)
+    ids = np.asarray(model.to_tokens("When Mary and"))
+    want = reference_for(model, ids, 4)
+    assert one == tok.decode(want[0, 1:].tolist()) and one.startswith("When Mary and")
+    both = model.generate(["When Mary and", "The"], max_new_tokens=4, do_sample=False, stop_at_eos=False)
+    assert both[0] == one and both[1] == model.generate("The", max_new_tokens=4, do_sample=False,
+                                                        stop_at_eos=False)
+    toks = model.generate(jnp.asarray(ids[0]), max_new_tokens=4, do_sample=False, stop_at_eos=False)
+    np.testing.assert_array_equal(np.asarray(toks), want)
+
+
+def reference_for(model, ids, n):
+    out = np.asarray(ids)
+    for _ in range(n):
+        logits = model(jnp.asarray(out))
+        out = np.concatenate([out, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    return out
+
+
+def test_bad_inputs():
+    params = params_of(GPT)
+    kw = dict(max_new_tokens=N, do_sample=False, stop_at_eos=False)
+    with pytest.raises(InputError, match="exceeds the model's context n_ctx=24"):
+        generate(params, GPT, PROMPTS, max_new_tokens=20, do_sample=False, stop_at_eos=False)
+    with pytest.raises(InputError, match="needs an EOS id"):
+        generate(params, GPT, PROMPTS, max_new_tokens=N)
+    with pytest.raises(InputError, match="Empty prompt"):
+        generate(params, GPT, jnp.zeros((1, 0), jnp.int32), **kw)
+    with pytest.raises(InputError, match="size 6 on its pos axis"):
+        generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P + 1, GPT.d_model)))}, **kw)
+    with pytest.raises(InputError, match="left padding"):
+        generate(params, GPT, PROMPTS, attention_mask=jnp.asarray([[True] * P, [True] * (P - 1) + [False]]), **kw)
+    with pytest.raises(InputError, match="without the KV cache"):
+        generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P, GPT.d_model)))},
+                 use_past_kv_cache=False, **kw)
+    with pytest.raises(InputError, match="top_k"):
+        generate(params, GPT, PROMPTS, top_k=0, max_new_tokens=N, stop_at_eos=False)
+    with pytest.raises(InputError, match="temperature"):
+        generate(params, GPT, PROMPTS, temperature=-1.0, max_new_tokens=N, stop_at_eos=False)
