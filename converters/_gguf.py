@@ -608,3 +608,34 @@ def _remove_stale_temps(cache_dir: Path, stem: str) -> None:
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > _STALE_TEMP_SECONDS:
                 tmp.unlink()
+
+
+# --- model --------------------------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+         ) -> tuple[Any, dict]:
+    """A GGUF model file as (Config, numpy params): dequantised (cached on disk), renamed, converted.
+
+    The tensors come from `cached_dequantize`; `jaxlens.converters._gguf_map.to_hf` turns the metadata and
+    the llama.cpp tensor names into a Hugging Face config dict and names (undoing llama.cpp's q/k row
+    permutation), and the family converter `jaxlens.converters.convert` builds the params, checking every tensor is used.
+    `cfg.default_prepend_bos` follows the file's `tokenizer.ggml.add_bos_token` when it has one.
+
+    Args:
+        path: a `.gguf` file of a supported architecture (`_gguf_map.SUPPORTED`: llama, qwen2, gemma, phi3).
+        cache_dir: the dequantisation cache; default `default_cache_dir()`.
+        progress: show a progress bar while dequantising.
+
+    Returns:
+        `(cfg, params)` with float32 numpy params, as `jaxlens.converters.load` returns them.
+
+    Raises:
+        CheckpointError: as `cached_dequantize`, `_gguf_map.to_hf` and the family converter.
+    """
+    from jaxlens.converters import _gguf_map, convert
+
+    metadata, tensors = cached_dequantize(path, cache_dir, progress=progress)
+    hf, source = _gguf_map.to_hf(metadata, tensors, origin=str(path), consume=True)
+    cfg, params = convert(hf, source)
+    return cfg.replace(**_gguf_map.config_overrides(metadata)), params

@@ -1,0 +1,281 @@
+"""GGUF names -> Hugging Face names: a llama.cpp file's metadata and tensors as the config dict and tensor
+names that the family converters (`jaxlens.converters.llama`, `qwen2`, `gemma`, `phi3`) already read.
+
+llama.cpp's `convert_hf_to_gguf.py` renames every Hugging Face tensor
+(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata keys (`llama.block_count`,
+`llama.attention.head_count_kv`, ...), and changes a few tensors on the way. This module undoes all of it:
+
+- Llama: the rows of `attn_q` / `attn_k` (weights and biases) are permuted per head from the rotate-half order
+  of Hugging Face to the interleaved pairs llama.cpp's rope kernel reads; `reverse_permute` restores them (as
+  transformers' `LlamaTensorProcessor` does).
+- Gemma: RMSNorm weights are stored as 1 + w; the Hugging Face w is the stored value minus 1.
+- The output head is absent when the embeddings are tied (`tie_word_embeddings`).
+
+    hf, tensors = to_hf(metadata, {name: array})     # config dict and a TensorSource with HF names
+    cfg, params = jaxlens.converters.convert(hf, tensors)
+
+A metadata key of the architecture that is not understood, a tensor without a Hugging Face name, or Llama 3.1
+style rope frequency factors are errors (a silently dropped key or tensor would change the model).
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+from jaxlens.converters._checkpoint import TensorSource
+
+from jaxlens.errors import CheckpointError
+
+# `<arch>.<key>` metadata -> Hugging Face config key (same meaning and units in both).
+CONFIG_KEYS: dict[str, str] = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.key_length": "head_dim",
+    "rope.freq_base": "rope_theta",
+}
+# `<arch>.<key>` metadata read by `hf_config` itself (checked against the tensors, or made rope_scaling).
+CHECKED_KEYS = frozenset({
+    "vocab_size", "rope.dimension_count", "attention.value_length", "attention.sliding_window",
+    "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length", "expert_count",
+    "expert_used_count",
+})
+
+# Whole-model tensors: GGUF -> Hugging Face.
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Per-block tensors `blk.N.<key>.(weight|bias)` -> `model.layers.N.<value>.(weight|bias)`, Llama layout.
+LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Phi-3 keeps Hugging Face's fused projections: attn_qkv is qkv_proj, ffn_up is gate_up_proj ([gate; up]).
+PHI3_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+class Architecture(NamedTuple):
+    """How one llama.cpp architecture maps back to a Hugging Face one."""
+
+    hf_architecture: str  # `architectures[0]`, which picks the jaxlens converter
+    block: Mapping[str, str]  # per-block GGUF name -> HF module path
+    extra_config: Mapping[str, Any]  # HF config entries that GGUF does not store (fixed by the architecture)
+    permute_qk: bool = False  # undo llama.cpp's rotary row permutation of attn_q / attn_k
+    norm_offset: float = 0.0  # added to every norm weight (Gemma stores 1 + w)
+    bias_flag: str | None = None  # HF config key set when attn_q has a bias
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LlamaForCausalLM", LLAMA_BLOCK, {"hidden_act": "silu"}, permute_qk=True,
+                          bias_flag="attention_bias"),
+    "qwen2": Architecture("Qwen2ForCausalLM", LLAMA_BLOCK, {"hidden_act": "silu"}),
+    "gemma": Architecture("GemmaForCausalLM", LLAMA_BLOCK, {"hidden_activation": "gelu_pytorch_tanh"},
+                          norm_offset=-1.0, bias_flag="attention_bias"),
+    "phi3": Architecture("Phi3ForCausalLM", PHI3_BLOCK, {"hidden_act": "silu"}),
+}
+SUPPORTED = tuple(ARCHITECTURES)
+
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def to_hf(metadata: Mapping[str, Any], tensors: Mapping[str, np.ndarray], origin: str = "GGUF file", *,
+          consume: bool = False) -> tuple[dict[str, Any], TensorSource]:
+    """The Hugging Face config dict and a TensorSource under Hugging Face names, for `converters.convert`.
+
+    Args:
+        metadata: the GGUF header as plain values (`GGUFFile.metadata`).
+        tensors: GGUF tensor name -> float32 array, e.g. from `cached_dequantize`.
+        origin: where the tensors came from, for messages.
+        consume: remove each array from `tensors` (a dict) when the converter takes it, so that the
+            dequantised copy of a tensor is freed as soon as it is in the params (lower peak memory).
+
+    Raises:
+        CheckpointError: unsupported architecture, unknown or inconsistent metadata, a tensor with no
+            Hugging Face name, or Llama 3.1 rope frequency factors.
+    """
+    arch = architecture(metadata)
+    shapes = {name: tuple(np.shape(t)) for name, t in tensors.items()}
+    hf = hf_config(metadata, shapes)
+    spec = ARCHITECTURES[arch]
+    readers: dict = {}
+    for name, tensor in tensors.items():
+        get = (lambda n=name: tensors.pop(n)) if consume else (lambda t=tensor: t)
+        hf_name = hf_tensor_name(name, arch)
+        if hf_name is None:  # no HF name: kept under its GGUF name, so TensorSource.finish reports it unused
+            readers[name] = get
+            continue
+        readers[hf_name] = _fixed(get, name, hf, spec)
+    return hf, TensorSource(readers, origin=origin)
+
+
+def config_overrides(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """`Config` fields the GGUF file decides beyond the Hugging Face config: `default_prepend_bos` follows
+    `tokenizer.ggml.add_bos_token` (whether llama.cpp, and the GGUF tokenizer, prepend BOS) when present."""
+    if "tokenizer.ggml.add_bos_token" in metadata:
+        return {"default_prepend_bos": bool(metadata["tokenizer.ggml.add_bos_token"])}
+    return {}
+
+
+def architecture(metadata: Mapping[str, Any]) -> str:
+    """`general.architecture`, checked to be one that jaxlens maps.
+
+    Raises:
+        CheckpointError: missing or unsupported architecture, or one part of a split file.
+    """
+    arch = metadata.get("general.architecture")
+    if arch is None:
+        raise CheckpointError("The GGUF metadata has no `general.architecture`; the file is not a model file "
+                              "written by llama.cpp's converter (or is corrupt).")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"GGUF architecture {arch!r} is not supported by jaxlens; it maps {list(SUPPORTED)}. Load the "
+            "model from its Hugging Face directory (config.json + *.safetensors) instead."
+        )
+    if int(metadata.get("split.count", 1)) > 1:
+        raise CheckpointError(
+            f"This GGUF file is one of {metadata['split.count']} parts of a split model. Merge them first: "
+            "`llama-gguf-split --merge first-part.gguf merged.gguf`."
+        )
+    return arch
+
+
+def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Hugging Face config dict (`architectures`, `hidden_size`, ...) from GGUF metadata and tensor shapes.
+
+    The vocabulary size is the embedding's row count; `tie_word_embeddings` is whether `output.weight` is
+    absent;
+    `attention_bias` (Llama, Gemma) whether `blk.0.attn_q.bias` is present.
+
+    Raises:
+        CheckpointError: a metadata key of the architecture that jaxlens does not understand, a per-layer
+            list where one number is expected, or values that contradict the tensors.
+    """
+    arch = architecture(metadata)
+    spec = ARCHITECTURES[arch]
+    prefix = arch + "."
+    meta = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
+    unknown = sorted(prefix + k for k in meta if k not in CONFIG_KEYS and k not in CHECKED_KEYS)
+    if unknown:
+        raise CheckpointError(
+            f"GGUF metadata key(s) {unknown} are not understood by jaxlens' {arch} mapping "
+            "(converters/_gguf_map.py). They may change the architecture, so jaxlens refuses to guess."
+        )
+    hf: dict[str, Any] = {"architectures": [spec.hf_architecture], **spec.extra_config}
+    for key, hf_key in CONFIG_KEYS.items():
+        if key in meta:
+            value = meta[key]
+            if isinstance(value, list):
+                raise CheckpointError(f"GGUF metadata {prefix}{key} is a per-layer list {value[:4]}...; "
+                                      "jaxlens supports one value for all layers.")
+            hf[hf_key] = value
+
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError("The GGUF file has no token_embd.weight tensor (the token embedding).")
+    vocab, d_model = shapes["token_embd.weight"]
+    hf["vocab_size"] = vocab
+    if meta.get("vocab_size", vocab) != vocab:
+        raise CheckpointError(f"GGUF metadata {prefix}vocab_size={meta['vocab_size']} but token_embd.weight "
+                              f"has {vocab} rows. The file is inconsistent.")
+    if hf.setdefault("hidden_size", d_model) != d_model:
+        raise CheckpointError(f"GGUF metadata {prefix}embedding_length={hf['hidden_size']} but "
+                              f"token_embd.weight has {d_model} columns. The file is inconsistent.")
+    hf["tie_word_embeddings"] = "output.weight" not in shapes
+    if spec.bias_flag:
+        hf[spec.bias_flag] = "blk.0.attn_q.bias" in shapes
+
+    _check_head_dims(meta, hf, prefix)
+    if meta.get("expert_count", 0):
+        raise CheckpointError(f"GGUF metadata {prefix}expert_count={meta['expert_count']}: "
+                              "mixture-of-experts models are not supported by jaxlens.")
+    window = meta.get("attention.sliding_window")
+    if window:  # 0 means no window (llama.cpp writes 0 for Phi-4)
+        hf["sliding_window"] = window
+    scaling = meta.get("rope.scaling.type", "none")
+    if scaling != "none":  # handed to the family converter, which accepts or refuses the type by name
+        hf["rope_scaling"] = {"rope_type": scaling, "factor": meta.get("rope.scaling.factor", 1.0)}
+        if "rope.scaling.original_context_length" in meta:
+            original = meta["rope.scaling.original_context_length"]
+            hf["rope_scaling"]["original_max_position_embeddings"] = original
+    if "rope_freqs.weight" in shapes:
+        raise CheckpointError(
+            "The GGUF file has a rope_freqs.weight tensor: per-frequency rope factors (Llama 3.1-style rope "
+            "scaling, or Phi-3 longrope), which llama.cpp stores only as the factors. jaxlens cannot recover "
+            "the scaling parameters from them; load the model from its Hugging Face directory instead."
+        )
+    return hf
+
+
+def hf_tensor_name(name: str, arch: str) -> str | None:
+    """The Hugging Face name of GGUF tensor `name` for `arch`, or None when it has none."""
+    if name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[name]
+    m = _BLOCK_NAME.fullmatch(name)
+    if m is None or m.group(2) not in ARCHITECTURES[arch].block:
+        return None
+    layer, key, kind = m.groups()
+    return f"model.layers.{layer}.{ARCHITECTURES[arch].block[key]}.{kind}"
+
+
+def reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of attn_q / attn_k rows (weights [heads*d_head, d_model], biases).
+
+    llama.cpp reorders each head's d_head rows from Hugging Face's rotate-half layout (first half, second
+    half) to interleaved pairs: row 2i + j of a head came from row j * d_head/2 + i. Here the rows go back.
+
+    Args:
+        w: the GGUF tensor, first axis n_heads * d_head (n_heads is n_kv_heads for attn_k).
+        n_heads: heads the rows split into.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise CheckpointError(f"Cannot undo llama.cpp's rotary permutation: {rows} rows do not split into "
+                              f"{n_heads} heads of an even size. The head counts in the metadata are wrong.")
+    half = rows // n_heads // 2
+    return np.ascontiguousarray(w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _check_head_dims(meta: Mapping[str, Any], hf: dict[str, Any], prefix: str) -> None:
+    n_heads = hf.get("num_attention_heads")
+    if not n_heads:
+        raise CheckpointError(f"GGUF metadata has no {prefix}attention.head_count.")
+    d_head = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    value = meta.get("attention.value_length", d_head)
+    if value != d_head:
+        raise CheckpointError(f"GGUF metadata {prefix}attention.value_length={value} differs from the key "
+                              f"length {d_head}; jaxlens needs equal query/key and value head sizes.")
+    rot = meta.get("rope.dimension_count", d_head)
+    if rot != d_head:
+        raise CheckpointError(f"GGUF metadata {prefix}rope.dimension_count={rot} differs from the head size "
+                              f"{d_head}: partial rotary embeddings are not supported for this architecture.")
+
+
+def _fixed(get, name: str, hf: Mapping[str, Any], spec: Architecture):
+    """A reader of the tensor `get()` returns, with llama.cpp's changes to it undone."""
+    is_q, is_k = ".attn_q." in name, ".attn_k." in name
+    if spec.permute_qk and (is_q or is_k):
+        n = hf["num_attention_heads"] if is_q else hf.get("num_key_value_heads") or hf["num_attention_heads"]
+        return lambda: reverse_permute(np.asarray(get()), n)
+    if spec.norm_offset and name.endswith("norm.weight"):
+        return lambda: np.asarray(get()) + np.float32(spec.norm_offset)
+    return get
