@@ -174,3 +174,36 @@ def test_bad_inputs():
         generate(params, GPT, PROMPTS, top_k=0, max_new_tokens=N, stop_at_eos=False)
     with pytest.raises(InputError, match="temperature"):
         generate(params, GPT, PROMPTS, temperature=-1.0, max_new_tokens=N, stop_at_eos=False)
+
+
+# -- against Hugging Face transformers -------------------------------------------------------------------------
+
+HF_CASES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32,
+                                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)),
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80,
+        vocab_size=97, max_position_embeddings=32, bos_token_id=None, eos_token_id=None, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_greedy_equals_hf_generate(case, tmp_path):
+    """Greedy tokens equal `transformers`' generate(do_sample=False) on the same random saved model, for a plain
+    batch and a left-padded batch of prompts of different lengths (HF takes positions from the mask too)."""
+    import torch
+
+    cls, model_cls, conf = HF_CASES[case]
+    hf = testing.random_hf_model(cls, model_cls, seed=5, initializer_range=0.1, **conf)
+    model = HookedTransformer.from_pretrained_no_processing(testing.save_hf_model(hf, tmp_path))
+    mask = np.asarray([[True] * P, [False, False] + [True] * (P - 2)])
+    padded = np.where(mask, np.array(PROMPTS), 0)
+    for tokens, m in [(np.array(PROMPTS), None), (padded, mask)]:
+        with torch.no_grad():
+            want = hf.generate(torch.as_tensor(tokens, dtype=torch.long), do_sample=False, max_new_tokens=N,
+                               attention_mask=None if m is None else torch.as_tensor(m, dtype=torch.long),
+                               pad_token_id=0).numpy()
+        got = generate(model.params, model.cfg, jnp.asarray(tokens), max_new_tokens=N, do_sample=False,
+                       stop_at_eos=False, attention_mask=None if m is None else jnp.asarray(m))
+        assert want.shape == (2, P + N)
+        np.testing.assert_array_equal(np.asarray(got), want)
