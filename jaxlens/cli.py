@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its three sub-commands."""
-    from jaxlens.demo import KINDS
+    from jaxlens.demo import sweep_kinds
 
     parser = argparse.ArgumentParser(prog="jaxlens", description="Mechanistic interpretability in JAX, offline.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,sweep,convert}")
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--corrupt", required=True, help="the corrupted prompt (same number of tokens)")
     sweep.add_argument("--answer", required=True, help="the clean answer, a single token (e.g. ' Mary')")
     sweep.add_argument("--wrong", required=True, help="the competing answer, a single token (e.g. ' John')")
-    sweep.add_argument("--kind", required=True, choices=sorted(KINDS), help="what to patch")
+    sweep.add_argument("--kind", required=True, choices=sorted(sweep_kinds()), metavar="KIND",
+                       help="what to patch: " + ", ".join(sorted(sweep_kinds())))
     sweep.add_argument("--out", required=True, type=Path, help="output folder")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_sweep, subparser=sweep)
@@ -238,18 +239,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _axes(kind: str) -> tuple[str, ...]:
-    from jaxlens.demo import KINDS
+    from jaxlens.demo import sweep_kinds
 
-    return KINDS[kind][2]
+    return sweep_kinds()[kind]
 
 
 def _sweep_picture(kind: str, values: np.ndarray, tokens: list[str], path: Path) -> None:
+    """A heatmap fitting the sweep's axes: layer x pos, layer x head, or small multiples per head."""
     from jaxlens import viz
 
-    title, label = f"Patching {kind}", "normalised logit diff"
-    if values.ndim == 3:
-        fig = viz.patching_small_multiples(values, tokens, title=title, colorbar_label=label)
-    elif _axes(kind) == ("layer", "head"):
+    axes, title, label = _axes(kind), f"Patching {kind}", "normalised logit diff"
+    if len(axes) == 4:  # layer head dest src: the largest |effect| over source positions
+        pick = np.take_along_axis(values, np.abs(values).argmax(-1)[..., None], -1)[..., 0]
+        values, axes, title = pick, axes[:3], title + " (largest |effect| over source positions)"
+    if len(axes) == 3:
+        grid = values if axes[1] == "pos" else np.moveaxis(values, 1, 2)  # -> layer pos head
+        fig = viz.patching_small_multiples(grid, tokens, title=title, colorbar_label=label)
+    elif axes[1] in ("head", "head_index"):
         fig = viz.head_heatmap(values, title=title, colorbar_label=label)
     else:
         fig = viz.patching_heatmap(values, tokens, title=title, colorbar_label=label)

@@ -35,10 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxlens import patching
 from jaxlens.errors import InputError
 from jaxlens.hooked_transformer import HookedTransformer
-from jaxlens.interventions import Patch
 from jaxlens.model.forward import forward
 
 # einsum letters: l=layer b=batch h=head_index q=query_pos k=key_pos
@@ -48,15 +46,10 @@ PLACES = (" store", " park", " school", " beach")
 OBJECTS = (" drink", " book", " ball", " gift")
 TEMPLATE = "When{a} and{b} went to the{place},{b} gave a{obj} to"
 
-#: Patching sweeps by kind: (TransformerLens function name, patched hook, result axes).
-KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "resid_pre": ("get_act_patch_resid_pre", "hook_resid_pre", ("layer", "pos")),
-    "resid_mid": ("get_act_patch_resid_mid", "hook_resid_mid", ("layer", "pos")),
-    "attn_out": ("get_act_patch_attn_out", "hook_attn_out", ("layer", "pos")),
-    "mlp_out": ("get_act_patch_mlp_out", "hook_mlp_out", ("layer", "pos")),
-    "attn_head_out": ("get_act_patch_attn_head_out_all_pos", "attn.hook_z", ("layer", "head")),
-    "attn_head_out_by_pos": ("get_act_patch_attn_head_out_by_pos", "attn.hook_z", ("layer", "pos", "head")),
-}
+#: Short names of sweeps that `jaxlens sweep --kind` also accepts.
+ALIASES = {"attn_head_out": "attn_head_out_all_pos", "attn_head_q": "attn_head_q_all_pos",
+           "attn_head_k": "attn_head_k_all_pos", "attn_head_v": "attn_head_v_all_pos",
+           "attn_head_pattern": "attn_head_pattern_all_pos"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +172,19 @@ def load_model(name_or_path: str) -> HookedTransformer:
     from jaxlens.tokenizer import load_tokenizer
     from jaxlens.weight_processing import process_weights
 
+    from jaxlens._loading import numpy_to_jax, stream_transform
+
     cfg, params = cli.load_converted(name_or_path)
-    cfg, params = process_weights(cfg, jax.tree_util.tree_map(jnp.asarray, params))
+    new_cfg = []
+
+    def processed(p):  # as from_pretrained does it: tensor by tensor, so the numbers are the same
+        c, p = process_weights(cfg, p)
+        new_cfg.append(c)
+        return p
+
+    params = stream_transform(processed, numpy_to_jax(params))
     path = Path(name_or_path)
-    return HookedTransformer(cfg, params, load_tokenizer(path) if path.is_dir() else None)
+    return HookedTransformer(new_cfg[0], params, load_tokenizer(path) if path.is_dir() else None)
 
 
 def find_induction_heads(model: HookedTransformer, *, seq_len: int, batch: int, top_k: int,
@@ -198,7 +200,7 @@ def find_induction_heads(model: HookedTransformer, *, seq_len: int, batch: int, 
                          "use a shorter induction_len.")
     tokens = repeated_random_tokens(model, seq_len, batch, seed)
     patterns, loss = _patterns_and_loss(model.params, cfg, jnp.asarray(tokens))
-    scores = np.asarray(induction_scores(patterns, seq_len))
+    scores = np.asarray(induction_scores(patterns, jnp.asarray(tokens), seq_len))
     top = top_heads(scores, top_k)
     loss = np.asarray(loss)  # [batch pos-1]: position i predicts token i+1
     first, second = loss[:, 1:seq_len].mean(), loss[:, seq_len:].mean()
@@ -207,27 +209,31 @@ def find_induction_heads(model: HookedTransformer, *, seq_len: int, batch: int, 
 
 
 def repeated_random_tokens(model: HookedTransformer, seq_len: int, batch: int, seed: int) -> np.ndarray:
-    """[batch 2*seq_len+1]: BOS, then random non-special tokens, then the same tokens again."""
+    """[batch 2*seq_len+1]: BOS, then distinct random non-special tokens, then the same tokens again."""
     tok = model.tokenizer
     n = min(model.cfg.d_vocab, len(tok)) if tok is not None else model.cfg.d_vocab
     special = set(getattr(tok, "all_special_ids", []) or [])
     choices = np.array([i for i in range(n) if i not in special])
     rng = np.random.default_rng(seed)
-    half = rng.choice(choices, size=(batch, seq_len))
+    # distinct tokens within a sequence: each token of the second repeat has exactly one earlier occurrence
+    half = np.stack([rng.choice(choices, size=seq_len, replace=False) for _ in range(batch)])
     bos = _bos(model)
     return np.concatenate([np.full((batch, 1), bos), half, half], axis=1).astype(np.int32)
 
 
 def induction_scores(patterns: Float[Array, "layer batch head_index query_pos key_pos"],
-                     seq_len: int) -> Float[Array, "layer head_index"]:
-    """Mean attention from each second-repeat token (position i) to position i - seq_len + 1 (after its first
-    occurrence), averaged over batch and positions. Positions: 0 BOS, 1..n first repeat, n+1..2n second.
+                     tokens: Int[Array, "batch pos"], seq_len: int) -> Float[Array, "layer head_index"]:
+    """Mean attention from each second-repeat token (position i) to the token after its previous occurrence
+    (position i - seq_len + 1), averaged over batch and positions. Positions: 0 BOS, 1..n first repeat,
+    n+1..2n second.
 
-    INTEGRATION: switch to `jaxlens.analysis`'s induction detector when it lands (same definition).
+    This is `jaxlens.analysis.head_scores` against the induction pattern with the first repeat's query rows
+    left out: each kept row sums to one, so the "mul" score is the mean attention on the induction target.
     """
-    q = jnp.arange(seq_len + 1, 2 * seq_len + 1)
-    stripe = patterns[:, :, :, q, q - seq_len + 1]  # [l b h n]
-    return stripe.mean(axis=(1, 3))
+    from jaxlens.analysis import head_scores, induction_pattern
+
+    second = (jnp.arange(patterns.shape[-2]) > seq_len)[:, None]  # query rows of the second repeat
+    return head_scores(jnp.where(second, patterns, 0.0), induction_pattern(tokens))
 
 
 def top_heads(scores: np.ndarray, k: int, by_abs: bool = False) -> list[tuple[int, int]]:
@@ -237,6 +243,43 @@ def top_heads(scores: np.ndarray, k: int, by_abs: bool = False) -> list[tuple[in
         raise InputError(f"top_k must be between 1 and the number of heads ({values.size}); found {k}.")
     flat = np.argsort(-values, axis=None, kind="stable")[:k]
     return [tuple(int(i) for i in np.unravel_index(f, values.shape)) for f in flat]
+
+
+def head_ablation(cfg, heads: list[tuple[int, int]]) -> dict[str, Any]:
+    """Interventions zero-ablating the outputs (`attn.hook_z`) of the given (layer, head) pairs, one per layer.
+
+    Raises:
+        InputError: a layer or head index out of range.
+    """
+    from jaxlens.interventions import axis_mask, zero_ablate
+
+    for l, h in heads:
+        if not (0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads):
+            raise InputError(f"Head L{l}H{h} is out of range: the model has {cfg.n_layers} layers of "
+                             f"{cfg.n_heads} heads.")
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        by_layer.setdefault(l, []).append(h)
+    axes = "batch pos head_index d_head"
+    return {f"blocks.{l}.attn.hook_z": zero_ablate(axis_mask(axes, {"head_index": cfg.n_heads}, head_index=hs))
+            for l, hs in by_layer.items()}
+
+
+class SweepInterrupted(Exception):
+    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would (for resume demos)."""
+
+
+def interrupt_after(n_chunks: int, record: list | None = None) -> Callable[[int, int], None]:
+    """An `on_chunk` callback for `jaxlens.patching` sweeps that raises SweepInterrupted after `n_chunks`
+    chunks are stored; each (done, total) call is appended to `record` if given."""
+
+    def on_chunk(done: int, total: int) -> None:
+        if record is not None:
+            record.append((done, total))
+        if done >= n_chunks:
+            raise SweepInterrupted(f"stopped after {done} of {total} chunks")
+
+    return on_chunk
 
 
 def ioi_prompts(model: HookedTransformer, n_prompts: int) -> dict[str, Any]:
@@ -304,7 +347,7 @@ def ioi_patching(model: HookedTransformer, n_prompts: int, top_k: int, *, progre
     resid = patch_sweep("resid_pre", model, p["corrupted_tokens"], clean_cache, metric, progress=progress)
     heads = patch_sweep("attn_head_out", model, p["corrupted_tokens"], clean_cache, metric, progress=progress)
     head_out = norm(heads)
-    labels = _position_labels(model, p)
+    labels = position_labels(model, p)
     return IOI(p["clean"], p["corrupted"], p["answers"], p["wrong"], labels, clean_ld, corrupt_ld, norm(resid),
                head_out, top_heads(head_out, top_k, by_abs=True))
 
@@ -389,11 +432,12 @@ def _bos(model: HookedTransformer) -> int:
     return bos_id(model.tokenizer) if model.tokenizer is not None else 0
 
 
-def _position_labels(model: HookedTransformer, p: dict[str, Any]) -> list[str]:
-    """Each position's token if every prompt shares it, else its role: [IO], [S] or [varies]."""
+def position_labels(model: HookedTransformer, p: dict[str, Any]) -> list[str]:
+    """Each position's token if every prompt shares it, else its role: [IO], [S1] / [S2] (first / second
+    mention of the subject) or [varies]."""
     clean = np.asarray(p["clean_tokens"])
     io, s = np.asarray(p["answer_ids"]), np.asarray(p["wrong_ids"])
-    labels = []
+    labels: list[str] = []
     for pos in range(clean.shape[1]):
         col = clean[:, pos]
         if (col == col[0]).all():
@@ -401,28 +445,36 @@ def _position_labels(model: HookedTransformer, p: dict[str, Any]) -> list[str]:
         elif (col == io).all():
             labels.append("[IO]")
         elif (col == s).all():
-            labels.append("[S]")
+            labels.append("[S2]" if "[S1]" in labels else "[S1]")
         else:
             labels.append("[varies]")
     return labels
 
 
+def sweep_kinds() -> dict[str, tuple[str, ...]]:
+    """Every sweep `patch_sweep` runs, by kind (TransformerLens's `get_act_patch_<kind>`), with its result axes."""
+    from jaxlens.patching.activation import SPECS
+
+    kinds = {kind: axes for kind, (_, axes) in SPECS.items()}
+    kinds.update({alias: kinds[kind] for alias, kind in ALIASES.items()})
+    return kinds
+
+
 def patch_sweep(kind: str, model: HookedTransformer, corrupted_tokens: Int[Array, "batch pos"], clean_cache,
-                metric: Callable[[Array], Array], *, progress: bool = False) -> np.ndarray:
-    """Patch the clean run's activation of `kind` into the corrupted run at each layer (x position / head) and
-    return the metric at each, shaped as `KINDS[kind]`'s axes (TransformerLens's `get_act_patch_*`).
+                metric: Callable[[Array], Array], *, progress: bool = False, **options) -> np.ndarray:
+    """`jaxlens.patching.get_act_patch_<kind>` (e.g. "resid_pre", "attn_head_out_by_pos"; see `sweep_kinds`),
+    as a numpy array shaped as that function returns it.
 
     Raises:
         InputError: an unknown kind.
     """
-    if kind not in KINDS:
-        raise InputError(f"Unknown patching kind {kind!r}; choose one of {sorted(KINDS)}.")
-    fn_name, hook, axes = KINDS[kind]
-    tl_fn = getattr(patching, fn_name, None)
-    if tl_fn is not None:
-        return np.asarray(tl_fn(model, corrupted_tokens, clean_cache, metric))
-    # INTEGRATION: until jaxlens.patching provides the TL-named sweeps, a plain vmapped sweep over masks.
-    return _fallback_sweep(model, hook, axes, jnp.asarray(corrupted_tokens), clean_cache, metric, progress)
+    from jaxlens import patching
+
+    kind = ALIASES.get(kind, kind)
+    fn = getattr(patching, f"get_act_patch_{kind}", None)
+    if fn is None or kind not in sweep_kinds():
+        raise InputError(f"Unknown patching kind {kind!r}; choose one of {sorted(sweep_kinds())}.")
+    return np.asarray(fn(model, corrupted_tokens, clean_cache, metric, progress=progress, **options))
 
 
 @contextlib.contextmanager
@@ -516,33 +568,3 @@ def _write_pictures(report: DemoReport, model: HookedTransformer, out: Path) -> 
         f"jaxlens demo: {report.model_name}", "Induction heads and an IOI-style circuit found by activation "
         "patching, computed offline with jaxlens.", sections, footer=f"Timings: {timing}."))
     return files
-
-
-def _fallback_sweep(model, hook, axes, corrupted, clean_cache, metric, progress, chunk: int = 16):
-    """One compiled forward per chunk of patches, vmapped; masks select (layer, position / head)."""
-    from tqdm.auto import tqdm
-
-    cfg, name = model.cfg, "blocks." + hook
-    clean = jnp.stack([clean_cache[f"blocks.{l}.{hook}"] for l in range(cfg.n_layers)])  # [l b p ...]
-    L, P, H = cfg.n_layers, corrupted.shape[1], cfg.n_heads
-    sizes = {"layer": L, "pos": P, "head": H}
-    shape = tuple(sizes[a] for a in axes)
-    idx = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1)
-    masks = np.zeros((len(idx), L, 1, P, H, 1) if hook == "attn.hook_z" else (len(idx), L, 1, P, 1), bool)
-    for i, row in enumerate(idx):
-        at = dict(zip(axes, row))
-        sel = (i, at["layer"], 0, at.get("pos", slice(None)))
-        masks[sel + ((at.get("head", slice(None)),) if hook == "attn.hook_z" else ())] = True
-
-    @jax.jit
-    def run(params, chunk_masks):
-        def one(mask):
-            logits, _ = forward(params, cfg, corrupted, interventions={name: Patch(clean, mask)})
-            return metric(logits)
-        return jax.vmap(one)(chunk_masks)
-
-    pad = -len(masks) % chunk
-    masks = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], bool)])
-    out = [run(model.params, jnp.asarray(masks[i:i + chunk]))
-           for i in tqdm(range(0, len(masks), chunk), desc=f"patching {hook}", disable=not progress, leave=False)]
-    return np.concatenate([np.asarray(o) for o in out])[:len(idx)].reshape(shape)

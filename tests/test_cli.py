@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
     tok = testing.train_tiny_tokenizer(path)
     model = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", seed=3, n_embd=40, n_layer=3, n_head=5,
                                     n_positions=64, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.eos_token_id)
+                                    eos_token_id=tok.eos_token_id, initializer_range=0.2)  # effects well above noise
     testing.save_hf_model(model, path)
     return path, model, tok
 
