@@ -80,7 +80,7 @@ def test_steering_and_position_interventions_match_reference():
     prompt_only = jnp.asarray(rng.randn(P, cfg.d_model), jnp.float32)
     per_position = jnp.asarray(rng.randn(P + N, cfg.d_model), jnp.float32)
     stacked = jnp.asarray(rng.randn(cfg.n_layers, 1, cfg.d_model), jnp.float32)
-    ivs = {"blocks.1.hook_resid_pre": Add(steer), "blocks.0.hook_attn_out": Add(prompt_only),
+    ivs = {"blocks.1.hook_resid_post": Add(steer), "blocks.0.hook_attn_out": Add(prompt_only),
            "blocks.2.hook_mlp_out": Patch(per_position, mask=jnp.arange(P + N)[:, None] % 3 == 0),
            "blocks.hook_resid_mid": Add(stacked)}
     got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
@@ -106,6 +106,39 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     no_repeat = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, freq_penalty=1e3, **kw))
     for row in no_repeat:  # a huge frequency penalty never picks a token already in the sequence
         assert len(set(row[P:])) == N and not set(row[P:]) & set(row[:P])
+
+
+def test_top_p_temperature_samples_stay_in_the_top_p_set():
+    """Every sampled token lies in the smallest set of most likely tokens (probabilities of logits / T, from
+    full forwards over the generated prefix) reaching top_p; the samples are not all the argmax."""
+    cfg, temp, top_p = GPT, 1.5, 0.6
+    params, not_argmax = params_of(cfg), 0
+    for seed in range(3):
+        out = np.asarray(generate(params, cfg, PROMPTS, max_new_tokens=N, key=jax.random.key(seed), stop_at_eos=False,
+                                  temperature=temp, top_p=top_p))
+        logits = np.asarray(_logits(params, jnp.asarray(out), {}, None, cfg), np.float64)[:, P - 1:-1] / temp
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for b in range(out.shape[0]):
+            for i in range(N):
+                p, tok = probs[b, i], out[b, P + i]
+                order = np.argsort(-p)
+                n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1  # first index reaching top_p
+                assert tok in set(order[:n_keep]), (seed, b, i)
+                assert n_keep < cfg.d_vocab
+                not_argmax += tok != order[0]
+    assert not_argmax > 0
+
+
+def test_one_compiled_loop_per_shape():
+    """A second call with other prompts, key or sampling values of the same shapes compiles nothing new."""
+    from jaxlens.generate import _generate_jit
+
+    kw = dict(max_new_tokens=N, stop_at_eos=False, top_p=0.9)
+    generate(params_of(GPT), GPT, PROMPTS, key=jax.random.key(0), temperature=1.0, **kw)
+    size = _generate_jit._cache_size()
+    generate(params_of(GPT), GPT, PROMPTS[::-1], key=jax.random.key(1), temperature=0.7, **kw)
+    assert _generate_jit._cache_size() == size
 
 
 def test_sample_logits_filters():
@@ -172,8 +205,18 @@ def test_bad_inputs():
                  use_past_kv_cache=False, **kw)
     with pytest.raises(InputError, match="top_k"):
         generate(params, GPT, PROMPTS, top_k=0, max_new_tokens=N, stop_at_eos=False)
-    with pytest.raises(InputError, match="temperature"):
+    with pytest.raises(InputError, match=r"temperature must be >= 0 \(0 is greedy\); found -1.0"):
         generate(params, GPT, PROMPTS, temperature=-1.0, max_new_tokens=N, stop_at_eos=False)
+    with pytest.raises(InputError, match="max_new_tokens must be a non-negative int; found -1"):
+        generate(params, GPT, PROMPTS, max_new_tokens=-1, do_sample=False, stop_at_eos=False)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(InputError, match=rf"top_p must be in \(0, 1\] or None; found {bad}"):
+            generate(params, GPT, PROMPTS, top_p=bad, max_new_tokens=N, stop_at_eos=False)
+    model = HookedTransformer(GPT, params, None)
+    with pytest.raises(InputError, match="Empty prompt"):
+        model.generate(jnp.zeros((1, 0), jnp.int32), max_new_tokens=2, stop_at_eos=False)
+    with pytest.raises(InputError, match="Ask for at most 19 new tokens"):
+        model.generate(PROMPTS, max_new_tokens=20, stop_at_eos=False)
 
 
 # -- against Hugging Face transformers -------------------------------------------------------------------------
