@@ -1,4 +1,4 @@
-"""Checkpoint tensors as numpy, without PyTorch: safetensors read lazily (memory-mapped), and TensorSource, which
+"""Checkpoint tensors as numpy, without PyTorch: safetensors read lazily (tensor by tensor), and TensorSource, which
 tracks which tensors a converter consumed so that none is silently left behind.
 
 Pickled checkpoints (`pytorch_model.bin`) execute code when loaded; they are refused unless the caller passes
@@ -24,7 +24,9 @@ _DTYPES = {
 def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarray]]:
     """Lazy readers for every tensor of one safetensors file: {name: () -> float32/int np.ndarray}.
 
-    The file is memory-mapped, so only tensors that are read cost memory. BF16 is widened to float32.
+    Each tensor is read from the file when asked for, into one fresh array: only tensors that are read cost
+    memory, once. (No memory map: mapped pages count toward resident memory for as long as the map lives, which
+    would add the whole file to the peak while a model loads.) BF16 is widened to float32.
 
     Raises:
         CheckpointError: the file is truncated, its header is corrupt, or a dtype is unknown.
@@ -45,7 +47,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
             raise CheckpointError(f"{path}: corrupt safetensors header ({e}).") from None
     header.pop("__metadata__", None)
     data_start = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, info in header.items():
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -56,16 +57,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
                 f"{path} is truncated: tensor {name!r} needs bytes up to {data_start + end}, the file has {size}. "
                 "Download or save the checkpoint again."
             )
-        out[name] = _reader(mm, data_start + begin, data_start + end, dtype, shape)
+        out[name] = _reader(path, data_start + begin, data_start + end, dtype, shape)
     return out
 
 
-def _reader(mm, begin: int, end: int, dtype: str, shape: tuple) -> Callable[[], np.ndarray]:
+def _reader(path: Path, begin: int, end: int, dtype: str, shape: tuple) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        arr = mm[begin:end].view(_DTYPES[dtype]).reshape(shape)
+        arr = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=begin).view(_DTYPES[dtype]).reshape(shape)
         if dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
-        return np.array(arr)
+        return arr
     return read
 
 
@@ -112,8 +113,14 @@ class TensorSource:
         return arr
 
     def take_layers(self, fmt: str, n_layers: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """`fmt.format(l)` for every layer, stacked on a leading layer axis."""
-        return np.stack([self.take(fmt.format(l), shape) for l in range(n_layers)])
+        """`fmt.format(l)` for every layer, stacked on a leading layer axis (written layer by layer into one
+        array: no list of per-layer copies beside the stack)."""
+        first = self.take(fmt.format(0), shape)
+        out = np.empty((n_layers, *first.shape), first.dtype)
+        out[0] = first
+        for l in range(1, n_layers):
+            out[l] = self.take(fmt.format(l), first.shape)
+        return out
 
     def maybe_take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
         return self.take(name, shape) if name in self._readers else None

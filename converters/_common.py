@@ -15,7 +15,8 @@ from jaxlens.errors import CheckpointError
 
 # Hugging Face `ACT2FN` names -> Config.act_fn (same function, to float error).
 ACT_FNS = {
-    "gelu_new": "gelu_new", "gelu_fast": "gelu_fast", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu": "gelu",
+    "gelu_new": "gelu_new", "gelu_fast": "gelu_fast", "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+    "gelu": "gelu",
     "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu",
 }
 
@@ -63,7 +64,8 @@ def rope_settings(
             scaling = (float(rp["factor"]), float(rp["low_freq_factor"]), float(rp["high_freq_factor"]),
                        int(rp["original_max_position_embeddings"]))
         except KeyError as e:
-            raise CheckpointError(f"{family}: llama3 rope scaling needs {e.args[0]!r}, missing from {rp}.") from None
+            raise CheckpointError(
+                f"{family}: llama3 rope scaling needs {e.args[0]!r}, missing from {rp}.") from None
     return base, factor, scaling
 
 
@@ -71,8 +73,8 @@ def rotary_dim(d_head: int, factor: float, family: str) -> int:
     """Rotating dims per head, int(d_head * factor) as Hugging Face computes it; must be even."""
     dim = int(d_head * factor)
     if dim <= 0 or dim % 2:
-        raise CheckpointError(f"{family}: partial rotary factor {factor} of d_head={d_head} gives {dim} rotary "
-                              "dims; jaxlens needs a positive even number.")
+        raise CheckpointError(f"{family}: partial rotary factor {factor} of d_head={d_head} gives {dim} "
+                              "rotary dims; jaxlens needs a positive even number.")
     return dim
 
 
@@ -80,7 +82,8 @@ def window_sizes(kinds: Sequence[str], window: int | None, family: str,
                  n_layers: int) -> tuple[int | None, ...] | None:
     """Config.window_sizes from per-layer kinds ("sliding_attention"/"local" vs "full_attention"/"global")."""
     if len(kinds) != n_layers:
-        raise CheckpointError(f"{family}: {len(kinds)} attention layer types {list(kinds)} for {n_layers} layers.")
+        raise CheckpointError(
+            f"{family}: {len(kinds)} attention layer types {list(kinds)} for {n_layers} layers.")
     local = {"sliding_attention", "local"}
     unknown = sorted(set(kinds) - local - {"full_attention", "global"})
     if unknown:
@@ -88,12 +91,13 @@ def window_sizes(kinds: Sequence[str], window: int | None, family: str,
     if not any(k in local for k in kinds):
         return None
     if not isinstance(window, int) or window <= 0:
-        raise CheckpointError(f"{family}: sliding-window layers need a positive int window size, found {window!r}.")
+        raise CheckpointError(
+            f"{family}: sliding-window layers need a positive int window size, found {window!r}.")
     return tuple(window if k in local else None for k in kinds)
 
 
 def linear_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Stacked HF Linear weights [layer, heads*d_head, d_model] -> [layer, heads, d_model, d_head] (W_Q/W_K/W_V)."""
+    """Stacked HF Linear weights [layer, heads*d_head, d_model] -> W_Q/K/V [layer, heads, d_model, d_head]."""
     return einops.rearrange(w, "l (h e) d -> l h d e", h=n_heads)
 
 

@@ -1,7 +1,8 @@
 """Gemma 2 (HF `Gemma2ForCausalLM`) -> jaxlens Config and Params (Gemma Team 2024b): Gemma plus
 
 - RMSNorms after attention and after the MLP (Config.use_normalization_before_and_after: HF
-  post_attention_layernorm -> ln1_post, pre_feedforward_layernorm -> ln2, post_feedforward_layernorm -> ln2_post),
+  post_attention_layernorm -> ln1_post, pre_feedforward_layernorm -> ln2,
+  post_feedforward_layernorm -> ln2_post),
 - tanh softcapping of attention scores and of the logits,
 - attention scores divided by sqrt(query_pre_attn_scalar) instead of sqrt(head_dim),
 - alternating sliding-window and global layers (`layer_types`; without it layer 0, 2, ... are sliding, as

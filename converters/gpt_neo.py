@@ -23,8 +23,8 @@ IGNORED = frozenset({
 
 
 def attention_layers(hf: Mapping[str, Any]) -> list[str]:
-    """Per-layer "global"/"local", expanded from `attention_types` ([[["global", "local"], 12]] means 12 repeats
-    of the pair) as GPTNeoConfig does; `attention_layers`, when present too, must agree."""
+    """Per-layer "global"/"local", expanded from `attention_types` as GPTNeoConfig does
+    ([[["global", "local"], 12]] means 12 repeats of the pair); `attention_layers`, if present, must agree."""
     types = hf.get("attention_types", [[["global", "local"], 12]])
     expanded = [kind for kinds, repeat in types for kind in list(kinds) * repeat]
     listed = hf.get("attention_layers")

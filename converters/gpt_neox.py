@@ -1,7 +1,7 @@
-"""GPT-NeoX / Pythia (HF `GPTNeoXForCausalLM`) -> jaxlens Config and Params (Black et al. 2022; Biderman et al.
-2023): LayerNorm, partial rotary on halves (`rotary_pct`, default 0.25), and, with `use_parallel_residual`,
-parallel attention and MLP with their own norms. The fused `query_key_value` is laid out per head:
-output rows are [n_heads, 3 (q k v), d_head]."""
+"""GPT-NeoX / Pythia (HF `GPTNeoXForCausalLM`) -> jaxlens Config and Params (Black et al. 2022; Biderman
+et al. 2023): LayerNorm, partial rotary on halves (`rotary_pct`, default 0.25), and, with
+`use_parallel_residual`, parallel attention and MLP with their own norms. The fused `query_key_value` is laid
+out per head: output rows are [n_heads, 3 (q k v), d_head]."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +32,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
     return Config(
         d_model=d, n_layers=hf.get("num_hidden_layers", 44), n_heads=n_heads, d_head=d_head,
         d_mlp=hf.get("intermediate_size", 24576), d_vocab=hf.get("vocab_size", 50432),
-        n_ctx=hf.get("max_position_embeddings", 2048), act_fn=c.act_fn(hf.get("hidden_act", "gelu"), "gpt_neox"),
+        n_ctx=hf.get("max_position_embeddings", 2048),
+        act_fn=c.act_fn(hf.get("hidden_act", "gelu"), "gpt_neox"),
         eps=hf.get("layer_norm_eps", 1e-5), normalization_type="LN", positional_embedding_type="rotary",
         rotary_dim=c.rotary_dim(d_head, factor, "gpt_neox"), rotary_base=base,
         parallel_attn_mlp=bool(hf.get("use_parallel_residual", True)),
@@ -72,6 +73,8 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
                     "W_out": c.transpose(t.take_layers("layers.{}.mlp.dense_4h_to_h.weight", L, (D, M))),
                     "b_out": t.take_layers("layers.{}.mlp.dense_4h_to_h.bias", L, (D,))},
         },
-        "ln_final": {"w": t.take("final_layer_norm.weight", (D,)), "b": t.take("final_layer_norm.bias", (D,))},
-        "unembed": {"W_U": c.unembed_weight(t, head, W_E, hf, "gpt_neox", False), "b_U": c.zeros(cfg.d_vocab)},
+        "ln_final": {"w": t.take("final_layer_norm.weight", (D,)),
+                     "b": t.take("final_layer_norm.bias", (D,))},
+        "unembed": {"W_U": c.unembed_weight(t, head, W_E, hf, "gpt_neox", False),
+                    "b_U": c.zeros(cfg.d_vocab)},
     }

@@ -1,6 +1,6 @@
-"""GPT-J (HF `GPTJForCausalLM`) -> jaxlens Config and Params (Wang & Komatsuzaki 2021): parallel attention and MLP
-reading ONE LayerNorm (`ln_1`, copied into ln1 and ln2 as TransformerLens does), partial rotary on adjacent
-pairs (dims 2i, 2i+1), no attention biases, and an output head with a bias (b_U)."""
+"""GPT-J (HF `GPTJForCausalLM`) -> jaxlens Config and Params (Wang & Komatsuzaki 2021): parallel attention and
+MLP reading ONE LayerNorm (`ln_1`, copied into ln1 and ln2 as TransformerLens does), partial rotary on
+adjacent pairs (dims 2i, 2i+1), no attention biases, and an output head with a bias (b_U)."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -13,8 +13,8 @@ from jaxlens.errors import CheckpointError
 
 ARCHITECTURES = ("GPTJForCausalLM", "GPTJModel")
 HANDLED = frozenset({
-    "n_embd", "n_layer", "n_head", "n_inner", "vocab_size", "n_positions", "rotary_dim", "activation_function",
-    "layer_norm_epsilon", "scale_attn_weights",
+    "n_embd", "n_layer", "n_head", "n_inner", "vocab_size", "n_positions", "rotary_dim",
+    "activation_function", "layer_norm_epsilon", "scale_attn_weights",
 })
 IGNORED = frozenset({
     "attn_pdrop", "embd_pdrop", "resid_pdrop", "n_ctx", "summary_activation", "summary_first_dropout",
@@ -34,7 +34,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
                               "(transformers' GPT-J does not run with rotary_dim=None and several heads).")
     return Config(
         d_model=d, n_layers=hf.get("n_layer", 28), n_heads=n_heads, d_head=d_head,
-        d_mlp=hf.get("n_inner") or 4 * d, d_vocab=hf.get("vocab_size", 50400), n_ctx=hf.get("n_positions", 2048),
+        d_mlp=hf.get("n_inner") or 4 * d, d_vocab=hf.get("vocab_size", 50400),
+        n_ctx=hf.get("n_positions", 2048),
         act_fn=c.act_fn(hf.get("activation_function", "gelu_new"), "gptj", "activation_function"),
         eps=hf.get("layer_norm_epsilon", 1e-5), normalization_type="LN", positional_embedding_type="rotary",
         rotary_dim=rot, rotary_adjacent_pairs=True, parallel_attn_mlp=True,
@@ -60,7 +61,8 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
                 "W_K": c.linear_heads(t.take_layers("h.{}.attn.k_proj.weight", L, (D, D)), H),
                 "W_V": c.linear_heads(t.take_layers("h.{}.attn.v_proj.weight", L, (D, D)), H),
                 "W_O": c.out_heads(t.take_layers("h.{}.attn.out_proj.weight", L, (D, D)), H),
-                "b_Q": c.zeros(L, H, E), "b_K": c.zeros(L, H, E), "b_V": c.zeros(L, H, E), "b_O": c.zeros(L, D),
+                "b_Q": c.zeros(L, H, E), "b_K": c.zeros(L, H, E), "b_V": c.zeros(L, H, E),
+                "b_O": c.zeros(L, D),
             },
             "mlp": {"W_in": c.transpose(t.take_layers("h.{}.mlp.fc_in.weight", L, (M, D))),
                     "b_in": t.take_layers("h.{}.mlp.fc_in.bias", L, (M,)),

@@ -1,5 +1,5 @@
-"""Llama (HF `LlamaForCausalLM`) -> jaxlens Config and Params (Touvron et al. 2023; Llama 3: Grattafiori et al.
-2024): RMSNorm, rotary (halves), SwiGLU, grouped-query attention, untied unembedding by default.
+"""Llama (HF `LlamaForCausalLM`) -> jaxlens Config and Params (Touvron et al. 2023; Llama 3: Grattafiori
+et al. 2024): RMSNorm, rotary (halves), SwiGLU, grouped-query attention, untied unembedding by default.
 
 `params_from_llama_layout` reads the `model.layers.N.self_attn.{q,k,v,o}_proj` / `mlp.{gate,up,down}_proj`
 layout that Mistral, Qwen2 and Gemma share; their converters call it.
@@ -16,8 +16,8 @@ from jaxlens.converters._hf_config import check_hf_config
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel")
 HANDLED = frozenset({
     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps", "attention_bias",
-    "mlp_bias", *c.ROPE_KEYS,
+    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps",
+    "attention_bias", "mlp_bias", *c.ROPE_KEYS,
 })
 IGNORED = frozenset({"attention_dropout"})
 

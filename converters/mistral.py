@@ -13,8 +13,8 @@ from jaxlens.converters.llama import llama_like_config, params_from_llama_layout
 ARCHITECTURES = ("MistralForCausalLM", "MistralModel")
 HANDLED = frozenset({
     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps", "sliding_window",
-    *c.ROPE_KEYS,
+    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps",
+    "sliding_window", *c.ROPE_KEYS,
 })
 IGNORED = frozenset({"attention_dropout"})
 

@@ -16,11 +16,13 @@ from jaxlens.errors import CheckpointError
 
 ARCHITECTURES = ("OPTForCausalLM", "OPTModel")
 HANDLED = frozenset({
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size", "max_position_embeddings",
-    "activation_function", "word_embed_proj_dim", "do_layer_norm_before", "_remove_final_layer_norm",
-    "enable_bias", "layer_norm_elementwise_affine",
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size",
+    "max_position_embeddings", "activation_function", "word_embed_proj_dim", "do_layer_norm_before",
+    "_remove_final_layer_norm", "enable_bias", "layer_norm_elementwise_affine",
 })
-IGNORED = frozenset({"dropout", "attention_dropout", "activation_dropout", "layerdrop", "init_std", "scale_embedding"})
+# scale_embedding: a fairseq setting that transformers' OPT never reads (its embeddings are not scaled).
+IGNORED = frozenset({"dropout", "attention_dropout", "activation_dropout", "layerdrop", "init_std",
+                     "scale_embedding"})
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 
 
@@ -30,19 +32,17 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
     proj = hf.get("word_embed_proj_dim") or d
     if proj != d:
         raise CheckpointError(
-            f"opt: word_embed_proj_dim={proj} differs from hidden_size={d}, so the model projects embeddings in "
-            "and out (project_in / project_out, as opt-350m). jaxlens's model has no such projections; "
+            f"opt: word_embed_proj_dim={proj} differs from hidden_size={d}, so the model projects embeddings "
+            "in and out (project_in / project_out, as opt-350m). jaxlens's model has no such projections; "
             "use an OPT size without them (125m, 1.3b and larger)."
         )
     if not hf.get("do_layer_norm_before", True):
         raise CheckpointError(
-            "opt: do_layer_norm_before=False (post-LayerNorm blocks, as opt-350m) is not supported; jaxlens models "
-            "pre-LayerNorm blocks only."
+            "opt: do_layer_norm_before=False (post-LayerNorm blocks, as opt-350m) is not supported; jaxlens "
+            "models pre-LayerNorm blocks only."
         )
     if hf.get("_remove_final_layer_norm", False):
         raise CheckpointError("opt: _remove_final_layer_norm=True (no final LayerNorm) is not supported.")
-    if hf.get("scale_embedding", False):
-        raise CheckpointError("opt: scale_embedding=True is not supported.")
     n_heads = hf.get("num_attention_heads", 12)
     return Config(
         d_model=d, n_layers=hf.get("num_hidden_layers", 12), n_heads=n_heads, d_head=d // n_heads,
@@ -56,7 +56,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
 def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) -> dict:
     if t.has("model.decoder.embed_tokens.weight"):
         t.strip_prefix("model.")
-    L, H, D, E, M = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, H, D, M = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_mlp
     bias = bool(hf.get("enable_bias", True))
     affine = bool(hf.get("layer_norm_elementwise_affine", True))
     p = "decoder.layers.{}."
@@ -73,7 +73,8 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
 
     attn = {f"W_{X}": c.linear_heads(t.take_layers(p + f"self_attn.{n}_proj.weight", L, (D, D)), H)
             for X, n in (("Q", "q"), ("K", "k"), ("V", "v"))}
-    attn |= {f"b_{X}": c.bias_heads(lin_b(f"self_attn.{n}_proj", D), H) for X, n in (("Q", "q"), ("K", "k"), ("V", "v"))}
+    attn |= {f"b_{X}": c.bias_heads(lin_b(f"self_attn.{n}_proj", D), H)
+             for X, n in (("Q", "q"), ("K", "k"), ("V", "v"))}
     attn["W_O"] = c.out_heads(t.take_layers(p + "self_attn.out_proj.weight", L, (D, D)), H)
     attn["b_O"] = lin_b("self_attn.out_proj", D)
     W_E = t.take("decoder.embed_tokens.weight", (cfg.d_vocab, D))
@@ -86,8 +87,10 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
             "attn": attn,
             "ln2": ln(p + "final_layer_norm"),
             "mlp": {"W_in": c.transpose(t.take_layers(p + "fc1.weight", L, (M, D))), "b_in": lin_b("fc1", M),
-                    "W_out": c.transpose(t.take_layers(p + "fc2.weight", L, (D, M))), "b_out": lin_b("fc2", D)},
+                    "W_out": c.transpose(t.take_layers(p + "fc2.weight", L, (D, M))),
+                    "b_out": lin_b("fc2", D)},
         },
         "ln_final": ln("decoder.final_layer_norm", stacked=False),
-        "unembed": {"W_U": c.unembed_weight(t, "lm_head.weight", W_E, hf, "opt", True), "b_U": c.zeros(cfg.d_vocab)},
+        "unembed": {"W_U": c.unembed_weight(t, "lm_head.weight", W_E, hf, "opt", True),
+                    "b_U": c.zeros(cfg.d_vocab)},
     }

@@ -1,5 +1,5 @@
-"""Phi-1 / Phi-1.5 / Phi-2 (HF `PhiForCausalLM`) -> jaxlens Config and Params (Gunasekar et al. 2023; Li et al.
-2023): parallel attention and MLP reading ONE LayerNorm (`input_layernorm`, copied into ln1 and ln2 as
+"""Phi-1 / Phi-1.5 / Phi-2 (HF `PhiForCausalLM`) -> jaxlens Config and Params (Gunasekar et al. 2023; Li et
+al. 2023): parallel attention and MLP reading ONE LayerNorm (`input_layernorm`, copied into ln1 and ln2 as
 TransformerLens does), partial rotary on halves, biases on every dense layer and on the output head (b_U)."""
 
 from collections.abc import Mapping

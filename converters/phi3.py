@@ -1,5 +1,5 @@
-"""Phi-3 (HF `Phi3ForCausalLM`) -> jaxlens Config and Params (Abdin et al. 2024): the Llama architecture with a
-fused `qkv_proj` (rows [q: n_heads*d_head, k: n_kv*d_head, v: n_kv*d_head]) and a fused `gate_up_proj` (rows
+"""Phi-3 (HF `Phi3ForCausalLM`) -> jaxlens Config and Params (Abdin et al. 2024): the Llama architecture with
+a fused `qkv_proj` (rows [q: n_heads*d_head, k: n_kv*d_head, v: n_kv*d_head]) and a fused `gate_up_proj` (rows
 [gate: d_mlp, up: d_mlp]), a sliding window on every layer when `sliding_window` is set. Rope scaling
 (longrope / su / yarn of the 128k variants) is refused."""
 
@@ -15,8 +15,8 @@ from jaxlens.converters.llama import llama_like_config
 ARCHITECTURES = ("Phi3ForCausalLM", "Phi3Model")
 HANDLED = frozenset({
     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps", "sliding_window",
-    "attention_bias", *c.ROPE_KEYS,
+    "intermediate_size", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps",
+    "sliding_window", "attention_bias", *c.ROPE_KEYS,
 })
 # original_max_position_embeddings only parameterises rope scaling, which is refused.
 IGNORED = frozenset({"attention_dropout", "embd_pdrop", "resid_pdrop", "original_max_position_embeddings"})
@@ -43,7 +43,8 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
     blocks = {
         "attn": {"W_Q": c.linear_heads(q, H), "W_K": c.linear_heads(k, G), "W_V": c.linear_heads(v, G),
                  "W_O": c.out_heads(t.take_layers(a + "o_proj.weight", L, (D, H * E)), H),
-                 "b_Q": c.zeros(L, H, E), "b_K": c.zeros(L, G, E), "b_V": c.zeros(L, G, E), "b_O": c.zeros(L, D)},
+                 "b_Q": c.zeros(L, H, E), "b_K": c.zeros(L, G, E), "b_V": c.zeros(L, G, E),
+                 "b_O": c.zeros(L, D)},
         "mlp": {"W_gate": c.transpose(gate_up[:, :M]), "W_in": c.transpose(gate_up[:, M:]),
                 "W_out": c.transpose(t.take_layers("layers.{}.mlp.down_proj.weight", L, (D, M))),
                 "b_in": c.zeros(L, M), "b_out": c.zeros(L, D)},
@@ -55,5 +56,6 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
         "embed": {"W_E": W_E},
         "blocks": blocks,
         "ln_final": {"w": t.take("norm.weight", (D,))},
-        "unembed": {"W_U": c.unembed_weight(t, "lm_head.weight", W_E, hf, "phi3", False), "b_U": c.zeros(cfg.d_vocab)},
+        "unembed": {"W_U": c.unembed_weight(t, "lm_head.weight", W_E, hf, "phi3", False),
+                    "b_U": c.zeros(cfg.d_vocab)},
     }

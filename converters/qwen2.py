@@ -1,6 +1,6 @@
-"""Qwen2 / Qwen2.5 (HF `Qwen2ForCausalLM`) -> jaxlens Config and Params (Yang et al. 2024): the Llama layout with
-biases on q/k/v (not o). Sliding windows apply only when `use_sliding_window`, to the layers `layer_types`
-marks (by default those from `max_window_layers` on)."""
+"""Qwen2 / Qwen2.5 (HF `Qwen2ForCausalLM`) -> jaxlens Config and Params (Yang et al. 2024): the Llama layout
+with biases on q/k/v (not o). Sliding windows apply only when `use_sliding_window`, to the layers
+`layer_types` marks (by default those from `max_window_layers` on)."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -14,8 +14,8 @@ from jaxlens.converters.llama import llama_like_config, params_from_llama_layout
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2Model")
 HANDLED = frozenset({
     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-    "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps", "use_sliding_window", "sliding_window",
-    "max_window_layers", "layer_types", *c.ROPE_KEYS,
+    "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps", "use_sliding_window",
+    "sliding_window", "max_window_layers", "layer_types", *c.ROPE_KEYS,
 })
 IGNORED = frozenset({"attention_dropout"})
 

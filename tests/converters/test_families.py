@@ -1,7 +1,7 @@
 """Every model-family converter against its Hugging Face `transformers` model.
 
-Each case is a random model with small, unequal sizes (initializer_range 0.1 so attention is far from uniform and
-rotary or window mistakes show), 1-D params perturbed, saved with save_pretrained and loaded back through
+Each case is a random model with small, unequal sizes (initializer_range 0.1 so attention is far from uniform
+and rotary or window mistakes show), 1-D params perturbed, saved with save_pretrained and loaded back through
 jaxlens: fp32 logits, every layer's resid_pre and every attention pattern must equal HF's, and TL's weight
 processing must keep the log-probs. 20-token inputs with windows of 5-6 make sliding windows matter.
 """
@@ -19,20 +19,22 @@ from jaxlens import HookedTransformer, converters, testing
 from jaxlens.errors import CheckpointError
 
 T = 20  # tokens per sequence
-_LLAMA = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=100, vocab_size=97,
-              max_position_embeddings=64)
+_LLAMA = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=100,
+              vocab_size=97, max_position_embeddings=64)
 _MISTRAL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=130,
                 vocab_size=113, max_position_embeddings=64, sliding_window=6)
-_QWEN2 = dict(hidden_size=72, num_hidden_layers=3, num_attention_heads=6, intermediate_size=150, vocab_size=131,
-              max_position_embeddings=64, use_sliding_window=True, sliding_window=5, max_window_layers=1)
-_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                    original_max_position_embeddings=16)
+_QWEN2 = dict(hidden_size=72, num_hidden_layers=3, num_attention_heads=6, intermediate_size=150,
+              vocab_size=131, max_position_embeddings=64, use_sliding_window=True, sliding_window=5,
+              max_window_layers=1)
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=16)
 
 # case id -> (HF config class, HF model class, config kwargs, Config fields the case must produce)
 CASES = {
     "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(
-        hidden_size=48, num_layers=3, num_heads=4, intermediate_size=100, vocab_size=97, max_position_embeddings=64,
-        attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=5),
+        hidden_size=48, num_layers=3, num_heads=4, intermediate_size=100, vocab_size=97,
+        max_position_embeddings=64, window_size=5,
+        attention_types=[[["global", "local"], 1], [["local"], 1]]),
         dict(window_sizes=(None, 5, 5), use_attn_scale=False, d_head=12)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(
         n_embd=60, n_layer=3, n_head=5, n_inner=150, vocab_size=101, n_positions=64, rotary_dim=6),
@@ -51,7 +53,8 @@ CASES = {
         dict(act_fn="relu", n_ctx=64, positional_embedding_type="standard")),
     "llama-mha": ("LlamaConfig", "LlamaForCausalLM", dict(_LLAMA, num_key_value_heads=6),
                   dict(n_kv_heads=6, rotary_scaling=None)),
-    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(_LLAMA, num_key_value_heads=3, rope_parameters=_LLAMA3_ROPE),
+    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM",
+                  dict(_LLAMA, num_key_value_heads=3, rope_parameters=_LLAMA3_ROPE),
                   dict(n_kv_heads=3, rotary_scaling=(4.0, 1.0, 4.0, 16), rotary_base=500.0)),
     "llama-mqa": ("LlamaConfig", "LlamaForCausalLM", dict(_LLAMA, num_key_value_heads=1, attention_bias=True,
                                                           tie_word_embeddings=True), dict(n_kv_heads=1)),
@@ -59,10 +62,12 @@ CASES = {
                     dict(n_kv_heads=4, window_sizes=(6, 6, 6))),
     "mistral-gqa": ("MistralConfig", "MistralForCausalLM", dict(_MISTRAL, num_key_value_heads=2, head_dim=12),
                     dict(n_kv_heads=2, d_head=12)),
-    "mistral-mqa": ("MistralConfig", "MistralForCausalLM", dict(_MISTRAL, num_key_value_heads=1), dict(n_kv_heads=1)),
+    "mistral-mqa": ("MistralConfig", "MistralForCausalLM", dict(_MISTRAL, num_key_value_heads=1),
+                    dict(n_kv_heads=1)),
     "qwen2-mha": ("Qwen2Config", "Qwen2ForCausalLM", dict(_QWEN2, num_key_value_heads=6),
                   dict(n_kv_heads=6, window_sizes=(None, 5, 5))),
-    "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(_QWEN2, num_key_value_heads=2, use_sliding_window=False),
+    "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM",
+                  dict(_QWEN2, num_key_value_heads=2, use_sliding_window=False),
                   dict(n_kv_heads=2, window_sizes=None)),
     "qwen2-mqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(_QWEN2, num_key_value_heads=1), dict(n_kv_heads=1)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
@@ -73,15 +78,15 @@ CASES = {
         hidden_size=56, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         intermediate_size=120, vocab_size=109, max_position_embeddings=64, sliding_window=5,
         query_pre_attn_scalar=20, attn_logit_softcapping=2.0, final_logit_softcapping=1.0),
-        dict(window_sizes=(5, None, 5), attn_scale=20**0.5, attn_scores_soft_cap=2.0, output_logits_soft_cap=1.0,
-             use_normalization_before_and_after=True)),
+        dict(window_sizes=(5, None, 5), attn_scale=20**0.5, attn_scores_soft_cap=2.0,
+             output_logits_soft_cap=1.0, use_normalization_before_and_after=True)),
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         hidden_size=60, num_hidden_layers=3, num_attention_heads=5, intermediate_size=130, vocab_size=109,
         max_position_embeddings=64, partial_rotary_factor=0.5),
         dict(rotary_dim=6, parallel_attn_mlp=True)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=120,
-        vocab_size=127, max_position_embeddings=64, sliding_window=6, pad_token_id=0),
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=120, vocab_size=127, max_position_embeddings=64, sliding_window=6, pad_token_id=0),
         dict(n_kv_heads=2, window_sizes=(6, 6, 6), gated_mlp=True)),
 }
 FAMILY_CASES = {case.split("-")[0]: case for case in reversed(CASES)}  # one case per family (the first)
@@ -89,41 +94,35 @@ FAMILY_CASES = {case.split("-")[0]: case for case in reversed(CASES)}  # one cas
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """{case: (dir, HF model)}, built lazily and shared by the module's tests."""
+    """case -> (dir, HF model, tokens, HF outputs), built on first use and shared by the module's tests."""
     cache = {}
 
     def get(case):
         if case not in cache:
             cls, model_cls, conf, _ = CASES[case]
-            conf = {"initializer_range": 0.1, **conf}
             seed = sorted(CASES).index(case)
-            hf = testing.random_hf_model(cls, model_cls, seed=seed, **conf)
-            cache[case] = testing.save_hf_model(hf, tmp_path_factory.mktemp(case)), hf
+            hf = testing.random_hf_model(cls, model_cls, seed=seed, **{"initializer_range": 0.1, **conf})
+            tokens = np.random.RandomState(seed).randint(0, conf["vocab_size"], (2, T))
+            path = testing.save_hf_model(hf, tmp_path_factory.mktemp(case))
+            cache[case] = path, hf, tokens, testing.hf_outputs(hf, tokens)
         return cache[case]
 
     return get
 
 
-def _tokens(case):
-    vocab = CASES[case][2]["vocab_size"]
-    return np.random.RandomState(len(case)).randint(0, vocab, (2, T))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_hf(built, case):
-    path, hf = built(case)
-    tokens = _tokens(case)
-    ref = testing.hf_outputs(hf, tokens)
+    path, _, tokens, ref = built(case)
     model = HookedTransformer.from_pretrained_no_processing(path)
     for field, want in CASES[case][3].items():
         assert getattr(model.cfg, field) == pytest.approx(want), field
     logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("resid_pre", "pattern")))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
     for layer in range(model.cfg.n_layers):
-        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer], atol=1e-4,
-                                   rtol=0, err_msg=f"resid_pre {layer}")
-        np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer], atol=1e-5,
-                                   rtol=0, err_msg=f"pattern {layer}")
+        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer],
+                                   atol=1e-4, rtol=0, err_msg=f"resid_pre {layer}")
+        np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer],
+                                   atol=1e-5, rtol=0, err_msg=f"pattern {layer}")
     for layer, window in enumerate(model.cfg.window_sizes or ()):  # the windows really cut at T tokens
         first_key = ref["attentions"][layer][..., 0]  # [batch head query_pos]
         cut = T if window is None else window
@@ -132,9 +131,7 @@ def test_matches_hf(built, case):
 
 @pytest.mark.parametrize("case", list(FAMILY_CASES.values()))
 def test_processing_keeps_log_probs(built, case):
-    path, hf = built(case)
-    tokens = _tokens(case)
-    ref = testing.hf_outputs(hf, tokens)
+    path, _, tokens, ref = built(case)
     model = HookedTransformer.from_pretrained(path)
     assert model.cfg.normalization_type in ("LNPre", "RMSPre")
     got = jax.nn.log_softmax(model(tokens), axis=-1)
@@ -144,20 +141,21 @@ def test_processing_keeps_log_probs(built, case):
 
 @pytest.mark.parametrize("case", ["llama-mqa", "gemma", "opt", "gptj"])
 def test_in_memory_model_converts_like_directory(built, case):
-    path, hf = built(case)
-    (_, from_dir), (_, from_mem) = converters.load(path), converters.load(hf)
+    path, hf, _, _ = built(case)
+    (cfg_dir, from_dir), (cfg_mem, from_mem) = converters.load(path), converters.load(hf)
+    assert cfg_dir == cfg_mem
     leaves_dir, tree_dir = jax.tree_util.tree_flatten(from_dir)
     leaves_mem, tree_mem = jax.tree_util.tree_flatten(from_mem)
     assert tree_dir == tree_mem
-    for a, b in zip(leaves_dir, leaves_mem):
+    for a, b in zip(leaves_dir, leaves_mem, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-# --- bad checkpoints ------------------------------------------------------------------------------------------
+# --- bad checkpoints -------------------------------------------------------------------------------------
 
 
 def _copy(built, case, tmp_path):
-    path, _ = built(case)
+    path = built(case)[0]
     out = tmp_path / "model"
     shutil.copytree(path, out)
     return out
@@ -214,19 +212,23 @@ UNSUPPORTED = [
     ("opt", dict(word_embed_proj_dim=32), "project_in"),
     ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before=False"),
     ("opt", dict(_remove_final_layer_norm=True), "final LayerNorm"),
-    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0], long_factor=[1.0])),
-     "longrope"),
-    ("phi3", dict(rope_parameters=None, rope_scaling=dict(type="su", short_factor=[1.0], long_factor=[1.0])), "'su'"),
+    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0],
+                                       long_factor=[1.0])), "longrope"),
+    ("phi3", dict(rope_parameters=None, rope_scaling=dict(type="su", short_factor=[1.0], long_factor=[1.0])),
+     "'su'"),
     ("llama-mha", dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0)), "linear"),
-    ("llama-mha", dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=2.0)), "low_freq_factor"),
+    ("llama-mha", dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=2.0)),
+     "low_freq_factor"),
     ("llama-mha", dict(mlp_bias=True), "mlp_bias"),
     ("mistral-mha", dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4)), "llama3"),
     ("phi", dict(qk_layernorm=True), "qk_layernorm"),
     ("gptj", dict(rotary_dim=None), "rotary_dim"),
-    ("gpt_neox", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.2)), "even"),
+    ("gpt_neox", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.2)),
+     "even"),
     ("gpt_neo", dict(attention_layers=["global"] * 3), "disagrees"),
     ("gpt_neo", dict(activation_function="gelu_10"), "gelu_10"),
-    ("gemma2", dict(layer_types=["full_attention", "chunked_attention", "full_attention"]), "chunked_attention"),
+    ("gemma2", dict(layer_types=["full_attention", "chunked_attention", "full_attention"]),
+     "chunked_attention"),
     ("qwen2-mha", dict(layer_types=["full_attention"]), "1 attention layer types"),
     ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
 ]
@@ -234,7 +236,7 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("case,changes,message", UNSUPPORTED, ids=lambda x: x if isinstance(x, str) else "")
 def test_unsupported_config_is_refused(built, case, changes, message):
-    path, _ = built(case)
+    path = built(case)[0]
     hf = {**json.loads((path / "config.json").read_text()), **changes}
     with pytest.raises(CheckpointError, match=message):
         converters.family_for(hf).config_from_hf(hf)
@@ -243,13 +245,13 @@ def test_unsupported_config_is_refused(built, case, changes, message):
 def test_legacy_config_keys_are_read(built):
     """Configs written before transformers 5 carry rope settings at the top level (rotary_pct, rope_theta,
     rope_scaling); they give the same Config as transformers 5's rope_parameters."""
-    path, _ = built("gpt_neox")
-    hf = json.loads((path / "config.json").read_text())
-    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"} | dict(rotary_pct=0.25, rotary_emb_base=10000)
-    assert converters.family_for(legacy).config_from_hf(legacy) == converters.family_for(hf).config_from_hf(hf)
-    path, _ = built("llama-gqa")
-    hf = json.loads((path / "config.json").read_text())
+    read = lambda hf: converters.family_for(hf).config_from_hf(hf)
+    hf = json.loads((built("gpt_neox")[0] / "config.json").read_text())
+    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"} | dict(rotary_pct=0.25,
+                                                                            rotary_emb_base=1e4)
+    assert read(legacy) == read(hf)
+    hf = json.loads((built("llama-gqa")[0] / "config.json").read_text())
     rope = dict(hf["rope_parameters"])
     legacy = {k: v for k, v in hf.items() if k != "rope_parameters"} | dict(
         rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
-    assert converters.family_for(legacy).config_from_hf(legacy) == converters.family_for(hf).config_from_hf(hf)
+    assert read(legacy) == read(hf)

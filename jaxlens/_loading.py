@@ -1,0 +1,123 @@
+"""Loading without extra full copies of the model: numpy -> jax leaf by leaf, and a params -> params transform
+(weight processing, the dtype cast) applied one output tensor at a time.
+
+A pure transform such as `process_weights` builds a whole new params tree while the old one is alive: old + new
++ XLA's temporaries is two to three models at once. `stream_transform` instead traces the transform once, finds
+which input tensors each output tensor depends on (a walk over the jaxpr), and computes the outputs one by one,
+small ones first, each in its own small jitted computation. An input is donated (its buffer reused or freed) to
+the last output that needs it, so the peak stays near one model plus the largest tensor's temporaries.
+"""
+
+import ctypes
+import ctypes.util
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def numpy_to_jax(tree: dict, seen: set | None = None) -> dict:
+    """Replace each numpy leaf of a fresh converter dict by a jax array, in place and one at a time, so the numpy
+    copy of the model shrinks while the jax copy grows (peak: one model plus one tensor, not two models).
+
+    `jax.device_put` copies once; `jnp.asarray` stages through a second host copy. A leaf that is the same
+    object as an earlier one is copied again, so that no buffer appears twice (donation needs that).
+    """
+    seen = set() if seen is None else seen
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            numpy_to_jax(v, seen)
+            continue
+        tree[k] = jax.device_put(np.array(v) if id(v) in seen else v).block_until_ready()
+        seen.add(id(v))
+        del v
+        _release_freed_memory()
+    return tree
+
+
+def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
+    """`fn(params)` computed one output leaf at a time, consuming `params` (do not use it afterwards).
+
+    Args:
+        fn: a pure, traceable params -> pytree transform.
+        params: a pytree of jax arrays, each buffer appearing once.
+
+    Returns:
+        The same value as `jax.jit(fn)(params)`.
+    """
+    flat, in_tree = jax.tree_util.tree_flatten(params)
+    del params
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
+    closed = jax.make_jaxpr(lambda *xs: jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs))))(
+        *avals)
+    out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, jax.tree_util.tree_unflatten(in_tree, avals)))
+    deps, passthrough = _dependencies(closed.jaxpr)
+    order = sorted(range(len(deps)), key=lambda i: closed.out_avals[i].size)  # small outputs first
+    last_use = {}
+    for i in order:
+        for j in deps[i]:
+            last_use[j] = i
+    keep = set(passthrough.values())  # inputs returned unchanged are never donated
+    out: list = [None] * len(deps)
+    for i in order:
+        if i in passthrough:
+            out[i] = flat[passthrough[i]]
+            continue
+        donate = {j: flat[j] for j in deps[i] if last_use[j] == i and j not in keep}
+        other = {j: flat[j] for j in deps[i] if j not in donate}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            out[i] = _one_output(fn, in_tree, avals, i)(donate, other)
+        for j in donate:
+            flat[j] = None  # the last reference: the buffer is now the output's or freed
+        del donate, other
+        _release_freed_memory()
+    return jax.tree_util.tree_unflatten(out_tree, out)
+
+
+def _one_output(fn, in_tree, avals, index: int):
+    def one(donated: dict, other: dict):
+        given = {**donated, **other}
+        xs = [given[j] if j in given else jnp.zeros(a.shape, a.dtype) for j, a in enumerate(avals)]  # unused: DCE'd
+        return jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs)))[index]
+
+    return jax.jit(one, donate_argnums=0)
+
+
+def _dependencies(jaxpr) -> tuple[list[set[int]], dict[int, int]]:
+    """For each output of `jaxpr`: the indices of the inputs it depends on; and {output: input} for outputs that
+    are an input unchanged. An equation's outputs depend on all of its inputs (conservative for sub-jaxprs)."""
+    index = {v: j for j, v in enumerate(jaxpr.invars)}
+    deps: dict = {v: {j} for v, j in index.items()}
+    for eqn in jaxpr.eqns:
+        d = set().union(*(deps.get(v, set()) for v in eqn.invars if _is_var(v)))
+        for o in eqn.outvars:
+            deps[o] = d
+    out_deps = [deps.get(v, set()) if _is_var(v) else set() for v in jaxpr.outvars]
+    passthrough = {i: index[v] for i, v in enumerate(jaxpr.outvars) if _is_var(v) and v in index}
+    return out_deps, passthrough
+
+
+def _release_freed_memory() -> None:
+    """Ask glibc to return freed heap memory to the OS now (it otherwise keeps freed tensor-sized blocks, which
+    then count in the peak while the next tensor is built). A no-op where there is no glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _is_var(v) -> bool:
+    return not hasattr(v, "val")  # jaxpr Literals carry .val; Vars do not
