@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens import hook_names, tokenizer as tok
+from jaxlens._loading import numpy_to_jax, stream_transform
 from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
 from jaxlens.errors import InputError, JaxlensError
@@ -61,21 +62,31 @@ class HookedTransformer:
         """Load a local Hugging Face directory or an in-memory `transformers` model, processed as TL does.
 
         Args:
-            source: a directory with config.json and safetensors weights, or a `transformers` model object.
+            source: a directory (config.json + safetensors), a .gguf file, a Hugging Face repo id in the local
+                cache, a packaged model name ("smollm2-135m"; see `jaxlens.hub.resolve`), or a `transformers` model.
             fold_ln, center_writing_weights, center_unembed, fold_value_biases: TL's weight processing.
             dtype: dtype of params and compute (jnp.float32 or jnp.bfloat16); processing runs in float32.
             tokenizer: a Hugging Face tokenizer; by default the one saved beside the weights.
             allow_pickle: accept pickled `*.bin` weights (they can execute code when loaded).
         """
-        from jaxlens import converters
+        from jaxlens import converters, hub
 
+        if hub.is_path_like(source):  # a directory, a .gguf file, a cached HF repo id or a packaged model name
+            source = hub.resolve(source)
         cfg, params = converters.load(source, allow_pickle=allow_pickle)
-        if tokenizer is None and isinstance(source, (str, Path)):
-            tokenizer = tok.load_tokenizer(source)
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-        cfg, params = process_weights(cfg, params, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                      center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-        return cls(cfg, cast_params(params, dtype), tokenizer)
+        if tokenizer is None and isinstance(source, Path):
+            tokenizer = hub.load_tokenizer(source)
+        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+                     fold_value_biases=fold_value_biases)
+        new_cfg = []
+
+        def processed(p):
+            c, p = process_weights(cfg, p, **flags)
+            new_cfg.append(c)  # static: decided while tracing
+            return cast_params(p, dtype)
+
+        params = stream_transform(processed, numpy_to_jax(params))  # tensor by tensor: never two full copies
+        return cls(new_cfg[0], params, tokenizer)
 
     @classmethod
     def from_pretrained_no_processing(cls, source: Any, **kwargs) -> "HookedTransformer":
@@ -250,6 +261,46 @@ class HookedTransformer:
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None; found {return_type!r}.")
         loss = lm_cross_entropy_loss(out, self._tokens(input, prepend_bos), per_token=loss_per_token)
         return loss if return_type == "loss" else (out, loss)
+
+    # -- circuits and generation: thin calls into jaxlens.analysis and jaxlens.generate ------------------------
+    @property
+    def OV(self):
+        """Every head's OV circuit W_V @ W_O: FactoredMatrix [layer head_index d_model d_model] (as TL)."""
+        from jaxlens.analysis.composition import OV
+
+        return OV(self.params, self.cfg)
+
+    @property
+    def QK(self):
+        """Every head's QK circuit W_Q @ W_K^T: FactoredMatrix [layer head_index d_model d_model] (as TL)."""
+        from jaxlens.analysis.composition import QK
+
+        return QK(self.params, self.cfg)
+
+    def all_composition_scores(self, mode: str) -> jax.Array:
+        """Q-, K- or V-composition scores of every head pair, [layer head_index layer head_index] (as TL)."""
+        from jaxlens.analysis.composition import all_composition_scores
+
+        return all_composition_scores(self.params, self.cfg, mode)
+
+    def all_head_labels(self) -> list[str]:
+        """"L{layer}H{head}" for every head, layer-major (as TL)."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
+    def generate(self, input: Any = "", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: int | None = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, return_type: str = "input",
+                 *, key: jax.Array | None = None, interventions=None):
+        """Continue text or tokens (TL's `generate`) with a KV cache; `key` seeds sampling (default key 0),
+        `interventions` apply at every step (see `jaxlens.generate`)."""
+        from jaxlens.generate import generate_from_input
+
+        return generate_from_input(
+            self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, do_sample=do_sample,
+            top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
+            use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos, return_type=return_type, key=key,
+            interventions=interventions)
 
 
 def _as_list(x) -> list:

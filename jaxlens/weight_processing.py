@@ -89,7 +89,13 @@ def process_weights(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
 ) -> tuple[Config, Params]:
-    """TransformerLens's `process_weights_` with its defaults, in its order."""
+    """TransformerLens's `process_weights_` with its defaults, in its order.
+
+    As in TransformerLens, center_unembed is skipped when the logits are softcapped (Gemma 2): tanh softcapping
+    does not commute with subtracting a per-position constant, so centring would change the log-probs.
+    """
+    if cfg.output_logits_soft_cap is not None:
+        center_unembed = False
     if fold_ln:
         cfg, params = _fold_ln(cfg, params)
     if center_writing_weights:

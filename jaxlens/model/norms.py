@@ -24,17 +24,21 @@ def norm(
     if kind is None:
         return x
     dtype = x.dtype
+
+    def hook(hook_name: str, v):  # hooks see the model's dtype (as every other activation); math stays float32
+        return hooks(f"{name}.{hook_name}", v.astype(dtype)).astype(jnp.float32)
+
     h = x.astype(jnp.float32)
     if kind in ("LN", "LNPre"):
         h = h - h.mean(-1, keepdims=True)
-    scale = hooks(f"{name}.hook_scale", jnp.sqrt((h * h).mean(-1, keepdims=True) + cfg.eps))
+    scale = hook("hook_scale", jnp.sqrt((h * h).mean(-1, keepdims=True) + cfg.eps))
     h = h / scale
     if kind == "LN":
-        h = hooks(f"{name}.hook_normalized", h) * p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32)
+        h = hook("hook_normalized", h) * p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32)
     elif kind == "RMS":
-        h = hooks(f"{name}.hook_normalized", h) * p["w"].astype(jnp.float32)
+        h = hook("hook_normalized", h) * p["w"].astype(jnp.float32)
     else:
-        h = hooks(f"{name}.hook_normalized", h)
+        h = hook("hook_normalized", h)
     return h.astype(dtype)
 
 
