@@ -1,0 +1,171 @@
+"""The computation of one chunk of a sweep: a stack of patched forwards, vmapped, as one jitted function.
+
+Two forms, with identical results:
+
+- naive (`reuse=False`): every cell runs the whole model on the target tokens with
+  `{"blocks.<hook>": Patch(value=source_stacked, mask=mask)}`, the mask carrying the cell's layer over the
+  stacked `layer` axis (interventions as data, as in DESIGN.md).
+- reuse (`reuse=True`): a chunk holds cells of one layer l and one window length S. Each cell starts from the
+  target run's residual entering layer l, runs the patched block l and then layers l+1..L-1 in a
+  `fori_loop` whose bounds are data (one compile serves every layer), and computes only positions
+  [P - S, P): earlier positions are the target run's, whose keys and values it reads from a KV cache.
+
+Either way only the logits the metric reads are computed when `logit_reads` could find them.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlens.interventions import Patch
+from jaxlens.model.attention import Context, KVState
+from jaxlens.model.block import block, windows
+from jaxlens.model.forward import run, unembed
+from jaxlens.model.hooks import Hooks
+from jaxlens.model.norms import norm
+from jaxlens.patching.logit_reads import LogitReads
+from jaxlens.patching.plan import POS_AXES, Target
+
+# einsum letters: b=batch p=pos d=d_model v=d_vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+    """Everything static about a chunk function (hashable: compiled functions are cached on it).
+
+    Attributes:
+        target: what is patched.
+        window: S, positions [n_pos - S, n_pos) are computed (n_pos for the naive form).
+        n_pos: sequence length P.
+        reuse: the reuse form (else naive).
+        metric: the user's metric of logits.
+        reads: the metric rebuilt on the logits it reads, or None for full logits.
+    """
+
+    target: Target
+    window: int
+    n_pos: int
+    reuse: bool
+    metric: Callable
+    reads: LogitReads | None
+
+
+def chunk_values(spec: ChunkSpec, params, data: dict, layer, idx):
+    """Metric values [C, ...] of the cells `idx` [C, n_axes] (all at `layer` in the reuse form)."""
+    cell = _reuse_cell if spec.reuse else _naive_cell
+    return jax.vmap(lambda i: cell(spec, params, data, layer, i))(idx)
+
+
+def _naive_cell(spec: ChunkSpec, params, data, layer, idx):
+    t, cfg = spec.target, spec.target.cfg
+    mask = _mask(spec, idx, offset=0)
+    if t.kind == "block":
+        on_layer = jnp.arange(cfg.n_layers) == idx[t.act_of_axis.index("layer")]
+        mask = on_layer.reshape((-1,) + (1,) * mask.ndim) & mask[None]
+    iv = {t.full_name: Patch(value=data["source"], mask=mask)}
+    if t.kind == "post":
+        resid = data["final_resid"]
+        return _final(spec, params, data, resid, iv)
+    resid, _, _ = run(params, cfg, data["tokens"], interventions=iv, stop_at_layer=cfg.n_layers)
+    return _final(spec, params, data, resid, None)
+
+
+def _reuse_cell(spec: ChunkSpec, params, data, layer, idx):
+    t, cfg = spec.target, spec.target.cfg
+    w0 = spec.n_pos - spec.window
+    if t.kind == "post":
+        iv = {t.rel: Patch(value=data["source"], mask=_mask(spec, idx, offset=0))}
+        return _final(spec, params, data, data["final_resid"], iv)
+    if t.kind == "pre":
+        iv = {t.rel: Patch(value=data["source"], mask=_mask(spec, idx, offset=0))}
+        resid, _, _ = run(params, cfg, data["tokens"], interventions=iv, stop_at_layer=0)
+        return _final(spec, params, data, _blocks(spec, params, data, resid[:, w0:], 0, None), None)
+    src = jax.lax.dynamic_index_in_dim(data["source"], layer, 0, keepdims=False)
+    src = _window(spec, src, w0)
+    iv = Patch(value=src, mask=_mask(spec, idx, offset=w0))
+    resid = jax.lax.dynamic_index_in_dim(data["resid_pre"], layer, 0, keepdims=False)[:, w0:]
+    return _final(spec, params, data, _blocks(spec, params, data, resid, layer, {t.rel: [iv]}), None)
+
+
+def _blocks(spec: ChunkSpec, params, data, resid, start, patch):
+    """Run layers start..L-1 on the window; `patch` ({hook: [intervention]}) applies in block `start` only.
+
+    One traced block serves every layer: the patch is selected in where the loop index equals `start`.
+    """
+    cfg = spec.target.cfg
+    w0 = spec.n_pos - spec.window
+    b, s = resid.shape[:2]
+    ctx = Context(positions=jnp.broadcast_to(jnp.arange(w0, spec.n_pos), (b, s)), key_valid=None, offset=w0)
+    wins = windows(cfg)
+    at_layer = {k: [(start, iv) for iv in v] for k, v in (patch or {}).items()}
+
+    def one(i, r):
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+        p = jax.tree_util.tree_map(take, params["blocks"])
+        kv = KVState(take(data["k"]), take(data["v"])) if w0 else None
+        out, _ = block(p, r, cfg, Hooks(prefix="blocks.", layer=i, at_layer=at_layer), ctx, take(wins), kv)
+        return out
+
+    return jax.lax.fori_loop(start, cfg.n_layers, one, resid)
+
+
+def _final(spec: ChunkSpec, params, data, resid, post_iv):
+    """The metric from the residual after the last block (window positions; earlier ones are the target's)."""
+    cfg = spec.target.cfg
+    w0 = spec.n_pos - resid.shape[1]
+    ln = params.get("ln_final", {})
+    hooks = Hooks(here={k: [v] for k, v in post_iv.items()}) if post_iv else Hooks()
+    if spec.reads is None:
+        logits = unembed(params, cfg, norm(ln, resid, cfg, hooks, "ln_final"))
+        if w0:
+            logits = jnp.concatenate([data["logits"][:, :w0], logits], axis=1)
+        return spec.metric(logits)
+    full = jnp.concatenate([data["final_resid"][:, :w0], resid], axis=1) if w0 else resid
+    pos = jnp.asarray(spec.reads.positions)
+    if post_iv:
+        x = norm(ln, full, cfg, hooks, "ln_final")[:, pos]
+    else:
+        x = norm(ln, full[:, pos], cfg, hooks, "ln_final")
+    W_U, b_U = params["unembed"]["W_U"], params["unembed"]["b_U"]
+    if spec.reads.vocab is not None:
+        voc = jnp.asarray(spec.reads.vocab)
+        W_U, b_U = W_U[:, voc], b_U[voc]
+    sub = jnp.einsum("bpd,dv->bpv", x, W_U) + b_U
+    if cfg.output_logits_soft_cap is not None:
+        sub = cfg.output_logits_soft_cap * jnp.tanh(sub / cfg.output_logits_soft_cap)
+    return spec.reads(sub)
+
+
+def _window(spec: ChunkSpec, x, w0: int):
+    """Slice the query/position axes of an activation-shaped array to the window (size-1 axes stay)."""
+    if not w0:
+        return x
+    sl = [slice(None)] * x.ndim
+    for i, a in enumerate(spec.target.act_axes):
+        if a in POS_AXES and x.shape[i] == spec.n_pos:
+            sl[i] = slice(w0, None)
+    return x[tuple(sl)]
+
+
+def _mask(spec: ChunkSpec, idx, offset: int):
+    """The cell's boolean mask over the activation's axes (size 1 where not swept), window coordinates."""
+    t = spec.target
+    n = len(t.act_axes)
+    mask = jnp.ones((1,) * n, bool)
+    for j, a in enumerate(t.act_of_axis):
+        if a == "layer":
+            continue
+        i = t.act_axes.index(a)
+        size = spec.window if (a in POS_AXES and offset) else _axis_size(spec, a)
+        one = (jnp.arange(size) + (offset if a in POS_AXES else 0)) == idx[j]
+        mask = mask & one.reshape(tuple(size if k == i else 1 for k in range(n)))
+    return mask
+
+
+def _axis_size(spec: ChunkSpec, axis: str) -> int:
+    cfg = spec.target.cfg
+    sizes = {"pos": spec.n_pos, "query_pos": spec.n_pos, "key_pos": spec.n_pos, "head_index": cfg.n_heads,
+             "kv_head_index": cfg.n_kv_heads, "d_model": cfg.d_model, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp}
+    return sizes[axis]

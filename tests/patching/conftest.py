@@ -1,0 +1,122 @@
+"""Tiny random models, prompt pairs and a plain reference (one patched forward per cell) for patching tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlens
+from jaxlens import HookedTransformer, Patch
+from jaxlens.config import Config
+from jaxlens.testing import tiny_config
+
+N_POS = 7
+
+
+def gpt2_like() -> Config:
+    return tiny_config()
+
+
+def llama_gqa_like() -> Config:
+    return Config(d_model=40, n_layers=3, n_heads=4, d_head=10, n_key_value_heads=2, d_mlp=56, d_vocab=97,
+                  n_ctx=32, normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
+                  act_fn="silu", eps=1e-6)
+
+
+def random_params(cfg: Config, seed: int):
+    """Random params (numpy, fast): weights N(0, 0.16), gains 1 + N(0, 0.1), biases N(0, 0.1); large enough
+    activations for patching to matter. Shapes from `jaxlens.param_shapes`."""
+    rng = np.random.default_rng(seed)
+    table = jaxlens.param_shapes(cfg)
+    is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+    paths, tree = jax.tree_util.tree_flatten_with_path(table, is_leaf=is_entry)
+    leaves = []
+    for path, (axes, shape) in paths:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['w']"):
+            x = 1 + 0.1 * rng.standard_normal(shape)
+        elif "['b" in name:
+            x = 0.1 * rng.standard_normal(shape)
+        else:
+            x = 0.16 * rng.standard_normal(shape)
+        leaves.append(jnp.asarray(x, jnp.float32))
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def prompt_pair(cfg: Config, batch: int = 2, seed: int = 0):
+    """Clean and corrupted prompts [batch N_POS] differing at positions 2 and 4."""
+    clean = np.random.default_rng(seed).integers(0, cfg.d_vocab, (batch, N_POS)).astype(np.int32)
+    corrupted = clean.copy()
+    corrupted[:, 2] = (clean[:, 2] + 11) % cfg.d_vocab
+    corrupted[:, 4] = (clean[:, 4] + 23) % cfg.d_vocab
+    return jnp.asarray(clean), jnp.asarray(corrupted)
+
+
+def logit_diff(logits):
+    """Mean over the batch of logit[3] - logit[7] at the last position."""
+    return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+
+
+class Setup:
+    """A model, a prompt pair, the clean cache (every hook) and the metric."""
+
+    def __init__(self, cfg: Config, seed: int):
+        self.cfg = cfg
+        self.params = random_params(cfg, seed)
+        self.model = HookedTransformer(cfg, self.params)
+        self.clean, self.corrupted = prompt_pair(cfg, seed=seed)
+        names = tuple(jaxlens.hook_names.default_names(cfg))
+        _, cache = jax.jit(jaxlens.forward, static_argnames=("cfg", "cache_names"))(
+            self.params, cfg, self.clean, cache_names=names)
+        self.cache = jaxlens.ActivationCache(cache, cfg, self.params)
+        self.metric = logit_diff
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    return Setup(gpt2_like(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return Setup(llama_gqa_like(), seed=2)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def setup(request):
+    return request.getfixturevalue(request.param)
+
+
+@functools.lru_cache(maxsize=None)
+def _patched_metric(cfg: Config, name: str, metric):
+    """A jitted single forward with one single-layer Patch at `name` (mask and value are arguments)."""
+    def f(params, tokens, value, mask):
+        logits, _ = jaxlens.forward(params, cfg, tokens, interventions={name: Patch(value=value, mask=mask)})
+        return metric(logits)
+    return jax.jit(f)
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The plain reference function (see `reference`)."""
+    return reference
+
+
+def reference(s: Setup, rel: str, cells, source=None, target=None):
+    """Plain reference: for each (grid index, layer, activation index) one patched forward.
+
+    The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`) where the index selects.
+    """
+    out = {}
+    for where, layer, index in cells:
+        name = f"blocks.{layer}.{rel}"
+        value = s.cache[name] if source is None else source[layer]
+        mask = np.zeros(value.shape if target is None else target, bool)
+        mask[index] = True
+        out[where] = float(_patched_metric(s.cfg, name, s.metric)(s.params, s.corrupted, value, mask))
+    grid = np.zeros(tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out))))), np.float64)
+    for where, v in out.items():
+        grid[where] = v
+    return grid
