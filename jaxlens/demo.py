@@ -68,7 +68,7 @@ class DemoSettings:
     model: str = "smollm2-135m"
     induction_len: int = 40
     induction_batch: int = 4
-    n_prompts: int = 8
+    n_prompts: int = 6  # 5 name pairs, the 6th with the names in the other order
     top_k: int = 5
     seed: int = 0
 
