@@ -2,8 +2,9 @@
 names that the family converters (`jaxlens.converters.llama`, `qwen2`, `gemma`, `phi3`) already read.
 
 llama.cpp's `convert_hf_to_gguf.py` renames every Hugging Face tensor
-(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata keys (`llama.block_count`,
-`llama.attention.head_count_kv`, ...), and changes a few tensors on the way. This module undoes all of it:
+(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata
+keys (`llama.block_count`, `llama.attention.head_count_kv`, ...), and changes a few tensors on the way. This
+module undoes all of it:
 
 - Llama: the rows of `attn_q` / `attn_k` (weights and biases) are permuted per head from the rotate-half order
   of Hugging Face to the interleaved pairs llama.cpp's rope kernel reads; `reverse_permute` restores them (as

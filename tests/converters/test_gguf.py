@@ -10,7 +10,6 @@ random everything else) for the K-quants, which it cannot quantise.
 import importlib.metadata
 import json
 import os
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -273,6 +272,50 @@ def test_metadata_is_plain_python(tmp_path):
     assert not any(k.startswith("GGUF.") for k in gf.metadata)
     assert gf.version == 3
     json.dumps(gf.metadata)  # plain values only
+
+
+def test_header_parser_agrees_with_gguf_reader(tmp_path):
+    """Every GGUF value type, arrays of them, and the tensor table, against `gguf.GGUFReader`."""
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")
+    vt = gguf.GGUFValueType
+    scalars = [(200, vt.UINT8), (-100, vt.INT8), (60000, vt.UINT16), (-30000, vt.INT16), (-7, vt.INT32),
+               (4_000_000_000, vt.UINT32), (0.25, vt.FLOAT32), (True, vt.BOOL), ("ünï", vt.STRING),
+               (2**63 + 5, vt.UINT64), (-(2**62), vt.INT64), (1e-300, vt.FLOAT64)]
+    for i, (value, vtype) in enumerate(scalars):
+        w.add_key_value(f"t.scalar{i}", value, vtype)
+    w.add_array("t.ints", [3, -1, 2**30])
+    w.add_array("t.floats", [0.5, -2.0])
+    w.add_array("t.bools", [True, False])
+    w.add_array("t.strings", ["", "a", "東京"] * 50)
+    w.add_array("t.empty", [])
+    w.add_custom_alignment(64)
+    rng = np.random.default_rng(9)
+    q = gguf.quants.quantize(rng.normal(size=(3, 64)).astype(np.float32), QT.Q8_0)
+    w.add_tensor("w.q8", q, raw_dtype=QT.Q8_0)
+    w.add_tensor("w.f32", rng.normal(size=(2, 5, 3)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gf, reader = read_gguf(path), gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert gf.metadata == fields
+    assert gf.metadata["t.scalar9"] == 2**63 + 5 and gf.metadata["t.strings"][-1] == "東京"
+    for t in reader.tensors:
+        assert gf.shape(t.name) == tuple(reversed(t.shape.tolist()))
+        assert gf.ggml_type(t.name) == t.tensor_type.name
+        np.testing.assert_array_equal(gf.get(t.name), gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+            gf.shape(t.name)))
+
+
+def test_absurd_header_counts_are_a_clear_error(small_gguf, tmp_path):
+    data = bytearray(small_gguf.read_bytes())
+    data[16:24] = struct.pack("<Q", 2**60)  # the metadata entry count
+    bad = tmp_path / "counts.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_gguf(bad)
 
 
 def test_unsupported_type_names_tensor_type_and_supported_list(tmp_path):
@@ -570,29 +613,6 @@ def test_smollm2_reads_and_dequantises():
     for t in reader.tensors[:12]:  # Q8_0, Q4_1 and F32 tensors, against the gguf package
         np.testing.assert_array_equal(gf.get(t.name), gguf.quants.dequantize(t.data, t.tensor_type).reshape(
             gf.shape(t.name)))
-    for name in gf.names():
-        assert np.isfinite(gf.get(name)).all(), name
-
-
-@pytest.mark.slow
-def test_smollm2_cache_roundtrip(tmp_path, counted):
-    path = tmp_path / "smollm2.gguf"
-    shutil.copyfile(_smollm2(), path)
-    first = cached_dequantize(path, tmp_path / "cache", progress=False)
-    second = cached_dequantize(path, tmp_path / "cache", progress=False)
-    assert len(counted) == 1 and len(second[1]) == 272
-    _assert_same(second, first)
-
-
-@pytest.mark.slow
-def test_smollm2_tokenizer_matches_transformers():
-    from transformers import AutoTokenizer
-
-    path = _smollm2()
-    ours = tokenizer_from_gguf(read_gguf(path).metadata)
-    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    _assert_same_tokenizer(ours, ref)
-    for text in ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
-                 "def f(x):\n    return x ** 2  # 世界"]:
-        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
-    assert ours("The capital of France is")["input_ids"][-1] == ref.convert_tokens_to_ids("Ġis")
+    for key, field in reader.fields.items():  # the header parser against the gguf package's reader
+        if not key.startswith("GGUF."):
+            assert gf.metadata[key] == field.contents(), key

