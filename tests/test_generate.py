@@ -34,7 +34,8 @@ def _logits(params, tokens, ivs, mask, cfg):
 
 def reference(cfg, prompts, n, ivs=None, mask=None):
     """Greedy decoding by full forwards over a fixed-size buffer: causal attention makes the logits at position
-    i independent of the (zero) tokens after it, so each step reads the argmax at the last real position."""
+    i independent of the (zero) tokens after it, so each step reads the argmax at the last real position (one
+    compile per shape; test_greedy_equals_hf_generate checks generate against HF's growing sequences too)."""
     b, p = prompts.shape
     buf = np.zeros((b, p + n), np.int32)
     buf[:, :p] = np.asarray(prompts)
@@ -50,18 +51,10 @@ def test_kv_cache_equals_greedy_full_forward(cfg):
     want = reference(cfg, PROMPTS, N)
     got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False)
     np.testing.assert_array_equal(np.asarray(got), want)
-    no_cache = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
-                        use_past_kv_cache=False)
-    np.testing.assert_array_equal(np.asarray(no_cache), want)
-
-
-def test_reference_agrees_with_unpadded_forwards():
-    """The fixed-buffer reference equals plain argmax decoding on growing sequences (a few steps)."""
-    tokens = np.asarray(PROMPTS)
-    for _ in range(3):
-        logits = jaxlens.forward(params_of(GPT), GPT, jnp.asarray(tokens))[0]
-        tokens = np.concatenate([tokens, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
-    np.testing.assert_array_equal(tokens, reference(GPT, PROMPTS, 3))
+    if cfg is LLAMA:  # the path without a KV cache (re-runs the whole buffer each step) gives the same tokens
+        no_cache = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
+                            use_past_kv_cache=False)
+        np.testing.assert_array_equal(np.asarray(no_cache), want)
 
 
 def test_left_padded_batch_equals_each_prompt_alone():
@@ -70,7 +63,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
     mask = jnp.asarray([[True] * P, [False, False] + [True] * (P - 2)])
     got = np.asarray(generate(params_of(LLAMA), LLAMA, padded, attention_mask=mask, max_new_tokens=N,
                               do_sample=False, stop_at_eos=False))
-    np.testing.assert_array_equal(got[0], reference(LLAMA, PROMPTS[:1], N)[0])
+    np.testing.assert_array_equal(got[0], reference(LLAMA, PROMPTS, N)[0])
     np.testing.assert_array_equal(got[1, P:], reference(LLAMA, short[None], N)[0, P - 2:])
 
 
@@ -94,9 +87,9 @@ def test_steering_and_position_interventions_match_reference():
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     params, kw = params_of(GPT), dict(max_new_tokens=N, stop_at_eos=False, temperature=2.0)
     greedy = np.asarray(generate(params, GPT, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False))
-    a = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), **kw))
-    b = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), **kw))
-    c = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(8), **kw))
+    a = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_p=1.0, **kw))
+    b = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_p=1.0, **kw))
+    c = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(8), top_p=1.0, **kw))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
     np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, **kw)),
@@ -170,21 +163,14 @@ def test_facade_text_in_text_out(tmp_path):
     model = HookedTransformer(cfg, jaxlens.init_params(cfg, jax.random.key(4), scale=0.5), tok)
     one = model.generate("When Mary and", max_new_tokens=4, do_sample=False, stop_at_eos=False)
     ids = np.asarray(model.to_tokens("When Mary and"))
-    want = reference_for(model, ids, 4)
+    want = np.asarray(generate(model.params, cfg, jnp.asarray(ids), max_new_tokens=4, do_sample=False,
+                               stop_at_eos=False))
     assert one == tok.decode(want[0, 1:].tolist()) and one.startswith("When Mary and")
     both = model.generate(["When Mary and", "The"], max_new_tokens=4, do_sample=False, stop_at_eos=False)
     assert both[0] == one and both[1] == model.generate("The", max_new_tokens=4, do_sample=False,
                                                         stop_at_eos=False)
     toks = model.generate(jnp.asarray(ids[0]), max_new_tokens=4, do_sample=False, stop_at_eos=False)
     np.testing.assert_array_equal(np.asarray(toks), want)
-
-
-def reference_for(model, ids, n):
-    out = np.asarray(ids)
-    for _ in range(n):
-        logits = model(jnp.asarray(out))
-        out = np.concatenate([out, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
-    return out
 
 
 def test_bad_inputs():
@@ -232,8 +218,8 @@ HF_CASES = {
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_greedy_equals_hf_generate(case, tmp_path):
-    """Greedy tokens equal `transformers`' generate(do_sample=False) on the same random saved model, for a plain
-    batch and a left-padded batch of prompts of different lengths (HF takes positions from the mask too)."""
+    """Greedy tokens equal `transformers`' generate(do_sample=False) on the same random saved model, for a
+    left-padded batch of prompts of different lengths (row 0 unpadded; HF takes positions from the mask too)."""
     import torch
 
     cls, model_cls, conf = HF_CASES[case]
@@ -241,12 +227,10 @@ def test_greedy_equals_hf_generate(case, tmp_path):
     model = HookedTransformer.from_pretrained_no_processing(testing.save_hf_model(hf, tmp_path))
     mask = np.asarray([[True] * P, [False, False] + [True] * (P - 2)])
     padded = np.where(mask, np.array(PROMPTS), 0)
-    for tokens, m in [(np.array(PROMPTS), None), (padded, mask)]:
-        with torch.no_grad():
-            want = hf.generate(torch.as_tensor(tokens, dtype=torch.long), do_sample=False, max_new_tokens=N,
-                               attention_mask=None if m is None else torch.as_tensor(m, dtype=torch.long),
-                               pad_token_id=0).numpy()
-        got = generate(model.params, model.cfg, jnp.asarray(tokens), max_new_tokens=N, do_sample=False,
-                       stop_at_eos=False, attention_mask=None if m is None else jnp.asarray(m))
-        assert want.shape == (2, P + N)
-        np.testing.assert_array_equal(np.asarray(got), want)
+    with torch.no_grad():
+        want = hf.generate(torch.as_tensor(padded, dtype=torch.long), do_sample=False, max_new_tokens=N,
+                           attention_mask=torch.as_tensor(mask, dtype=torch.long), pad_token_id=0).numpy()
+    got = generate(model.params, model.cfg, jnp.asarray(padded), max_new_tokens=N, do_sample=False,
+                   stop_at_eos=False, attention_mask=jnp.asarray(mask))
+    assert want.shape == (2, P + N)
+    np.testing.assert_array_equal(np.asarray(got), want)
