@@ -173,7 +173,11 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
         path into each head patched; rows l <= src_layer are 0.0 placeholders, as in TransformerLens.
 
     Raises:
-        InputError: a component other than q/k/v, or a source head outside the model.
+        InputError: a component other than q/k/v, a source head outside the model, or a model whose attention
+            output is normalised before the residual add (Gemma-2 ln1_post), where a head's write is not z @ W_O.
+
+    Unlike TransformerLens, which refuses "k"/"v" under grouped-query attention, this patches the shared key or
+    value head's input (columns are key/value heads).
     """
     cfg, params = model.cfg, model.params
     if component not in ("q", "k", "v"):
@@ -181,6 +185,10 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
     if not (0 <= src_layer < cfg.n_layers and 0 <= src_head < cfg.n_heads):
         raise InputError(f"Source head ({src_layer}, {src_head}) is outside the model "
                          f"({cfg.n_layers} layers x {cfg.n_heads} heads).")
+    if cfg.use_normalization_before_and_after:
+        raise InputError("Direct path patching needs each head's residual write to be z @ W_O, but this model "
+                         "normalises the attention output (ln1_post) before adding it to the residual stream. "
+                         "Use get_act_patch_attn_head_out_by_pos or a sweep over attn.hook_z instead.")
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     z_name = f"blocks.{src_layer}.attn.hook_z"
     corr = cached_run(params, cfg, tokens, ("blocks.hook_resid_pre", z_name))[1]

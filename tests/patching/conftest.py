@@ -59,19 +59,27 @@ def logit_diff(logits):
     return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
 
 
+RELS = ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q",
+        "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "mlp.hook_post")
+
+
 class Setup:
-    """A model, a prompt pair, the clean cache (every hook) and the metric."""
+    """A model, a prompt pair, the clean cache (per-layer TL names, as run_with_cache gives) and the metric."""
 
     def __init__(self, cfg: Config, seed: int):
         self.cfg = cfg
         self.params = random_params(cfg, seed)
         self.model = HookedTransformer(cfg, self.params)
         self.clean, self.corrupted = prompt_pair(cfg, seed=seed)
-        names = tuple(jaxlens.hook_names.default_names(cfg))
-        _, cache = jax.jit(jaxlens.forward, static_argnames=("cfg", "cache_names"))(
-            self.params, cfg, self.clean, cache_names=names)
-        self.cache = jaxlens.ActivationCache(cache, cfg, self.params)
+        # stacked names compile faster than the per-layer ones; split them as run_with_cache would return them
+        _, stacked = _forward(self.params, cfg, self.clean, cache_names=tuple(f"blocks.{r}" for r in RELS))
+        self.stacked = {k.removeprefix("blocks."): v for k, v in stacked.items()}
+        per_layer = {f"blocks.{l}.{r}": v[l] for r, v in self.stacked.items() for l in range(cfg.n_layers)}
+        self.cache = jaxlens.ActivationCache(per_layer, cfg, self.params)
         self.metric = logit_diff
+
+
+_forward = jax.jit(jaxlens.forward, static_argnames=("cfg", "cache_names"))
 
 
 @pytest.fixture(scope="session")
@@ -90,10 +98,10 @@ def setup(request):
 
 
 @functools.lru_cache(maxsize=None)
-def _patched_metric(cfg: Config, name: str, metric):
-    """A jitted single forward with one single-layer Patch at `name` (mask and value are arguments)."""
+def _patched_metric(cfg: Config, rel: str, metric):
+    """A jitted single forward with one Patch at `blocks.<rel>` (every layer's key; the mask picks the layer)."""
     def f(params, tokens, value, mask):
-        logits, _ = jaxlens.forward(params, cfg, tokens, interventions={name: Patch(value=value, mask=mask)})
+        logits, _ = jaxlens.forward(params, cfg, tokens, interventions={f"blocks.{rel}": Patch(value=value, mask=mask)})
         return metric(logits)
     return jax.jit(f)
 
@@ -104,18 +112,19 @@ def ref():
     return reference
 
 
-def reference(s: Setup, rel: str, cells, source=None, target=None):
+def reference(s: Setup, rel: str, cells, source=None, metric=None):
     """Plain reference: for each (grid index, layer, activation index) one patched forward.
 
-    The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`) where the index selects.
+    The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`, source stacked over layers)
+    where the index selects; the other layers and entries keep the corrupted run's values.
     """
+    value = jnp.asarray(s.stacked[rel] if source is None else source)
+    fn = _patched_metric(s.cfg, rel, metric or s.metric)
     out = {}
     for where, layer, index in cells:
-        name = f"blocks.{layer}.{rel}"
-        value = s.cache[name] if source is None else source[layer]
-        mask = np.zeros(value.shape if target is None else target, bool)
-        mask[index] = True
-        out[where] = float(_patched_metric(s.cfg, name, s.metric)(s.params, s.corrupted, value, mask))
+        mask = np.zeros(value.shape, bool)
+        mask[(layer,) + tuple(index)] = True
+        out[where] = float(fn(s.params, s.corrupted, value, mask))
     grid = np.zeros(tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out))))), np.float64)
     for where, v in out.items():
         grid[where] = v

@@ -5,12 +5,16 @@ with 2 key/value heads for 4 query heads) random models; batches of two prompt p
 """
 
 import itertools
+import types
+
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxlens
 from jaxlens import patching
+from jaxlens.errors import InputError
 
 ALL = slice(None)
 N_POS = 7  # tests/patching/conftest.py prompts
@@ -61,10 +65,17 @@ def ref_grid(s, reference, kind):
     return _REFS[key]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_tl_function_matches_reference(setup, kind, ref):
+# every kind on the Llama-like GQA model; the GPT-2-like one (LayerNorm, learned positions) on a spread of them
+CASES = [("llama", k) for k in KINDS] + [("gpt2", k) for k in (
+    "resid_pre", "resid_mid", "attn_head_out_by_pos", "attn_head_k_by_pos", "attn_head_pattern_dest_src_pos",
+    "attn_head_v_all_pos")]
+
+
+@pytest.mark.parametrize("model_name,kind", CASES)
+def test_tl_function_matches_reference(request, model_name, kind, ref):
+    setup = request.getfixturevalue(model_name)
     fn = getattr(patching, f"get_act_patch_{kind}")
-    got = np.asarray(fn(setup.model, setup.corrupted, setup.cache, setup.metric, progress=False, max_windows=2))
+    got = np.asarray(fn(setup.model, setup.corrupted, setup.cache, setup.metric, progress=False, max_windows=1))
     want = ref_grid(setup, ref, kind)
     assert got.shape == want.shape
     assert np.ptp(want) > 1e-2  # the patches do something
@@ -74,7 +85,7 @@ def test_tl_function_matches_reference(setup, kind, ref):
 def test_every_helpers_stack_the_single_sweeps(llama, ref):
     s, H = llama, llama.cfg.n_heads
     every = np.asarray(patching.get_act_patch_attn_head_by_pos_every(s.model, s.corrupted, s.cache, s.metric,
-                                                                     progress=False, max_windows=2))
+                                                                     progress=False, max_windows=1))
     assert every.shape == (5, s.cfg.n_layers, N_POS, H)
     parts = ["attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos"]
     for i, kind in enumerate(parts):
@@ -85,14 +96,14 @@ def test_every_helpers_stack_the_single_sweeps(llama, ref):
     np.testing.assert_allclose(every[4], want, atol=1e-5)
 
     allpos = np.asarray(patching.get_act_patch_attn_head_all_pos_every(s.model, s.corrupted, s.cache, s.metric,
-                                                                       progress=False, max_windows=2))
+                                                                       progress=False, max_windows=1))
     assert allpos.shape == (5, s.cfg.n_layers, H)
     np.testing.assert_allclose(allpos[2, :, :s.cfg.n_kv_heads], ref_grid(s, ref, "attn_head_k_all_pos"),
                                atol=1e-5)
     np.testing.assert_allclose(allpos[4], ref_grid(s, ref, "attn_head_pattern_all_pos"), atol=1e-5)
 
     block = np.asarray(patching.get_act_patch_block_every(s.model, s.corrupted, s.cache, s.metric, progress=False,
-                                                          max_windows=2))
+                                                          max_windows=1))
     want = np.stack([ref_grid(s, ref, k) for k in ("resid_pre", "attn_out", "mlp_out")])
     np.testing.assert_allclose(block, want, atol=1e-5)
 
@@ -100,7 +111,7 @@ def test_every_helpers_stack_the_single_sweeps(llama, ref):
 def test_generic_activation_patch_and_general_sweep(gpt2, ref):
     s = gpt2
     got = patching.generic_activation_patch(s.model, s.corrupted, s.cache, s.metric, "z", ("layer", "pos", "head"),
-                                            progress=False, max_windows=2)
+                                            progress=False, max_windows=1)
     np.testing.assert_allclose(np.asarray(got), ref_grid(s, ref, "attn_head_out_by_pos"), atol=1e-5)
     # the general sweep takes axes in any order and labels them
     res = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z",
@@ -123,32 +134,43 @@ def test_neuron_sweep_vector_metric(gpt2, ref):
                          layers=[1], metric_names=("a", "b"), progress=False)
     assert res.axes == ("layer", "d_mlp", "metric") and res.shape == (3, s.cfg.d_mlp, 2)
     assert (res.values[[0, 2]] == 0).all()  # layers not asked for hold `fill`
-    s2 = type(s).__new__(type(s))
-    s2.__dict__.update(s.__dict__, metric=two)
     for m in (0, 1):
-        s2.metric = lambda logits, m=m: two(logits)[m]
-        want = ref(s2, "mlp.hook_post", [((n,), 1, (ALL, ALL, n)) for n in range(0, s.cfg.d_mlp, 9)])
+        want = ref(s, "mlp.hook_post", [((i,), 1, (ALL, ALL, n)) for i, n in enumerate(range(0, s.cfg.d_mlp, 9))],
+                   metric=lambda logits, m=m: two(logits)[m])
         np.testing.assert_allclose(res.values[1, ::9, m], want, atol=1e-5)
 
 
-def test_direct_path_matches_reference(setup, ref):
-    s, src_layer, src_head = setup, 0, 1
+@pytest.mark.parametrize("model_name,comp", [("gpt2", "q"), ("gpt2", "v"), ("llama", "k")])
+def test_direct_path_matches_reference(request, model_name, comp, ref):
+    """Path patching of head (0, 1) into each later head's q/k/v input: the reference patches hook_<comp>_input
+    of that one head with corrupted resid_pre + the source head's clean-minus-corrupted write (z @ W_O)."""
+    s, src_layer, src_head = request.getfixturevalue(model_name), 0, 1
     cfg = s.cfg
     z = s.cache[f"blocks.{src_layer}.attn.hook_z"]
-    _, corr_cache = __import__("jaxlens").forward(s.params, cfg, s.corrupted,
-                                                   cache_names=["blocks.hook_resid_pre", "blocks.attn.hook_z"])
+    _, corr_cache = jaxlens.forward(s.params, cfg, s.corrupted,
+                                    cache_names=["blocks.hook_resid_pre", "blocks.attn.hook_z"])
     z_corr = corr_cache["blocks.attn.hook_z"][src_layer]
     W_O = np.asarray(s.params["blocks"]["attn"]["W_O"][src_layer, src_head])
     delta = np.asarray(z - z_corr)[:, :, src_head] @ W_O  # [batch pos d_model]
-    for comp in ("q", "k", "v"):
-        got = np.asarray(patching.get_act_patch_direct_path(s.model, s.corrupted, s.cache, None, s.metric,
-                                                            src_layer, src_head, comp, verbose=False, max_windows=2))
-        heads = cfg.n_heads if comp == "q" else cfg.n_kv_heads
-        assert got.shape == (cfg.n_layers, heads)
-        assert (got[: src_layer + 1] == 0).all()
-        resid = np.asarray(corr_cache["blocks.hook_resid_pre"])  # [layer batch pos d_model]
-        source = np.repeat((resid + delta[None])[:, :, :, None, :], heads, axis=3)
-        ref_cells = [((l, h), l, (ALL, ALL, h)) for l in range(src_layer + 1, cfg.n_layers) for h in range(heads)]
-        want = ref(s, f"hook_{comp}_input", ref_cells, source=source)
-        np.testing.assert_allclose(got[src_layer + 1:], want[src_layer + 1:], atol=1e-5)
-        assert np.ptp(want[src_layer + 1:]) > 1e-3
+    got = np.asarray(patching.get_act_patch_direct_path(s.model, s.corrupted, s.cache, None, s.metric,
+                                                        src_layer, src_head, comp, verbose=False, max_windows=1))
+    heads = cfg.n_heads if comp == "q" else cfg.n_kv_heads
+    assert got.shape == (cfg.n_layers, heads)
+    assert (got[: src_layer + 1] == 0).all()
+    resid = np.asarray(corr_cache["blocks.hook_resid_pre"])  # [layer batch pos d_model]
+    source = np.repeat((resid + delta[None])[:, :, :, None, :], heads, axis=3)
+    ref_cells = [((l, h), l, (ALL, ALL, h)) for l in range(src_layer + 1, cfg.n_layers) for h in range(heads)]
+    want = ref(s, f"hook_{comp}_input", ref_cells, source=source)
+    np.testing.assert_allclose(got[src_layer + 1:], want[src_layer + 1:], atol=1e-5)
+    assert np.ptp(want[src_layer + 1:]) > 1e-3
+
+
+def test_direct_path_refuses_post_norm_attention(gpt2):
+    """Gemma-2-style ln1_post rescales the attention output: a head's write is not z @ W_O (TL refuses too)."""
+    s = gpt2
+    cfg = s.cfg.replace(use_normalization_before_and_after=True)
+    model = types.SimpleNamespace(cfg=cfg, params=s.params)  # refused before the weights are read
+    with pytest.raises(InputError, match="normalises the attention output"):
+        patching.get_act_patch_direct_path(model, s.corrupted, s.cache, None, s.metric, 0, 1, verbose=False)
+    with pytest.raises(InputError, match="component must be 'q', 'k' or 'v'; found 'z'"):
+        patching.get_act_patch_direct_path(s.model, s.corrupted, s.cache, None, s.metric, 0, 1, "z")
