@@ -10,10 +10,13 @@ Same prompt in every row (repeated for batch 8), 64 new tokens, greedy, no early
   `lax.while_loop` of one-token decode steps over a fixed-size KV cache, all inside one jit. The first call
   compiles (reported separately: first call minus the median of the timed calls);
 - HF: `model.generate(input_ids, do_sample=False, max_new_tokens=64, min_new_tokens=64)` under no_grad, its
-  default (sdpa) attention and dynamic KV cache, torch threads = number of cores.
+  default (sdpa) attention and dynamic KV cache, `--threads` torch threads (default: number of cores; on a
+  machine shared with other jobs 1 thread is much faster, as OpenMP threads spin while descheduled).
 
 Tokens/second counts generated tokens (batch x 64) over the wall time of the whole call (prefill included),
-median of N interleaved rounds after one warm-up call. The greedy tokens of both are compared (float32 rounding
+median of N interleaved rounds after one warm-up call (HF's warm-up generates 4 tokens). The CPU seconds of
+the process during each call (all threads) are reported beside the wall time: on a loaded machine they are
+the steadier measure. The greedy tokens of both are compared (float32 rounding
 can make a near-tie go the other way after many steps, so the number of identical leading tokens is reported).
 
     python benchmarks/bench_generate.py                  # SmolLM2, batch 1 and 8, writes results/generate.json
@@ -92,6 +95,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "generate.json")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.new_tokens < 1:
+        ap.error(f"--repeats and --new-tokens must be >= 1; found {args.repeats} and {args.new_tokens}")
 
     import torch
     import transformers
@@ -114,27 +119,30 @@ def main(argv=None) -> dict:
             return np.asarray(jax.block_until_ready(
                 jl.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False, return_type="tokens")))
 
-        def run_hf():
+        def run_hf(k=n):
             with torch.no_grad():
-                return hf.generate(t_in, attention_mask=torch.ones_like(t_in), do_sample=False, max_new_tokens=n,
-                                   min_new_tokens=n, pad_token_id=0).numpy()
+                return hf.generate(t_in, attention_mask=torch.ones_like(t_in), do_sample=False, max_new_tokens=k,
+                                   min_new_tokens=k, pad_token_id=0).numpy()
 
         t = time.perf_counter()
-        out_jl = run_jl()
+        out_jl, out_hf = run_jl(), None
         first_jl = time.perf_counter() - t
-        out_hf = run_hf()  # warm-up
+        run_hf(4)  # warm-up
         times = {"jaxlens": [], "transformers": []}
+        cpu = {"jaxlens": [], "transformers": []}
         for _ in range(args.repeats):
             for lib, fn in (("jaxlens", run_jl), ("transformers", run_hf)):
-                t = time.perf_counter()
-                fn()
+                t, c = time.perf_counter(), time.process_time()
+                out = fn()
                 times[lib].append(time.perf_counter() - t)
+                cpu[lib].append(time.process_time() - c)
+                out_hf = out if lib == "transformers" else out_hf
         new_jl, new_hf = out_jl[:, len(ids):], out_hf[:, len(ids):]
         same = int(np.argmin(np.concatenate([(new_jl == new_hf).all(0), [False]])))
         for lib, ts in times.items():
             med = statistics.median(ts)
             row = dict(library=lib, batch=b, prompt_tokens=int(len(ids)), new_tokens=n, median_s=med,
-                       min_s=min(ts), tokens_per_s=b * n / med, ms_per_step=1e3 * med / n,
+                       min_s=min(ts), cpu_s=statistics.median(cpu[lib]), tokens_per_s=b * n / med, ms_per_step=1e3 * med / n,
                        compile_s=(first_jl - med) if lib == "jaxlens" else None,
                        identical_leading_tokens=same)
             rows.append(row)
@@ -168,13 +176,14 @@ def render(r: dict) -> str:
         f"whole call (prefill included), median of {r['repeats']} interleaved rounds after a warm-up call. "
         "jaxlens compile = first call - median.",
         "",
-        "| batch | library | median s | min s | tokens/s | ms/step | vs transformers | compile s | same greedy tokens |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | library | median s | min s | CPU s | tokens/s | ms/token step | speed vs transformers | "
+        "compile s | same greedy tokens |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     hf = {row["batch"]: row["median_s"] for row in r["rows"] if row["library"] == "transformers"}
     for row in r["rows"]:
         comp = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
-        lines.append(f"| {row['batch']} | {row['library']} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
+        lines.append(f"| {row['batch']} | {row['library']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['cpu_s']:.2f} | "
                      f"{row['tokens_per_s']:.1f} | {row['ms_per_step']:.1f} | "
                      f"{hf[row['batch']] / row['median_s']:.2f}x | {comp} | "
                      f"{row['identical_leading_tokens']}/{row['new_tokens']} |")
