@@ -67,6 +67,19 @@ def test_left_padded_batch_equals_each_prompt_alone():
     np.testing.assert_array_equal(got[1, P:], reference(LLAMA, short[None], N)[0, P - 2:])
 
 
+def test_steering_add_matches_full_forward_loop():
+    """A steering vector added at blocks.1.hook_resid_post (every position, generated ones included) changes the
+    greedy tokens exactly as a full-forward loop with the same intervention does (through the facade)."""
+    steer = jnp.asarray(np.random.RandomState(2).randn(GPT.d_model) * 2.0, jnp.float32)
+    ivs = {"blocks.1.hook_resid_post": Add(steer)}
+    model = HookedTransformer(GPT, params_of(GPT), None)
+    got = np.asarray(model.generate(PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
+                                    interventions=ivs))
+    want = reference(GPT, PROMPTS, N, ivs)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want[:, P:], reference(GPT, PROMPTS, N)[:, P:])
+
+
 def test_steering_and_position_interventions_match_reference():
     cfg, rng = LLAMA, np.random.RandomState(1)
     steer = jnp.asarray(rng.randn(cfg.d_model), jnp.float32)
