@@ -468,6 +468,31 @@ def test_interrupted_write_is_never_read(small_gguf, tmp_path, monkeypatch, coun
     assert len(counted) == 2
 
 
+_KILL_BEFORE_RENAME = r"""
+import os, signal, sys
+from jaxlens.converters import _gguf
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # killed after the temp file is written
+_gguf.cached_dequantize(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_writer_killed_before_rename_leaves_nothing_readable(small_gguf, tmp_path, counted):
+    """A process SIGKILLed between writing the temporary tensors file and renaming it: no entry is trusted."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_RENAME, str(small_gguf), str(cache)],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = list(cache.iterdir())
+    assert left and all(p.name.endswith(".tmp") for p in left)  # the full temp file, nothing final
+    assert _final_files(cache) == []
+    result = cached_dequantize(small_gguf, cache, progress=False)
+    assert len(counted) == 1  # recomputed, not read from the left-over
+    _assert_same(result, dequantize_all(small_gguf, progress=False))
+
+
 def test_tensors_without_record_are_recomputed(small_gguf, tmp_path, counted):
     """A crash after the tensors were renamed into place, before the JSON record: they are not trusted."""
     cache = tmp_path / "cache"
