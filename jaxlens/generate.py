@@ -86,7 +86,7 @@ def generate(
     """
     tokens = check_tokens(tokens, cfg)
     b, p = tokens.shape
-    eos = _check_settings(cfg, p, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos)
+    eos = _check_settings(cfg, tokens.shape, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos)
     total = p + max_new_tokens
     if attention_mask is not None:
         attention_mask = _check_mask(attention_mask, tokens.shape)
@@ -308,23 +308,28 @@ def _leaf_kind(leaf, axes: list[str], stacked: bool, prompt_len: int, total_len:
     return kind, where
 
 
-def _check_settings(cfg, p, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos) -> list[int]:
+def _check_settings(cfg, shape, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos) -> list[int]:
+    p = shape[1]
     if cfg.attention_dir != "causal":
         raise InputError("generate needs a causal (decoder) model; this config has bidirectional attention.")
     if p == 0:
-        raise InputError("Empty prompt: generation needs at least one token (e.g. BOS).")
+        raise InputError(f"Empty prompt (tokens of shape {shape}): generation needs at least one token. Pass some "
+                         "text or token ids, or prepend_bos=True to start from the BOS token.")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be a non-negative int; found {max_new_tokens!r}.")
+        raise InputError(f"max_new_tokens must be a non-negative int; found {max_new_tokens!r}. Pass the number "
+                         "of tokens to generate (0 returns the prompt).")
     if p + max_new_tokens > cfg.n_ctx:
         raise InputError(
             f"Prompt of {p} tokens + max_new_tokens={max_new_tokens} = {p + max_new_tokens} exceeds the model's "
             f"context n_ctx={cfg.n_ctx}. Ask for at most {max(cfg.n_ctx - p, 0)} new tokens or shorten the prompt.")
     if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 is greedy); found {temperature}.")
+        raise InputError(f"temperature must be >= 0 (0 is greedy); found {temperature}. Use 1.0 to sample from "
+                         "the model's distribution, lower for sharper, or do_sample=False for greedy.")
     if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= cfg.d_vocab):
         raise InputError(f"top_k must be an int in [1, d_vocab={cfg.d_vocab}] or None; found {top_k!r}.")
     if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1] or None; found {top_p!r}.")
+        raise InputError(f"top_p must be in (0, 1] or None; found {top_p!r}. It is the probability mass to "
+                         "sample from (e.g. 0.9); None or 1.0 turns top-p filtering off.")
     eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(np.asarray(eos_token_id))]
     if stop_at_eos and not eos:
         raise InputError("stop_at_eos=True needs an EOS id: pass eos_token_id=..., or stop_at_eos=False.")

@@ -193,7 +193,7 @@ def test_bad_inputs():
         generate(params, GPT, PROMPTS, max_new_tokens=20, do_sample=False, stop_at_eos=False)
     with pytest.raises(InputError, match="needs an EOS id"):
         generate(params, GPT, PROMPTS, max_new_tokens=N)
-    with pytest.raises(InputError, match="Empty prompt"):
+    with pytest.raises(InputError, match=r"Empty prompt \(tokens of shape \(1, 0\)\).*prepend_bos=True"):
         generate(params, GPT, jnp.zeros((1, 0), jnp.int32), **kw)
     with pytest.raises(InputError, match="size 6 on its pos axis"):
         generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P + 1, GPT.d_model)))}, **kw)
