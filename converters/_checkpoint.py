@@ -33,29 +33,45 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
     """
     path = Path(path)
     size = path.stat().st_size
+    again = "Download or save the checkpoint again (e.g. `model.save_pretrained(dir)` in transformers)."
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes).")
+            raise CheckpointError(f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte "
+                                  f"header length every safetensors file starts with. {again}")
         n = int.from_bytes(head, "little")
         if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: safetensors header of {n} bytes does not fit a {size}-byte file "
-                                  "(truncated or not safetensors).")
+            raise CheckpointError(f"{path}: its first 8 bytes announce a {n}-byte safetensors header, which does "
+                                  f"not fit in the {size}-byte file (truncated, or not safetensors). {again}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e}).") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header, not valid JSON ({e}). {again}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object "
+                              f"of tensors. {again}")
     header.pop("__metadata__", None)
     data_start = 8 + n
     out = {}
     for name, info in header.items():
-        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        try:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r} (needs "
+                                  f"dtype, shape and data_offsets [begin, end]). {again}") from None
         if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which jaxlens cannot read.")
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which jaxlens cannot read "
+                                  f"(it reads {', '.join(_DTYPES)}). Convert the checkpoint to one of them.")
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if not 0 <= begin <= end or end - begin != want:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor {name!r} ({dtype}, shape {list(shape)}) needs {want} "
+                f"bytes, its data_offsets [{begin}, {end}] give {end - begin}. {again}")
         if data_start + end > size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name!r} needs bytes up to {data_start + end}, the file has {size}. "
-                "Download or save the checkpoint again."
+                f"{again}"
             )
         out[name] = _reader(path, data_start + begin, data_start + end, dtype, shape)
     return out

@@ -10,6 +10,7 @@ the last output that needs it, so the peak stays near one model plus the largest
 
 import ctypes
 import ctypes.util
+import gc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -62,18 +63,25 @@ def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
             last_use[j] = i
     keep = set(passthrough.values())  # inputs returned unchanged are never donated
     out: list = [None] * len(deps)
+    for i, j in passthrough.items():
+        out[i] = flat[j]
     for i in order:
         if i in passthrough:
-            out[i] = flat[passthrough[i]]
             continue
-        donate = {j: flat[j] for j in deps[i] if last_use[j] == i and j not in keep}
-        other = {j: flat[j] for j in deps[i] if j not in donate}
+        donated = sorted(j for j in deps[i] if last_use[j] == i and j not in keep)
+        args = ({j: flat[j] for j in donated}, {j: flat[j] for j in sorted(deps[i] - set(donated))})
+        for j in donated:
+            flat[j] = None  # `args` holds the last reference: the buffer becomes the output's or is freed
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            out[i] = _one_output(fn, in_tree, avals, i)(donate, other)
-        for j in donate:
-            flat[j] = None  # the last reference: the buffer is now the output's or freed
-        del donate, other
+            step = _one_output(fn, in_tree, avals, i).lower(*args).compile()
+        _release_freed_memory()  # the compiler's transient memory, before the step's own temporaries
+        # Wait for the result (under async dispatch several steps' temporaries would be alive at once), then
+        # drop the executable: XLA:CPU keeps an executable's temporary buffers for reuse while it lives, and
+        # reference cycles keep it alive until a collection.
+        out[i] = step(*args).block_until_ready()
+        del step, args
+        gc.collect()
         _release_freed_memory()
     return jax.tree_util.tree_unflatten(out_tree, out)
 
