@@ -3,9 +3,10 @@
 
 A pure transform such as `process_weights` builds a whole new params tree while the old one is alive: old + new
 + XLA's temporaries is two to three models at once. `stream_transform` instead traces the transform once, finds
-which input tensors each output tensor depends on (a walk over the jaxpr), and computes the outputs one by one,
-small ones first, each in its own small jitted computation. An input is donated (its buffer reused or freed) to
-the last output that needs it, so the peak stays near one model plus the largest tensor's temporaries.
+which input tensors each output tensor depends on (a walk over the jaxpr), and computes the outputs a few at a
+time, small ones first, each batch (no bigger than the largest tensor) in its own jitted computation. An input is
+donated (its buffer reused or freed) to the last batch that needs it, so the peak stays near one model plus the
+largest tensor's temporaries.
 """
 
 import ctypes
@@ -40,7 +41,7 @@ def numpy_to_jax(tree: dict, seen: set | None = None) -> dict:
 
 
 def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
-    """`fn(params)` computed one output leaf at a time, consuming `params` (do not use it afterwards).
+    """`fn(params)` computed a few output leaves at a time, consuming `params` (do not use it afterwards).
 
     Args:
         fn: a pure, traceable params -> pytree transform.
@@ -56,43 +57,62 @@ def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
         *avals)
     out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, jax.tree_util.tree_unflatten(in_tree, avals)))
     deps, passthrough = _dependencies(closed.jaxpr)
-    order = sorted(range(len(deps)), key=lambda i: closed.out_avals[i].size)  # small outputs first
+    groups = _group_steps([i for i in range(len(deps)) if i not in passthrough],
+                          [a.size * a.dtype.itemsize for a in closed.out_avals])
     last_use = {}
-    for i in order:
-        for j in deps[i]:
-            last_use[j] = i
+    for g, group in enumerate(groups):
+        for i in group:
+            for j in deps[i]:
+                last_use[j] = g
     keep = set(passthrough.values())  # inputs returned unchanged are never donated
     out: list = [None] * len(deps)
     for i, j in passthrough.items():
         out[i] = flat[j]
-    for i in order:
-        if i in passthrough:
-            continue
-        donated = sorted(j for j in deps[i] if last_use[j] == i and j not in keep)
-        args = ({j: flat[j] for j in donated}, {j: flat[j] for j in sorted(deps[i] - set(donated))})
+    for g, group in enumerate(groups):
+        needed = set().union(*(deps[i] for i in group))
+        donated = sorted(j for j in needed if last_use[j] == g and j not in keep)
+        args = ({j: flat[j] for j in donated}, {j: flat[j] for j in sorted(needed - set(donated))})
         for j in donated:
-            flat[j] = None  # `args` holds the last reference: the buffer becomes the output's or is freed
+            flat[j] = None  # `args` holds the last reference: the buffer becomes an output's or is freed
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            step = _one_output(fn, in_tree, avals, i).lower(*args).compile()
+            step = _outputs(fn, in_tree, avals, group).lower(*args).compile()
         _release_freed_memory()  # the compiler's transient memory, before the step's own temporaries
-        # Wait for the result (under async dispatch several steps' temporaries would be alive at once), then
+        # Wait for the results (under async dispatch several steps' temporaries would be alive at once), then
         # drop the executable: XLA:CPU keeps an executable's temporary buffers for reuse while it lives, and
         # reference cycles keep it alive until a collection.
-        out[i] = step(*args).block_until_ready()
+        for i, x in zip(group, jax.block_until_ready(step(*args)), strict=True):
+            out[i] = x
         del step, args
         gc.collect()
         _release_freed_memory()
     return jax.tree_util.tree_unflatten(out_tree, out)
 
 
-def _one_output(fn, in_tree, avals, index: int):
-    def one(donated: dict, other: dict):
+def _group_steps(outputs: list[int], nbytes: list[int]) -> list[list[int]]:
+    """Outputs batched into steps, small ones first, each step's outputs together no bigger than the largest
+    output: few compilations (one per step), and no step's memory beyond what the largest output alone needs."""
+    budget = max((nbytes[i] for i in outputs), default=0)
+    groups: list[list[int]] = []
+    size = 0
+    for i in sorted(outputs, key=lambda i: nbytes[i]):
+        if groups and size + nbytes[i] <= budget:
+            groups[-1].append(i)
+            size += nbytes[i]
+        else:
+            groups.append([i])
+            size = nbytes[i]
+    return groups
+
+
+def _outputs(fn, in_tree, avals, indices: list[int]):
+    def some(donated: dict, other: dict):
         given = {**donated, **other}
         xs = [given[j] if j in given else jnp.zeros(a.shape, a.dtype) for j, a in enumerate(avals)]  # unused: DCE'd
-        return jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs)))[index]
+        leaves = jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs)))
+        return [leaves[i] for i in indices]
 
-    return jax.jit(one, donate_argnums=0)
+    return jax.jit(some, donate_argnums=0)
 
 
 def _dependencies(jaxpr) -> tuple[list[set[int]], dict[int, int]]:

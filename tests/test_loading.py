@@ -80,3 +80,28 @@ def _peak_ratio(path, how: str) -> float:
 def test_peak_memory_while_loading(checkpoint, how, limit):
     ratio = _peak_ratio(checkpoint, how)
     assert 0.9 < ratio <= limit, f"{how}: peak RSS grew by {ratio:.2f}x the model's size"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stream_transform_equals_the_whole_transform(dtype):
+    """Batched, donating, one-step-at-a-time evaluation gives exactly `jax.jit(fn)(params)`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens import init_params, testing
+    from jaxlens._loading import numpy_to_jax, stream_transform
+    from jaxlens.weight_processing import process_weights
+
+    cfg = testing.tiny_config(gated_mlp=True, act_fn="silu", n_key_value_heads=1)
+    dt = getattr(jnp, dtype)
+
+    def fn(p):
+        return jax.tree_util.tree_map(lambda x: x.astype(dt), process_weights(cfg, p)[1])
+
+    params = init_params(cfg, jax.random.key(3))
+    want = jax.jit(fn)(params)
+    got = stream_transform(fn, numpy_to_jax(jax.tree_util.tree_map(np.asarray, params)))
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True):
+        assert b.dtype == dt and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
