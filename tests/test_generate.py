@@ -33,9 +33,9 @@ def _logits(params, tokens, ivs, mask, cfg):
 
 
 def reference(cfg, prompts, n, ivs=None, mask=None):
-    """Greedy decoding by full forwards over a fixed-size buffer: causal attention makes the logits at position
-    i independent of the (zero) tokens after it, so each step reads the argmax at the last real position (one
-    compile per shape; test_greedy_equals_hf_generate checks generate against HF's growing sequences too)."""
+    """Greedy decoding by full forwards over a fixed-size buffer: causal attention makes the logits at
+    position i independent of the (zero) tokens after it, so each step reads the argmax at the last real
+    position (one compile per shape; test_greedy_equals_hf_generate checks against HF's growing sequences)."""
     b, p = prompts.shape
     buf = np.zeros((b, p + n), np.int32)
     buf[:, :p] = np.asarray(prompts)
@@ -52,8 +52,8 @@ def test_kv_cache_equals_greedy_full_forward(cfg):
     got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False)
     np.testing.assert_array_equal(np.asarray(got), want)
     if cfg is LLAMA:  # the path without a KV cache (re-runs the whole buffer each step) gives the same tokens
-        no_cache = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
-                            use_past_kv_cache=False)
+        no_cache = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False,
+                            stop_at_eos=False, use_past_kv_cache=False)
         np.testing.assert_array_equal(np.asarray(no_cache), want)
 
 
@@ -68,8 +68,8 @@ def test_left_padded_batch_equals_each_prompt_alone():
 
 
 def test_steering_add_matches_full_forward_loop():
-    """A steering vector added at blocks.1.hook_resid_post (every position, generated ones included) changes the
-    greedy tokens exactly as a full-forward loop with the same intervention does (through the facade)."""
+    """A steering vector added at blocks.1.hook_resid_post (every position, generated ones included) changes
+    the greedy tokens exactly as a full-forward loop with the same intervention does (through the facade)."""
     steer = jnp.asarray(np.random.RandomState(2).randn(GPT.d_model) * 2.0, jnp.float32)
     ivs = {"blocks.1.hook_resid_post": Add(steer)}
     model = HookedTransformer(GPT, params_of(GPT), None)
@@ -91,7 +91,8 @@ def test_steering_and_position_interventions_match_reference():
            "blocks.hook_resid_mid": Add(stacked)}
     got = generate(params_of(cfg), cfg, PROMPTS, max_new_tokens=N, do_sample=False, stop_at_eos=False,
                    interventions=ivs)
-    ref_ivs = dict(ivs, **{"blocks.0.hook_attn_out": Add(jnp.concatenate([prompt_only, jnp.zeros((N, cfg.d_model))]))})
+    padded_prompt_only = jnp.concatenate([prompt_only, jnp.zeros((N, cfg.d_model))])
+    ref_ivs = dict(ivs, **{"blocks.0.hook_attn_out": Add(padded_prompt_only)})
     want = reference(cfg, PROMPTS, N, ref_ivs)
     np.testing.assert_array_equal(np.asarray(got), want)
     assert not np.array_equal(want, reference(cfg, PROMPTS, N))  # the interventions change the output
@@ -105,11 +106,11 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     c = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(8), top_p=1.0, **kw))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
-    np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, **kw)),
-                                  greedy)
-    np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_p=1e-6,
-                                                      **kw)), greedy)
-    no_repeat = np.asarray(generate(params, GPT, PROMPTS, key=jax.random.key(7), top_k=1, freq_penalty=1e3, **kw))
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(np.asarray(generate(params, GPT, PROMPTS, key=key, top_k=1, **kw)), greedy)
+    tiny_p = generate(params, GPT, PROMPTS, key=key, top_p=1e-6, **kw)
+    np.testing.assert_array_equal(np.asarray(tiny_p), greedy)
+    no_repeat = np.asarray(generate(params, GPT, PROMPTS, key=key, top_k=1, freq_penalty=1e3, **kw))
     for row in no_repeat:  # a huge frequency penalty never picks a token already in the sequence
         assert len(set(row[P:])) == N and not set(row[P:]) & set(row[:P])
 
@@ -120,8 +121,8 @@ def test_top_p_temperature_samples_stay_in_the_top_p_set():
     cfg, temp, top_p = GPT, 1.5, 0.6
     params, not_argmax = params_of(cfg), 0
     for seed in range(3):
-        out = np.asarray(generate(params, cfg, PROMPTS, max_new_tokens=N, key=jax.random.key(seed), stop_at_eos=False,
-                                  temperature=temp, top_p=top_p))
+        out = np.asarray(generate(params, cfg, PROMPTS, max_new_tokens=N, key=jax.random.key(seed),
+                                  stop_at_eos=False, temperature=temp, top_p=top_p))
         logits = np.asarray(_logits(params, jnp.asarray(out), {}, None, cfg), np.float64)[:, P - 1:-1] / temp
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -161,7 +162,8 @@ def test_sample_logits_filters():
 def test_stops_at_eos_and_pads_with_it():
     want = reference(GPT, PROMPTS, N)
     eos = int(want[0, P + 1])  # row 0 produces it at its second step
-    got = np.asarray(generate(params_of(GPT), GPT, PROMPTS, max_new_tokens=N, do_sample=False, eos_token_id=eos))
+    got = np.asarray(generate(params_of(GPT), GPT, PROMPTS, max_new_tokens=N, do_sample=False,
+                              eos_token_id=eos))
     np.testing.assert_array_equal(got[0, : P + 2], want[0, : P + 2])
     assert (got[0, P + 2:] == eos).all()
     row1_end = np.nonzero(want[1, P:] == eos)[0]
@@ -196,9 +198,11 @@ def test_bad_inputs():
     with pytest.raises(InputError, match=r"Empty prompt \(tokens of shape \(1, 0\)\).*prepend_bos=True"):
         generate(params, GPT, jnp.zeros((1, 0), jnp.int32), **kw)
     with pytest.raises(InputError, match="size 6 on its pos axis"):
-        generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P + 1, GPT.d_model)))}, **kw)
+        generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P + 1, GPT.d_model)))},
+                 **kw)
     with pytest.raises(InputError, match="left padding"):
-        generate(params, GPT, PROMPTS, attention_mask=jnp.asarray([[True] * P, [True] * (P - 1) + [False]]), **kw)
+        right_padded = jnp.asarray([[True] * P, [True] * (P - 1) + [False]])
+        generate(params, GPT, PROMPTS, attention_mask=right_padded, **kw)
     with pytest.raises(InputError, match="without the KV cache"):
         generate(params, GPT, PROMPTS, interventions={"hook_embed": Add(jnp.zeros((P, GPT.d_model)))},
                  use_past_kv_cache=False, **kw)
@@ -218,21 +222,23 @@ def test_bad_inputs():
         model.generate(PROMPTS, max_new_tokens=20, stop_at_eos=False)
 
 
-# -- against Hugging Face transformers -------------------------------------------------------------------------
+# -- against Hugging Face transformers -----------------------------------------------------------------
 
 HF_CASES = {
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32,
-                                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0)),
     "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80,
-        vocab_size=97, max_position_embeddings=32, bos_token_id=None, eos_token_id=None, pad_token_id=0)),
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=80, vocab_size=97, max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_greedy_equals_hf_generate(case, tmp_path):
     """Greedy tokens equal `transformers`' generate(do_sample=False) on the same random saved model, for a
-    left-padded batch of prompts of different lengths (row 0 unpadded; HF takes positions from the mask too)."""
+    left-padded batch of prompts of different lengths (row 0 unpadded; HF takes positions from the mask)."""
     import torch
 
     cls, model_cls, conf = HF_CASES[case]
