@@ -113,12 +113,19 @@ def load_gguf(path: Path):
     return fn(path)
 
 
-def load_tokenizer(path: Path):
-    """The tokenizer stored beside (directory) or inside (GGUF file) the weights; None if there is none."""
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored beside (directory) or inside (GGUF file) the weights; None if there is none.
+
+    `path` is what `resolve` returned: pass a repo id or packaged name through `resolve` first (a raw repo id is
+    not a directory, so it would find no tokenizer).
+    """
     from jaxlens import tokenizer as tok
 
+    path = Path(path)
     if path.is_dir():
         return tok.load_tokenizer(path)
+    if not path.is_file():
+        return None
     read, build = _gguf_attr("read_gguf"), _gguf_attr("tokenizer_from_gguf")
     if read is None or build is None:
         return None

@@ -39,7 +39,10 @@ def test_cached_repo_id_loads_like_the_directory(hf_cache, gpt2):
     assert hub.resolve("testorg/tiny-gpt2") == repo / "snapshots" / "c0ffee"
     assert hub.resolve("TestOrg/Tiny-GPT2") == repo / "snapshots" / "c0ffee"  # users type names loosely
     model = HookedTransformer.from_pretrained_no_processing("testorg/tiny-gpt2")
+    # the tokenizer comes from the resolved snapshot, not from the repo id (which is no directory)
     assert model.tokenizer is not None and model.to_tokens("The capital").shape[1] > 1
+    assert hub.load_tokenizer(str(repo / "snapshots" / "c0ffee")) is not None
+    assert hub.load_tokenizer("testorg/tiny-gpt2") is None
     tokens = np.random.default_rng(0).integers(0, 300, (2, 7))
     np.testing.assert_allclose(np.asarray(model(tokens)), testing.hf_outputs(hf, tokens)["logits"], atol=1e-4)
 
