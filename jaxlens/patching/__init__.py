@@ -8,12 +8,20 @@
 """
 
 from jaxlens.patching.activation import generic_activation_patch as generic_activation_patch
-from jaxlens.patching.activation import get_act_patch_attn_head_all_pos_every as get_act_patch_attn_head_all_pos_every
-from jaxlens.patching.activation import get_act_patch_attn_head_by_pos_every as get_act_patch_attn_head_by_pos_every
+from jaxlens.patching.activation import (
+    get_act_patch_attn_head_all_pos_every as get_act_patch_attn_head_all_pos_every,
+)
+from jaxlens.patching.activation import (
+    get_act_patch_attn_head_by_pos_every as get_act_patch_attn_head_by_pos_every,
+)
 from jaxlens.patching.activation import get_act_patch_attn_head_k_all_pos as get_act_patch_attn_head_k_all_pos
 from jaxlens.patching.activation import get_act_patch_attn_head_k_by_pos as get_act_patch_attn_head_k_by_pos
-from jaxlens.patching.activation import get_act_patch_attn_head_out_all_pos as get_act_patch_attn_head_out_all_pos
-from jaxlens.patching.activation import get_act_patch_attn_head_out_by_pos as get_act_patch_attn_head_out_by_pos
+from jaxlens.patching.activation import (
+    get_act_patch_attn_head_out_all_pos as get_act_patch_attn_head_out_all_pos,
+)
+from jaxlens.patching.activation import (
+    get_act_patch_attn_head_out_by_pos as get_act_patch_attn_head_out_by_pos,
+)
 from jaxlens.patching.activation import (
     get_act_patch_attn_head_pattern_all_pos as get_act_patch_attn_head_pattern_all_pos,
 )

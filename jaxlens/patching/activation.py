@@ -57,7 +57,7 @@ def stack_every(kind: str, grids: list, n_heads: int) -> jax.Array:
     """Stack the sweeps of a `*_every` helper as TransformerLens does: k/v zero-padded to n_heads, the
     by-position pattern grid [layer head pos] moved to [layer pos head]."""
     out = []
-    for name, g in zip(EVERY[kind], grids):
+    for name, g in zip(EVERY[kind], grids, strict=True):
         g = jnp.asarray(g)
         if name == "attn_head_pattern_by_pos":
             g = jnp.swapaxes(g, -1, -2)

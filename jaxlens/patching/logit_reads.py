@@ -152,9 +152,9 @@ def _interpret(jaxpr, consts, args, materialise):
     def read(v):
         return _Known(v.val) if isinstance(v, jcore.Literal) else env[v]
 
-    for v, c in zip(jaxpr.constvars, consts):
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = _Known(c)
-    for v, a in zip(jaxpr.invars, args):
+    for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
@@ -162,7 +162,7 @@ def _interpret(jaxpr, consts, args, materialise):
             outs = _tracked(eqn, ins, materialise)
         else:
             outs = _bind(eqn, ins)
-        for v, o in zip(eqn.outvars, outs):
+        for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
     outs = [read(v) for v in jaxpr.outvars]
     return [materialise(o) if isinstance(o, _Idx) else o for o in outs]

@@ -85,7 +85,7 @@ class SweepResult:
         out = []
         for flat in order:
             where = np.unravel_index(flat, vals.shape)
-            out.append((float(vals[where]), {a: labels[i][j] for i, (a, j) in enumerate(zip(axes, where))}))
+            out.append((float(vals[where]), {a: labels[i][j] for i, (a, j) in enumerate(zip(axes, where, strict=True))}))
         return out
 
     def top_k(self, k: int = 10, by: str = "abs", metric: int | str = 0) -> list[tuple[float, dict]]:
@@ -159,7 +159,7 @@ def sweep(
     devices = list(devices) if devices is not None else jax.local_devices()
     prep = _prepare(params, cfg, tokens, clean, target, metric, metric_names, prefix_reuse)
     b, P = tokens.shape
-    sizes = dict(zip(target.act_axes, prep.target_act.shape[-len(target.act_axes):]))
+    sizes = dict(zip(target.act_axes, prep.target_act.shape[-len(target.act_axes):], strict=True))
     sizes["layer"] = cfg.n_layers
     itemsize = jnp.dtype(prep.logits.dtype).itemsize
     reads = prep.reads
@@ -178,9 +178,9 @@ def sweep(
     values[plan.status == 1] = prep.base
     values[plan.status == 2] = fill
     out_axes = target.axes + (("metric",) if metric_names is not None else ())
-    lab = tuple(tuple((labels or {}).get(a, range(n))) for a, n in zip(target.axes, plan.shape))
+    lab = tuple(tuple((labels or {}).get(a, range(n))) for a, n in zip(target.axes, plan.shape, strict=True))
     lab += ((tuple(metric_names),) if metric_names is not None else ())
-    for a, l, n in zip(out_axes, lab, plan.shape + m_shape):
+    for a, l, n in zip(out_axes, lab, plan.shape + m_shape, strict=True):
         if len(l) != n:
             raise InputError(f"labels[{a!r}] has {len(l)} entries for an axis of size {n}.")
     return SweepResult(values.reshape(plan.shape + m_shape), out_axes, lab)
@@ -190,7 +190,7 @@ def sweep(
 class _Prepared:
     data: dict  # arrays the chunk function reads
     target_act: jax.Array
-    diff: np.ndarray
+    diff: np.ndarray | None  # None without prefix reuse
     logits: jax.Array
     base: np.ndarray  # metric of the unpatched corrupted run
     reads: object
@@ -246,7 +246,7 @@ def _source(params, cfg, clean, target: Target, shape):
         else:
             src = arr
     src = jnp.asarray(src)
-    ok = src.ndim == len(shape) and all(a in (1, b) for a, b in zip(src.shape, shape))
+    ok = src.ndim == len(shape) and all(a in (1, b) for a, b in zip(src.shape, shape, strict=True))
     if not ok:
         raise InputError(
             f"The clean activation {name!r} has shape {tuple(src.shape)}, the corrupted run's has {tuple(shape)}: "

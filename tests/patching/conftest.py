@@ -1,6 +1,7 @@
 """Tiny random models, prompt pairs and a plain reference (one patched forward per cell) for patching tests."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def random_params(cfg: Config, seed: int):
     is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
     paths, tree = jax.tree_util.tree_flatten_with_path(table, is_leaf=is_entry)
     leaves = []
-    for path, (axes, shape) in paths:
+    for path, (_axes, shape) in paths:
         name = jax.tree_util.keystr(path)
         if name.endswith("['w']"):
             x = 1 + 0.1 * rng.standard_normal(shape)
@@ -97,11 +98,14 @@ def setup(request):
     return request.getfixturevalue(request.param)
 
 
-@functools.lru_cache(maxsize=None)
-def _patched_metric(cfg: Config, rel: str, metric):
-    """A jitted single forward with one Patch at `blocks.<rel>` (every layer's key; the mask picks the layer)."""
-    def f(params, tokens, value, mask):
-        logits, _ = jaxlens.forward(params, cfg, tokens, interventions={f"blocks.{rel}": Patch(value=value, mask=mask)})
+@functools.cache
+def _patched_metric(cfg: Config, rels: tuple[str, ...], metric):
+    """A jitted forward with a Patch at `blocks.<rel>` for each rel (every layer's key; masks pick the cells).
+
+    One compile serves every hook in `rels`: the hooks not under test get an all-False mask (no change)."""
+    def f(params, tokens, values, masks):
+        iv = {f"blocks.{r}": Patch(value=values[r], mask=masks[r]) for r in rels}
+        logits, _ = jaxlens.forward(params, cfg, tokens, interventions=iv)
         return metric(logits)
     return jax.jit(f)
 
@@ -118,14 +122,23 @@ def reference(s: Setup, rel: str, cells, source=None, metric=None):
     The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`, source stacked over layers)
     where the index selects; the other layers and entries keep the corrupted run's values.
     """
-    value = jnp.asarray(s.stacked[rel] if source is None else source)
-    fn = _patched_metric(s.cfg, rel, metric or s.metric)
+    rels = RELS if rel in RELS else (rel,)
+    values = {r: s.stacked[r] for r in rels if r != rel}
+    values[rel] = jnp.asarray(s.stacked[rel] if source is None else source)
+    off = {r: jnp.zeros(v.shape, bool) for r, v in values.items()}
+    fn = _patched_metric(s.cfg, rels, metric or s.metric)
     out = {}
     for where, layer, index in cells:
-        mask = np.zeros(value.shape, bool)
+        mask = np.zeros(values[rel].shape, bool)
         mask[(layer,) + tuple(index)] = True
-        out[where] = float(fn(s.params, s.corrupted, value, mask))
+        out[where] = float(fn(s.params, s.corrupted, values, {**off, rel: jnp.asarray(mask)}))
     grid = np.zeros(tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out))))), np.float64)
     for where, v in out.items():
         grid[where] = v
     return grid
+
+
+@pytest.fixture(scope="session")
+def reftools():
+    """The reference's pieces, for tests that build on them: RELS, the jitted forward and `_patched_metric`."""
+    return types.SimpleNamespace(RELS=RELS, forward=_forward, patched_metric=_patched_metric)

@@ -7,7 +7,6 @@ with 2 key/value heads for 4 query heads) random models; batches of two prompt p
 import itertools
 import types
 
-
 import jax.numpy as jnp
 import numpy as np
 import pytest

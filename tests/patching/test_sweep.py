@@ -1,0 +1,199 @@
+"""The general sweep: identical results whatever the chunking, reuse, windows and devices; resume after an
+interrupt; batches of prompt pairs; the result object; bad input.
+
+Reference values come from the plain per-cell reference in conftest.py (one patched `jaxlens.forward` per cell).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlens
+from jaxlens import patching
+from jaxlens.errors import InputError, UnknownHookError
+from jaxlens.patching.plan import default_budget
+
+ALL = slice(None)
+
+
+def z_sweep(s, **kw):
+    kw.setdefault("progress", False)
+    return patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z",
+                          axes=("layer", "pos", "head"), **kw)
+
+
+def test_same_values_for_chunks_windows_reuse_and_devices(llama, ref):
+    """GQA + rotary model: reuse on/off, 1-3 window lengths, several chunk sizes, 1 vs 8 devices."""
+    s = llama
+    devs = jax.devices()
+    assert len(devs) == 8, "tests/conftest.py should give 8 CPU devices"
+    cfg, P = s.cfg, s.corrupted.shape[1]
+    want = ref(s, "attn.hook_z", [((l, p, h), l, (ALL, p, h)) for l in range(cfg.n_layers) for p in range(P)
+                                  for h in range(cfg.n_heads)])
+    runs = {
+        "default": z_sweep(s, max_windows=1),
+        "windows3_chunk8": z_sweep(s, max_windows=3, chunk_size=8),
+        "no_reuse_chunk16": z_sweep(s, prefix_reuse=False, chunk_size=16),
+        "one_device_chunk5": z_sweep(s, devices=devs[:1], chunk_size=5, max_windows=1),
+    }
+    for name, r in runs.items():
+        assert r.shape == want.shape, name
+        np.testing.assert_allclose(r.values, want, atol=1e-5, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(r.values, runs["default"].values, atol=1e-6, rtol=0, err_msg=name)
+    # the same chunking on 1 and on 8 devices
+    eight = z_sweep(s, chunk_size=8, max_windows=1)
+    one = z_sweep(s, chunk_size=8, max_windows=1, devices=devs[:1])
+    np.testing.assert_allclose(one.values, eight.values, atol=1e-6, rtol=0)
+    # cells whose patch changes nothing (positions before the first corrupted one) are the unpatched metric
+    logits, _ = jax.jit(lambda p, t: jaxlens.forward(p, cfg, t))(s.params, s.corrupted)
+    np.testing.assert_allclose(runs["default"].values[:, :2], float(s.metric(logits)), atol=1e-6)
+
+
+def test_resume_after_interrupt_computes_only_missing_chunks(gpt2, tmp_path):
+    s = gpt2
+    kw = dict(hook="hook_resid_mid", axes=("layer", "pos"), devices=jax.devices()[:1], chunk_size=2,
+              max_windows=1, progress=False)
+    full = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, **kw)
+    calls = []
+
+    def interrupt(done, total):
+        calls.append((done, total))
+        if done == 4:
+            raise KeyboardInterrupt("simulated interrupt")
+
+    with pytest.raises(KeyboardInterrupt):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path, on_chunk=interrupt,
+                       **kw)
+    total = calls[0][1]
+    assert total > 4 and len(list(tmp_path.glob("chunk_*.npz"))) == 4
+    calls.clear()
+    resumed = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path,
+                             on_chunk=lambda d, t: calls.append((d, t)), **kw)
+    assert [t for _, t in calls] == [total - 4] * (total - 4)  # only the missing chunks ran
+    assert len(list(tmp_path.glob("chunk_*.npz"))) == total and not list(tmp_path.glob(".*tmp"))
+    np.testing.assert_array_equal(resumed.values, full.values)
+    # a finished checkpoint computes nothing
+    calls.clear()
+    again = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path,
+                           on_chunk=lambda d, t: calls.append((d, t)), **kw)
+    assert calls == [] and np.array_equal(again.values, full.values)
+    # another sweep in the same directory is refused
+    with pytest.raises(InputError, match="holds a different sweep.*Use a new directory"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path,
+                       **{**kw, "hook": "hook_resid_pre"})
+
+
+def test_memory_budget_chunks_and_progress_bar(gpt2, capsys):
+    s = gpt2
+    kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), max_windows=1, devices=jax.devices()[:1])
+    totals = []
+    roomy = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, progress=False,
+                           on_chunk=lambda d, t: totals.append(t), **kw)
+    n_roomy = totals[-1]
+    totals.clear()
+    tight = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, memory_budget=300_000,
+                           on_chunk=lambda d, t: totals.append(t), **kw)
+    assert totals[-1] > n_roomy  # a smaller budget: smaller chunks, more of them
+    np.testing.assert_allclose(tight.values, roomy.values, atol=1e-6, rtol=0)
+    err = capsys.readouterr().err
+    assert "patching" in err and f"{totals[-1]}/{totals[-1]}" in err  # the tqdm bar over chunks
+    assert default_budget(jax.devices()[0]) >= 2**20
+    with pytest.raises(InputError, match=r"memory budget of 1,000 bytes per device is too small for one patch.*"
+                                         r"needs about [\d,]+ bytes.*Raise memory_budget"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, memory_budget=1000, **kw)
+
+
+def per_example(logits):
+    return logits[:, -1, 3] - logits[:, -1, 7]
+
+
+def first_example(logits):
+    return logits[0, -1, 3] - logits[0, -1, 7]
+
+
+def test_batch_each_index_patched_across_the_batch(gpt2):
+    """A batch of two prompt pairs: patching a cell patches both; per-example metrics equal single-pair sweeps,
+    and their mean equals the batch-mean metric."""
+    s = gpt2
+    kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), progress=False, max_windows=1)
+    both = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, metric_names=("ex0", "ex1"), **kw)
+    assert both.axes == ("layer", "pos", "metric") and both.labels[-1] == ("ex0", "ex1")
+    for b in range(2):
+        cache_b = {k: v[b:b + 1] for k, v in s.cache.items() if "resid_pre" in k}
+        one = patching.sweep(s.params, s.cfg, s.corrupted[b:b + 1], cache_b, first_example, **kw)
+        np.testing.assert_allclose(both.values[..., b], one.values, atol=2e-5, rtol=1e-5)
+    mean = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, **kw)
+    np.testing.assert_allclose(both.values.mean(-1), mean.values, atol=2e-5)
+    assert np.ptp(both.values[..., 0] - both.values[..., 1]) > 1e-3  # the examples really differ
+    top = both.top_k(3, by="max", metric="ex1")
+    assert [v for v, _ in top] == sorted(both.values[..., 1].ravel())[::-1][:3]
+    v, where = both.rank(by="min", metric=0)[0]
+    assert v == both.values[..., 0].min() == both.values[where["layer"], where["pos"], 0]
+
+
+def test_clean_tokens_or_stacked_values_as_source(gpt2):
+    s = gpt2
+    kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), progress=False, max_windows=1)
+    from_cache = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, **kw)
+    from_tokens = patching.sweep(s.params, s.cfg, s.corrupted, s.clean, s.metric, **kw)
+    from_values = patching.sweep(s.params, s.cfg, s.corrupted, s.stacked["hook_resid_pre"], s.metric, **kw)
+    np.testing.assert_allclose(from_tokens.values, from_cache.values, atol=1e-6)
+    np.testing.assert_allclose(from_values.values, from_cache.values, atol=1e-6)
+
+
+def test_bad_input_errors(gpt2):
+    s = gpt2
+    kw = dict(progress=False, max_windows=1)
+    resid = s.stacked["hook_resid_pre"]
+    with pytest.raises(InputError, match=r"clean activation 'blocks.hook_resid_pre' has shape \(3, 2, 6, 40\), "
+                                         r"the corrupted run's has \(3, 2, 7, 40\).*same shape \[batch pos\]"):
+        patching.sweep(s.params, s.cfg, s.corrupted, {"blocks.hook_resid_pre": resid[:, :, :6]}, s.metric,
+                       hook="resid_pre", axes=("layer", "pos"), **kw)
+    with pytest.raises(InputError, match=r"clean cache holds no 'blocks.hook_mlp_out'.*run_with_cache"):
+        patching.sweep(s.params, s.cfg, s.corrupted, {"blocks.hook_resid_pre": resid}, s.metric,
+                       hook="mlp_out", axes=("layer", "pos"), **kw)
+    with pytest.raises(InputError, match=r"metric must return a scalar array; found shape \(2,\).*\.mean\(\).*"
+                                         r"metric_names"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre", axes=("layer", "pos"),
+                       **kw)
+    with pytest.raises(InputError, match=r"scalar array of shape \(3,\); found shape \(2,\).*3 values, one per"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre", axes=("layer", "pos"),
+                       metric_names=("a", "b", "c"), **kw)
+    with pytest.raises(InputError, match=r"found a float"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, lambda x: 1.0, hook="resid_pre",
+                       axes=("layer", "pos"), **kw)
+    with pytest.raises(UnknownHookError, match=r"No hook point named 'attn.hook_zz'.*Did you mean 'attn.hook_z'"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_zz", axes=("layer",), **kw)
+    with pytest.raises(InputError, match=r"Cannot sweep axis 'd_vocab' of 'attn.hook_z'.*axes batch pos "
+                                         r"head_index d_head"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z",
+                       axes=("layer", "d_vocab"), **kw)
+    with pytest.raises(InputError, match=r"per-layer hook: include 'layer'"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z", axes=("head",), **kw)
+    with pytest.raises(InputError, match=r"names one layer.*layers="):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="blocks.1.attn.hook_z",
+                       axes=("layer",), **kw)
+    with pytest.raises(InputError, match=r"labels\['pos'\] has 2 entries for an axis of size 7"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="resid_pre", axes=("layer", "pos"),
+                       labels={"pos": ["a", "b"]}, **kw)
+    with pytest.raises(InputError, match=r"rank\(by=...\) must be 'abs', 'max' or 'min'; found 'median'"):
+        patching.SweepResult(np.zeros((2,)), ("pos",), ((0, 1),)).rank("median")
+
+
+def test_embedding_hook_without_layer_axis(gpt2, ref):
+    """A hook outside the blocks (hook_embed), swept by position only."""
+    s = gpt2
+    res = patching.sweep(s.params, s.cfg, s.corrupted, s.clean, s.metric, hook="hook_embed", axes=("pos",),
+                         progress=False, max_windows=2)
+    assert res.axes == ("pos",) and res.shape == (s.corrupted.shape[1],)
+    _, c = jaxlens.forward(s.params, s.cfg, s.clean, cache_names=["hook_embed"])
+    patched = jax.jit(lambda mask: s.metric(jaxlens.forward(
+        s.params, s.cfg, s.corrupted, interventions={"hook_embed": jaxlens.Patch(c["hook_embed"], mask)})[0]))
+    want = []
+    for p in range(s.corrupted.shape[1]):
+        mask = np.zeros(c["hook_embed"].shape, bool)
+        mask[:, p] = True
+        want.append(float(patched(jnp.asarray(mask))))
+    np.testing.assert_allclose(res.values, want, atol=1e-5)
+    assert abs(want[2] - want[0]) > 1e-3
