@@ -51,6 +51,7 @@ def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
         The same value as `jax.jit(fn)(params)`.
     """
     flat, in_tree = jax.tree_util.tree_flatten(params)
+    _empty(params)  # the caller's containers must not keep the inputs alive past their last step
     del params
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
     closed = jax.make_jaxpr(lambda *xs: jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs))))(
@@ -87,6 +88,15 @@ def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
         gc.collect()
         _release_freed_memory()
     return jax.tree_util.tree_unflatten(out_tree, out)
+
+
+def _empty(tree) -> None:
+    """Empty every dict and list of a consumed pytree in place (tuples cannot be, and are left)."""
+    children = list(tree.values()) if isinstance(tree, dict) else tree if isinstance(tree, list) else ()
+    for child in children:
+        _empty(child)
+    if isinstance(tree, (dict, list)):
+        tree.clear()
 
 
 def _group_steps(outputs: list[int], nbytes: list[int]) -> list[list[int]]:
