@@ -153,6 +153,10 @@ def table(result: dict) -> str:
     for how, r in result["rows"].items():
         lines.append(f"| {WAYS[how]} | {r['seconds']:.2f} ({r['seconds_min']:.2f}) | {r['growth_mib']:.0f} | "
                      f"{r['x_params']:.2f} | {r['x_file']:.2f} |")
+    lines += ["", "transformers memory-maps the safetensors file and keeps float32 weights as views of the map: "
+              "pages become resident when first read (a forward pass), so its load-time growth undercounts what "
+              "the model costs once used. jaxlens copies every tensor out of the file (and stores W_U apart from "
+              "W_E), so its growth is the whole model plus the loading overhead."]
     return "\n".join(lines)
 
 
