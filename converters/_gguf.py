@@ -600,9 +600,6 @@ def _sha256_file(path: Path) -> str:
 def _read_cache(tensors_path: Path, record_path: Path, digest: str
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """The cached `(metadata, tensors)`, or None when there is no complete, intact entry."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
         record_text = record_path.read_text("utf-8")
     except OSError:  # no entry yet (or an unreadable cache directory): a miss
@@ -612,14 +609,47 @@ def _read_cache(tensors_path: Path, record_path: Path, digest: str
         ok = (isinstance(record, dict) and record.get("format_version") == CACHE_FORMAT_VERSION
               and record.get("source_sha256") == digest)
         if ok and _sha256_file(tensors_path) == record.get("tensors_sha256"):
-            tensors = load_file(tensors_path)
+            tensors = _load_safetensors(tensors_path)
             return record["metadata"], {name: tensors[name] for name in record["tensor_names"]}
         problem = "its contents do not match the hash recorded when it was written"
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # ValueError: bad JSON
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON
         problem = f"{type(e).__name__}: {e}"
     warnings.warn(f"The GGUF cache entry {tensors_path} is damaged ({problem}); dequantising again.",
                   RuntimeWarning, stacklevel=3)
     return None
+
+
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1"}
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file read into ordinary memory with `np.fromfile`, one tensor at a time.
+
+    Unlike `safetensors.numpy.load_file` (which maps the file, so that its pages count twice in the resident
+    memory while the arrays are copied out), this holds one copy of the tensors.
+
+    Raises:
+        ValueError: the header is malformed, or a tensor's byte range does not match its dtype and shape.
+    """
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            (start, end), shape = info["data_offsets"], tuple(info["shape"])
+            count = int(np.prod(shape, dtype=np.int64))
+            if end - start != count * dtype.itemsize:
+                raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {shape} of {dtype}")
+            f.seek(base + start)
+            arr = np.fromfile(f, dtype=dtype, count=count)
+            if arr.size != count:
+                raise ValueError(f"tensor {name!r} is cut short")
+            out[name] = arr.reshape(shape)
+    return out
 
 
 def _write_cache(tensors_path: Path, record_path: Path, digest: str, source: Path,
@@ -647,9 +677,20 @@ def _write_cache(tensors_path: Path, record_path: Path, digest: str, source: Pat
 
 
 def _save_tensors(tensors: dict[str, np.ndarray], filename: str) -> None:
-    from safetensors.numpy import save_file
-
-    save_file(tensors, filename)
+    """Write float32 `tensors` as a safetensors file, one tensor at a time (no whole-file buffer)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        if t.dtype != np.float32:
+            raise TypeError(f"cache tensors are float32; {name!r} is {t.dtype}")
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t, dtype="<f4").data)
 
 
 def _atomic_write(final: Path, write: Callable[[str], object]) -> str:

@@ -430,6 +430,26 @@ def test_cache_second_call_does_not_dequantise(small_gguf, tmp_path, counted):
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_cache_files_are_standard_safetensors(small_gguf, tmp_path):
+    """The cache's own writer and reader agree with the safetensors package in both directions."""
+    from safetensors.numpy import load_file, save_file
+
+    metadata, tensors = cached_dequantize(small_gguf, tmp_path / "cache", progress=False)
+    (written,) = (tmp_path / "cache").glob("*.safetensors")
+    theirs = load_file(written)
+    assert list(theirs) == list(tensors)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(theirs[name], t)
+    rng = np.random.default_rng(5)
+    other = {"x": rng.normal(size=(3, 7)).astype(np.float32), "y": np.zeros((0, 2), np.float32),
+             "z": np.float32(rng.normal(size=(2, 1, 4)))}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    ours = _gguf._load_safetensors(tmp_path / "other.safetensors")
+    for name, t in other.items():
+        assert ours[name].shape == t.shape and ours[name].dtype == np.float32
+        np.testing.assert_array_equal(ours[name], t)
+
+
 def test_cache_default_dir_from_env(small_gguf, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("JAXLENS_CACHE", str(tmp_path / "envcache"))
     cached_dequantize(small_gguf, progress=False)
