@@ -109,22 +109,32 @@ def _one(kind, model, corrupted_tokens, clean_cache, metric, options):
                  **options).values
 
 
-get_act_patch_resid_pre = _sweep_function("resid_pre", "Patch the residual stream entering each block, by position.")
-get_act_patch_resid_mid = _sweep_function("resid_mid", "Patch the residual stream between attention and MLP, by position.")
+get_act_patch_resid_pre = _sweep_function(
+    "resid_pre", "Patch the residual stream entering each block, by position.")
+get_act_patch_resid_mid = _sweep_function(
+    "resid_mid", "Patch the residual stream between attention and MLP, by position.")
 get_act_patch_attn_out = _sweep_function("attn_out", "Patch each attention layer's output, by position.")
 get_act_patch_mlp_out = _sweep_function("mlp_out", "Patch each MLP layer's output, by position.")
-get_act_patch_attn_head_out_by_pos = _sweep_function("attn_head_out_by_pos", "Patch each head's output (z), by position.")
-get_act_patch_attn_head_q_by_pos = _sweep_function("attn_head_q_by_pos", "Patch each head's queries, by position.")
-get_act_patch_attn_head_k_by_pos = _sweep_function("attn_head_k_by_pos", "Patch each key head's keys, by position.")
-get_act_patch_attn_head_v_by_pos = _sweep_function("attn_head_v_by_pos", "Patch each value head's values, by position.")
+get_act_patch_attn_head_out_by_pos = _sweep_function(
+    "attn_head_out_by_pos", "Patch each head's output (z), by position.")
+get_act_patch_attn_head_q_by_pos = _sweep_function(
+    "attn_head_q_by_pos", "Patch each head's queries, by position.")
+get_act_patch_attn_head_k_by_pos = _sweep_function(
+    "attn_head_k_by_pos", "Patch each key head's keys, by position.")
+get_act_patch_attn_head_v_by_pos = _sweep_function(
+    "attn_head_v_by_pos", "Patch each value head's values, by position.")
 get_act_patch_attn_head_pattern_by_pos = _sweep_function(
     "attn_head_pattern_by_pos", "Patch each head's attention pattern row, by destination position.")
 get_act_patch_attn_head_pattern_dest_src_pos = _sweep_function(
     "attn_head_pattern_dest_src_pos", "Patch each (destination, source) entry of each head's attention pattern.")
-get_act_patch_attn_head_out_all_pos = _sweep_function("attn_head_out_all_pos", "Patch each head's output at every position.")
-get_act_patch_attn_head_q_all_pos = _sweep_function("attn_head_q_all_pos", "Patch each head's queries at every position.")
-get_act_patch_attn_head_k_all_pos = _sweep_function("attn_head_k_all_pos", "Patch each key head's keys at every position.")
-get_act_patch_attn_head_v_all_pos = _sweep_function("attn_head_v_all_pos", "Patch each value head's values at every position.")
+get_act_patch_attn_head_out_all_pos = _sweep_function(
+    "attn_head_out_all_pos", "Patch each head's output at every position.")
+get_act_patch_attn_head_q_all_pos = _sweep_function(
+    "attn_head_q_all_pos", "Patch each head's queries at every position.")
+get_act_patch_attn_head_k_all_pos = _sweep_function(
+    "attn_head_k_all_pos", "Patch each key head's keys at every position.")
+get_act_patch_attn_head_v_all_pos = _sweep_function(
+    "attn_head_v_all_pos", "Patch each value head's values at every position.")
 get_act_patch_attn_head_pattern_all_pos = _sweep_function(
     "attn_head_pattern_all_pos", "Patch each head's whole attention pattern.")
 get_act_patch_attn_head_all_pos_every = _sweep_function(
@@ -135,10 +145,30 @@ get_act_patch_block_every = _sweep_function(
     "block_every", "resid_pre, attn_out and mlp_out patched by position, stacked.")
 
 
-def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
-                             index_axis_names, **options) -> Float[Array, "..."]:
-    """TransformerLens's `generic_activation_patch` with `index_axis_names`: sweep `activation_name` ("z",
-    "resid_pre", "pattern", ...) over the named axes (the first is "layer")."""
+# TransformerLens's setters, each "copy the clean value at this index, across the batch": what a sweep does.
+_TL_SETTERS = ("layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
+               "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
+               "layer_head_dest_src_pos_pattern_patch_setter")
+
+
+def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter=None,
+                             activation_name: str | None = None, index_axis_names=None,
+                             **options) -> Float[Array, "..."]:
+    """TransformerLens's `generic_activation_patch`, same argument order: sweep `activation_name` ("z",
+    "resid_pre", "pattern", ...) over `index_axis_names` (the first is "layer").
+
+    `patch_setter` may be None or one of TransformerLens's own setters (all of which copy the clean value at the
+    index across the batch, as every sweep does); custom setters are refused: write the change as a sweep
+    over the axes it indexes, or as an intervention.
+    """
+    setter = getattr(patch_setter, "__name__", patch_setter)
+    if patch_setter is not None and setter not in _TL_SETTERS:
+        raise InputError(f"patch_setter {setter!r} is not one of TransformerLens's setters {_TL_SETTERS}; "
+                         "jaxlens sweeps always copy the clean value at the index across the batch. Leave "
+                         "patch_setter out, or express the change as a sweep or an intervention.")
+    if activation_name is None or index_axis_names is None:
+        raise InputError("generic_activation_patch needs activation_name (e.g. 'z') and index_axis_names "
+                         "(e.g. ('layer', 'pos', 'head_index')).")
     return jnp.asarray(sweep(model.params, model.cfg, corrupted_tokens, clean_cache, patching_metric,
                              hook=activation_name, axes=tuple(index_axis_names), **options).values)
 

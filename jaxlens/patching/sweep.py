@@ -92,6 +92,31 @@ class SweepResult:
         """The k best cells (see `rank`)."""
         return self.rank(by, metric)[:k]
 
+    def select(self, **index) -> "SweepResult":
+        """Fix some axes at one label each (`res.select(metric="ld", head=3)`), dropping them."""
+        vals, axes, labels = self.values, list(self.axes), list(self.labels)
+        for axis, label in index.items():
+            if axis not in axes:
+                raise InputError(f"select({axis}=...): the result has axes {tuple(axes)}, no {axis!r}.")
+            i = axes.index(axis)
+            if label not in labels[i]:
+                raise InputError(f"select({axis}={label!r}): not a label of {axis!r}; its labels are "
+                                 f"{labels[i][:10]}{'...' if len(labels[i]) > 10 else ''}.")
+            vals = np.take(vals, labels[i].index(label), axis=i)
+            del axes[i], labels[i]
+        return SweepResult(vals, tuple(axes), tuple(labels))
+
+    def plot(self, title: str = "", **kw):
+        """A labelled heatmap of a 2-D result (rows: first axis); `select` other axes first. Needs matplotlib."""
+        if len(self.axes) != 2:
+            raise InputError(f"plot() draws 2-D results; this one has axes {self.axes}. Fix the others with "
+                             f".select(axis=label), e.g. .select({self.axes[-1]}={self.labels[-1][0]!r}).")
+        from jaxlens.viz import heatmap
+
+        return heatmap(self.values, row_labels=[str(x) for x in self.labels[0]],
+                       col_labels=[str(x) for x in self.labels[1]], ylabel=self.axes[0], xlabel=self.axes[1],
+                       title=title, **kw)
+
 
 def sweep(
     params: Params,

@@ -131,8 +131,9 @@ def reference(s: Setup, rel: str, cells, source=None, metric=None):
     for where, layer, index in cells:
         mask = np.zeros(values[rel].shape, bool)
         mask[(layer,) + tuple(index)] = True
-        out[where] = float(fn(s.params, s.corrupted, values, {**off, rel: jnp.asarray(mask)}))
-    grid = np.zeros(tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out))))), np.float64)
+        out[where] = np.asarray(fn(s.params, s.corrupted, values, {**off, rel: jnp.asarray(mask)}), np.float64)
+    shape = tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out)))))
+    grid = np.zeros(shape + next(iter(out.values())).shape, np.float64)  # a trailing axis for vector metrics
     for where, v in out.items():
         grid[where] = v
     return grid

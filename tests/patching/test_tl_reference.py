@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
 tl_patching = pytest.importorskip("transformer_lens.patching")
+pytestmark = pytest.mark.slow  # importing TransformerLens (pandas, datasets, pyarrow) and booting a bridge
 
 from jaxlens import HookedTransformer, patching, testing  # noqa: E402
 
@@ -49,7 +50,7 @@ def both(tmp_path_factory):
     return br, jl, clean, corrupted, tl_cache, tl_corr_cache, jl_cache
 
 
-@pytest.mark.parametrize("name", ["get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos"])
+@pytest.mark.parametrize("name", ["get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"])
 def test_matches_transformer_lens(both, name):
     br, jl, clean, corrupted, tl_cache, _, jl_cache = both
     with torch.no_grad():
