@@ -243,13 +243,13 @@ class HookedTransformer:
                                             cache_names=names)[1])
         zeros = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
 
-        def f(deltas):
+        def f(deltas, params, tokens, interventions):  # weights as arguments: never baked in as constants
             ivs = {n: list(_as_list(interventions.get(n))) + [Add(d)] for n, d in deltas.items()}
             ivs.update({n: v for n, v in interventions.items() if n not in ivs})
-            out, cache, _ = run(self.params, self.cfg, tokens, interventions=ivs, cache_names=names)
+            out, cache, _ = run(params, self.cfg, tokens, interventions=ivs, cache_names=names)
             return metric(out), (out, cache)
 
-        grads, (out, cache) = jax.jit(jax.grad(f, has_aux=True))(zeros)
+        grads, (out, cache) = jax.jit(jax.grad(f, has_aux=True))(zeros, self.params, tokens, interventions)
         return out, {**cache, **{f"{n}_grad": g for n, g in grads.items()}}
 
     def _output(self, out, input, return_type, loss_per_token, stop_at_layer, prepend_bos):
