@@ -244,10 +244,28 @@ def _prepare(params, cfg, tokens, clean, target: Target, metric, metric_names, r
         sub = sub if reads.vocab is None else sub[:, :, reads.vocab]
         if not np.allclose(np.asarray(reads(sub)), base, rtol=1e-5, atol=1e-6, equal_nan=True):
             reads = None
-    diff = np.asarray(jnp.broadcast_to(src != tgt, tgt.shape)) if reuse else None
+    diff = _differs(src, tgt) if reuse else None
     data = {"tokens": tokens, "source": src, "logits": logits, "final_resid": cache[final],
             "resid_pre": cache["blocks.hook_resid_pre"], "k": cache[k], "v": cache["blocks.attn.hook_v"]}
     return _Prepared(data, tgt, diff, logits, base, reads)
+
+
+def _differs(src: jax.Array, tgt: jax.Array) -> np.ndarray:
+    """Where the clean activation really differs from the corrupted one, broadcast to the corrupted shape.
+
+    A clean cache from `run_with_cache` comes from another compiled program than the corrupted run here, so
+    positions the prompts share can differ by rounding (~1e-6 in float32). Treating those as changes would
+    switch position reuse off, so differences within a few units of rounding (64 ulp of the activation's scale
+    in float32, 2 ulp of each value in 16-bit types) count as equal. `prefix_reuse=False` patches every cell.
+    """
+    src, tgt = jnp.broadcast_arrays(src.astype(tgt.dtype), tgt)
+    eps = float(jnp.finfo(tgt.dtype).eps)
+    a, b = src.astype(jnp.float32), tgt.astype(jnp.float32)
+    if tgt.dtype == jnp.float32:
+        tol = 64 * eps * (jnp.abs(b) + jnp.mean(jnp.abs(b)))
+    else:
+        tol = 2 * eps * jnp.abs(b)
+    return np.asarray(jnp.abs(a - b) > tol)
 
 
 def _source(params, cfg, clean, target: Target, shape):

@@ -208,3 +208,22 @@ def test_embedding_hook_without_layer_axis(gpt2):
         want.append(float(patched(jnp.asarray(mask))))
     np.testing.assert_allclose(res.values, want, atol=1e-5)
     assert abs(want[2] - want[0]) > 1e-3
+
+
+def test_rounding_noise_in_the_clean_cache_does_not_count_as_a_change(gpt2):
+    """A clean cache from another compiled program differs by rounding at the positions the prompts share:
+    those cells are still no-ops (the unpatched metric, not recomputed), while a real change is patched."""
+    s = gpt2
+    cfg = s.cfg
+    src = np.asarray(s.stacked["hook_resid_pre"])  # [layer batch pos d_model]
+    shared = int(np.flatnonzero((np.asarray(s.corrupted) != np.asarray(s.clean)).any(0))[0])  # first changed pos
+    noisy = src * (1 + 1e-7 * np.random.default_rng(0).standard_normal(src.shape)).astype(np.float32)
+    kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), progress=False, max_windows=1)
+    exact = patching.sweep(s.params, cfg, s.corrupted, src, s.metric, **kw)
+    rounded = patching.sweep(s.params, cfg, s.corrupted, noisy, s.metric, **kw)
+    logits, _ = jax.jit(lambda p, t: jaxlens.forward(p, cfg, t))(s.params, s.corrupted)
+    base = float(s.metric(logits))
+    assert shared > 0
+    assert (rounded.values[:, :shared] == np.float32(base)).all(), "rounding noise was patched as a change"
+    np.testing.assert_allclose(rounded.values, exact.values, atol=1e-5)
+    assert not np.allclose(exact.values[:, shared], base, atol=1e-3), "the changed position is patched"
