@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -112,11 +114,7 @@ def measure(path: Path, how: str) -> dict:
 
 
 def machine() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_model()
     return {"cpu": cpu, "nproc": os.cpu_count(), "system": platform.system(),
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 

