@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlens import cli, testing
+from jaxlens import cli, demo, testing
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When John and Mary went to the store, Mary gave a drink to"
@@ -181,7 +181,7 @@ def test_demo_numbers_are_consistent(demo_out, tiny):
     best = np.unravel_index(np.argmax(np.abs(head_out)), head_out.shape)
     assert (ioi["top_heads"][0]["layer"], ioi["top_heads"][0]["head"]) == best
     assert len(ioi["resid_pre"]["position_labels"]) == np.array(ioi["resid_pre"]["values"]).shape[1]
-    assert len(ioi["clean_logit_diff"]) == len(ioi["clean_prompts"]) == 4
+    assert len(ioi["clean_logit_diff"]) == len(ioi["clean_prompts"]) == demo.DemoSettings.small().n_prompts
 
 
 def test_demo_induction_scores_match_hf_attentions(demo_out, tiny):
