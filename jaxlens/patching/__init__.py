@@ -38,13 +38,18 @@ from jaxlens.patching.activation import get_act_patch_attn_head_v_by_pos as get_
 from jaxlens.patching.activation import get_act_patch_attn_out as get_act_patch_attn_out
 from jaxlens.patching.activation import get_act_patch_block_every as get_act_patch_block_every
 from jaxlens.patching.activation import get_act_patch_direct_path as get_act_patch_direct_path
+from jaxlens.patching.activation import (
+    get_act_patch_direct_path_all_sources as get_act_patch_direct_path_all_sources,
+)
 from jaxlens.patching.activation import get_act_patch_mlp_out as get_act_patch_mlp_out
 from jaxlens.patching.activation import get_act_patch_resid_mid as get_act_patch_resid_mid
 from jaxlens.patching.activation import get_act_patch_resid_pre as get_act_patch_resid_pre
+from jaxlens.patching.activation import tl_sweep as tl_sweep
 from jaxlens.patching.attribution import AttributionReport as AttributionReport
 from jaxlens.patching.attribution import attribution_patch as attribution_patch
 from jaxlens.patching.attribution import attribution_sweep as attribution_sweep
 from jaxlens.patching.attribution import attribution_sweeps as attribution_sweeps
 from jaxlens.patching.attribution import compare as compare
+from jaxlens.patching.result import PatchingResult as PatchingResult
 from jaxlens.patching.sweep import SweepResult as SweepResult
 from jaxlens.patching.sweep import sweep as sweep

@@ -10,19 +10,27 @@ Semantics follow TransformerLens (`transformer_lens/patching.py`): every index i
 batch; keys and values sweep `n_key_value_heads` under grouped-query attention (the `*_every` helpers pad them
 with zeros to n_heads); the pattern sweeps are indexed (layer, head_index, dest_pos[, src_pos]).
 
-`get_act_patch_direct_path` is path patching of one source head into later heads' query, key or value inputs.
+TransformerLens 4.3's calling conventions hold too (`tl_sweep`): `reduce="mean"|"none"` with a per-example
+metric, `baseline=True`, a mapping of metrics (a leading metric axis) and `index_df` rows; under `reduce="none"`,
+`baseline=True` or a mapping the result is a `PatchingResult` with its statistics.
+
+`get_act_patch_direct_path` is path patching of one source head into later heads' query, key or value inputs;
+`get_act_patch_direct_path_all_sources` does it from every source head.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+from tqdm import tqdm
 
 from jaxlens.errors import InputError
 from jaxlens.model.forward import check_tokens
+from jaxlens.patching.result import PatchingResult
 from jaxlens.patching.sweep import cached_run, sweep
 
 # (hook, axes) of each TransformerLens sweep, by the suffix of its name.
@@ -53,31 +61,61 @@ EVERY: dict[str, tuple[str, ...]] = {
 }
 
 
-def stack_every(kind: str, grids: list, n_heads: int) -> jax.Array:
-    """Stack the sweeps of a `*_every` helper as TransformerLens does: k/v zero-padded to n_heads, the
-    by-position pattern grid [layer head pos] moved to [layer pos head]."""
+# TransformerLens 4.3's names for the swept axes in a PatchingResult, and its patch-type names.
+_RENAMES = {"head_index": "head", "dest_pos": "pos"}
+_TYPE_NAMES = {"attn_head_all_pos_every": ("out", "q", "k", "v", "pattern"),
+               "attn_head_by_pos_every": ("out", "q", "k", "v", "pattern"),
+               "block_every": ("resid_pre", "attn_out", "mlp_out")}
+_EVERY_AXES = {"attn_head_all_pos_every": ("layer", "head"), "attn_head_by_pos_every": ("layer", "pos", "head"),
+               "block_every": ("layer", "pos")}
+_REDUCE = ("scalar", "mean", "none")
+
+
+def stack_every(kind: str, parts: list, n_heads: int):
+    """Stack the sweeps of a `*_every` helper on a leading patch_type axis as TransformerLens does: each part's
+    swept axes put in the helper's order (the by-position pattern grid [layer head pos] becomes [layer pos
+    head]), k/v zero-padded to n_heads; arrays stay arrays, PatchingResults (metric axis first, batch axis
+    last) become one PatchingResult carrying the first part's baseline."""
+    order = _EVERY_AXES[kind]
+    typed = isinstance(parts[0], PatchingResult)
     out = []
-    for name, g in zip(EVERY[kind], grids, strict=True):
-        g = jnp.asarray(g)
-        if name == "attn_head_pattern_by_pos":
-            g = jnp.swapaxes(g, -1, -2)
-        if "_k_" in name or "_v_" in name:
-            g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, n_heads - g.shape[-1])])
-        out.append(g)
-    return jnp.stack(out)
+    for name, part in zip(EVERY[kind], parts, strict=True):
+        v = np.asarray(part.values if typed else part)
+        lead = 1 if typed and part.has_metric_axis else 0
+        names = [_RENAMES.get(a, a) for a in SPECS[name][1]]
+        perm = list(range(lead)) + [lead + names.index(a) for a in order]
+        v = np.transpose(v, perm + list(range(lead + len(names), v.ndim)))
+        if "head" in order:
+            ax = lead + order.index("head")
+            pad = np.zeros(v.shape[:ax] + (n_heads - v.shape[ax],) + v.shape[ax + 1:], v.dtype)
+            v = np.concatenate([v, pad], axis=ax)
+        out.append(v)
+    if not typed:
+        return jnp.asarray(np.stack(out))
+    first = parts[0]
+    return dataclasses.replace(first, values=np.stack(out, axis=1 if first.has_metric_axis else 0),
+                               axis_names=["patch_type", *order], patch_type_names=list(_TYPE_NAMES[kind]))
 
 
 def _sweep_function(kind: str, summary: str) -> Callable:
-    def patch(model, corrupted_tokens, clean_cache, patching_metric, **options) -> Float[Array, "..."]:
+    def patch(model, corrupted_tokens, clean_cache, patching_metric, index_df=None, return_index_df=False, *,
+              reduce: str = "scalar", baseline: bool = False, **options):
         if kind in EVERY:
-            grids = []
+            if index_df is not None or return_index_df:
+                raise InputError(f"get_act_patch_{kind} stacks whole grids; index_df and return_index_df apply "
+                                 "to the single sweeps (e.g. get_act_patch_attn_head_out_by_pos).")
+            parts = []
             for part in EVERY[kind]:
                 opts = dict(options)
                 if opts.get("checkpoint_dir") is not None:
                     opts["checkpoint_dir"] = Path(opts["checkpoint_dir"]) / part
-                grids.append(_one(part, model, corrupted_tokens, clean_cache, patching_metric, opts))
-            return stack_every(kind, grids, model.cfg.n_heads)
-        return jnp.asarray(_one(kind, model, corrupted_tokens, clean_cache, patching_metric, options))
+                hook, axes = SPECS[part]
+                parts.append(tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook, axes,
+                                      reduce=reduce, baseline=baseline, **opts))
+            return stack_every(kind, parts, model.cfg.n_heads)
+        hook, axes = SPECS[kind]
+        return tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook, axes, index_df=index_df,
+                        return_index_df=return_index_df, reduce=reduce, baseline=baseline, **options)
 
     hook, axes = SPECS.get(kind, (None, None))
     shape = (f"[{len(EVERY[kind])}, " + ", ".join(_TL_AXES[kind]) + "]") if kind in EVERY else \
@@ -89,12 +127,15 @@ def _sweep_function(kind: str, summary: str) -> Callable:
         model: a HookedTransformer (anything with `.cfg` and `.params`).
         corrupted_tokens: the corrupted prompts [batch pos].
         clean_cache: the clean run's cache (ActivationCache or dict), or clean token ids [batch pos].
-        patching_metric: logits [batch pos d_vocab] -> scalar.
+        patching_metric: logits [batch pos d_vocab] -> scalar ([batch] under reduce="mean"/"none"), or a
+            mapping of names to such functions (a leading metric axis).
+        index_df, return_index_df, reduce, baseline: as TransformerLens 4.3 (see `tl_sweep`).
         **options: `sweep` options (memory_budget, chunk_size, prefix_reuse, devices, checkpoint_dir, progress,
-            on_chunk, metric_names).
+            on_chunk).
 
     Returns:
-        The metric for each patch, shape {shape}.
+        The metric for each patch, shape {shape}; a PatchingResult under reduce="none", baseline=True or a
+        mapping of metrics.
     """
     return patch
 
@@ -103,10 +144,121 @@ _TL_AXES = {"attn_head_all_pos_every": ("n_layers", "n_heads"), "attn_head_by_po
             "block_every": ("n_layers", "pos")}
 
 
-def _one(kind, model, corrupted_tokens, clean_cache, metric, options):
-    hook, axes = SPECS[kind]
-    return sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, hook=hook, axes=axes,
-                 **options).values
+def tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook: str, axes, *, index_df=None,
+             return_index_df: bool = False, reduce: str = "scalar", baseline: bool = False, **options):
+    """One sweep with TransformerLens 4.3's calling conventions on top of `sweep`.
+
+    Args:
+        patching_metric: a function of the logits, or a mapping {name: function} (a leading metric axis).
+            Under reduce="scalar" each returns a scalar; under "mean" and "none" a [batch] array.
+        index_df: the cells to patch, one row each (a pandas DataFrame, or anything with `.columns` and
+            `.to_numpy()`, columns named as `axes`); the output then has one flat row axis. The full grid
+            over the layers it names is computed and the rows gathered from it.
+        return_index_df: also return the index DataFrame (array results only; needs pandas).
+        reduce: "scalar", "mean" (average the per-example metric) or "none" (keep it: a PatchingResult).
+        baseline: also return the unpatched corrupted run's metric (a PatchingResult).
+        **options: `sweep` options.
+
+    Returns:
+        The grid [*axes] (or [n_rows]) as a jax array, with the index DataFrame if asked; a PatchingResult
+        [metric?, *axes | n_rows, batch?] under reduce="none", baseline=True or a mapping of metrics.
+    """
+    if reduce not in _REDUCE:
+        raise InputError(f"reduce must be one of {_REDUCE}; found {reduce!r}.")
+    metrics = dict(patching_metric) if isinstance(patching_metric, Mapping) else {"metric": patching_metric}
+    if not metrics:
+        raise InputError("The mapping of patching metrics is empty: give at least one {name: function}.")
+    typed = isinstance(patching_metric, Mapping) or reduce == "none" or baseline
+    if typed and return_index_df:
+        raise InputError("return_index_df applies to the array result only; a PatchingResult (reduce='none', "
+                         "baseline=True or a mapping of metrics) carries its cells as .index_df.")
+    axes = tuple(axes)
+    rows = _rows(index_df, axes, model.cfg) if index_df is not None else None
+    if rows is not None and "layer" in axes:
+        options.setdefault("layers", sorted(set(rows[:, axes.index("layer")].tolist())))
+    batch = int(np.shape(corrupted_tokens)[0])
+    per_example = reduce != "scalar"
+    if not typed and not per_example:
+        res = sweep(model.params, model.cfg, corrupted_tokens, clean_cache, patching_metric, hook=hook,
+                    axes=axes, **options)
+        values = res.values
+    else:
+        metric, names = _stacked_metric(metrics, batch, per_example)
+        res = sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, hook=hook, axes=axes,
+                    metric_names=names, **options)
+        m_shape = (len(metrics),) + ((batch,) if per_example else ())
+        values = res.values.reshape(res.values.shape[:-1] + m_shape)
+        values = np.moveaxis(values, len(axes), 0)  # [metric, *axes, batch?]
+        base = np.asarray(res.baseline).reshape(m_shape)
+        if reduce == "mean":
+            values, base = values.mean(-1), base.mean(-1)
+    if rows is not None:
+        lead = 1 if (typed or per_example) else 0  # the metric axis
+        grid = np.asarray(values.shape[lead:lead + len(axes)])
+        outside = (rows >= grid).any(1)
+        if outside.any():
+            bad = int(np.nonzero(outside)[0][0])
+            raise InputError(f"index_df row {bad} {dict(zip(axes, rows[bad].tolist(), strict=True))} is outside "
+                             f"the grid {dict(zip(axes, grid.tolist(), strict=True))}.")
+        values = values[(slice(None),) * lead + tuple(rows.T)]
+    if not typed:
+        out = jnp.asarray(values[0] if per_example else values)
+        if return_index_df:
+            cells = rows if rows is not None else np.indices(out.shape).reshape(len(axes), -1).T
+            return out, _dataframe(cells, axes)
+        return out
+    has_m = isinstance(patching_metric, Mapping)
+    return PatchingResult(values=np.asarray(values if has_m else values[0]),
+                          axis_names=[] if rows is not None else list(axes), metric_names=list(metrics), reduced=reduce != "none",
+                          baseline=np.asarray(base if has_m else base[0]) if baseline else None, has_metric_axis=has_m,
+                          rows=rows, row_names=list(axes) if rows is not None else None)
+
+
+def _stacked_metric(metrics: dict, batch: int, per_example: bool):
+    """One vector metric of every metric (each [batch] when per-example), flattened, and its labels."""
+    def metric(logits):
+        outs = []
+        for name, fn in metrics.items():
+            out = jnp.asarray(fn(logits))
+            want = (batch,) if per_example else ()
+            if out.shape != want:
+                raise InputError(
+                    f"patching_metric {name!r} must return "
+                    + (f"a [batch] array of length {batch} under reduce='mean' or 'none'" if per_example else
+                       "a scalar under reduce='scalar' (return a [batch] array and pass reduce='mean' or "
+                       "reduce='none' to keep per-example values)") + f"; found shape {tuple(out.shape)}.")
+            outs.append(out.reshape(-1).astype(jnp.float32))
+        return jnp.concatenate(outs)
+
+    names = [f"{m}[{b}]" if per_example else m for m in metrics for b in range(batch if per_example else 1)]
+    return metric, names
+
+
+def _rows(index_df, axes: tuple, cfg) -> np.ndarray:
+    """The cells an index DataFrame names, [n_rows, n_axes] in `axes` order, checked."""
+    cols = [str(c) for c in getattr(index_df, "columns", [])]
+    if not hasattr(index_df, "to_numpy") or sorted(cols) != sorted(axes):
+        raise InputError(f"index_df must be a DataFrame with columns {list(axes)}; found "
+                         f"{cols if cols else type(index_df).__name__}.")
+    arr = np.asarray(index_df.to_numpy())
+    if arr.ndim != 2 or len(arr) == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"index_df must hold at least one row of integer indices; found {arr.dtype} values of "
+                         f"shape {arr.shape}.")
+    rows = arr[:, [cols.index(a) for a in axes]].astype(np.int64)
+    if (rows < 0).any():
+        raise InputError("index_df holds negative indices; give each axis's index from 0.")
+    if "layer" in axes and rows[:, axes.index("layer")].max() >= cfg.n_layers:
+        raise InputError(f"index_df names layer {rows[:, axes.index('layer')].max()}; the model has "
+                         f"{cfg.n_layers} layers.")
+    return rows
+
+
+def _dataframe(rows: np.ndarray, axes: tuple):
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError("return_index_df needs pandas: pip install pandas.") from e
+    return pd.DataFrame(rows, columns=list(axes))
 
 
 get_act_patch_resid_pre = _sweep_function(
@@ -152,13 +304,16 @@ _TL_SETTERS = ("layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter=None,
-                             activation_name: str | None = None, index_axis_names=None,
-                             **options) -> Float[Array, "..."]:
+                             activation_name: str | None = None, index_axis_names=None, index_df=None,
+                             return_index_df: bool = False, *, reduce: str = "scalar", baseline: bool = False,
+                             **options):
     """TransformerLens's `generic_activation_patch`, same argument order: sweep `activation_name` ("z",
-    "resid_pre", "pattern", ...) over `index_axis_names` (the first is "layer").
+    "resid_pre", "pattern", ...) over `index_axis_names` (the first is "layer"), or over the rows of
+    `index_df` (columns named as the axes; a flat output). `reduce`, `baseline` and a mapping of metrics
+    as in TransformerLens 4.3 (see `tl_sweep`).
 
-    `patch_setter` may be None or one of TransformerLens's own setters (all of which copy the clean value at the
-    index across the batch, as every sweep does); custom setters are refused: write the change as a sweep
+    `patch_setter` may be None or one of TransformerLens's own setters (all of which copy the clean value at
+    the index across the batch, as every sweep does); custom setters are refused: write the change as a sweep
     over the axes it indexes, or as an intervention.
     """
     setter = getattr(patch_setter, "__name__", patch_setter)
@@ -166,11 +321,14 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         raise InputError(f"patch_setter {setter!r} is not one of TransformerLens's setters {_TL_SETTERS}; "
                          "jaxlens sweeps always copy the clean value at the index across the batch. Leave "
                          "patch_setter out, or express the change as a sweep or an intervention.")
-    if activation_name is None or index_axis_names is None:
+    if index_axis_names is None and index_df is not None:
+        index_axis_names = tuple(str(c) for c in getattr(index_df, "columns", ()))
+    if activation_name is None or not index_axis_names:
         raise InputError("generic_activation_patch needs activation_name (e.g. 'z') and index_axis_names "
-                         "(e.g. ('layer', 'pos', 'head_index')).")
-    return jnp.asarray(sweep(model.params, model.cfg, corrupted_tokens, clean_cache, patching_metric,
-                             hook=activation_name, axes=tuple(index_axis_names), **options).values)
+                         "(e.g. ('layer', 'pos', 'head_index')) or an index_df whose columns name the axes.")
+    return tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, activation_name,
+                    tuple(index_axis_names), index_df=index_df, return_index_df=return_index_df, reduce=reduce,
+                    baseline=baseline, **options)
 
 
 def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,
@@ -235,3 +393,24 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
     return jnp.asarray(sweep(params, cfg, tokens, source, patching_metric, hook=f"hook_{component}_input",
                              axes=("layer", "head"), layers=range(src_layer + 1, cfg.n_layers), fill=0.0,
                              **options).values)
+
+
+def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,
+                                          component: str = "q", verbose: bool = True,
+                                          **options) -> Float[Array, "n_layers n_heads n_layers n_heads"]:
+    """`get_act_patch_direct_path` from every source head, as TransformerLens 4.3's function of this name.
+
+    Returns:
+        [n_layers, n_heads, n_layers, n_heads] (the last axis n_key_value_heads for "k"/"v" under grouped-query
+        attention): `[sl, sh, dl, dh]` is the metric with the path from head (sl, sh) into head (dl, dh)
+        patched, 0.0 where dl <= sl. One sweep per source head; the compiled chunk functions are shared.
+    """
+    cfg = model.cfg
+    options["progress"] = False
+    n_dst = cfg.n_kv_heads if component in ("k", "v") else cfg.n_heads
+    out = np.zeros((cfg.n_layers, cfg.n_heads, cfg.n_layers, n_dst), np.float32)
+    sources = [(sl, sh) for sl in range(cfg.n_layers - 1) for sh in range(cfg.n_heads)]
+    for sl, sh in tqdm(sources, desc=f"direct paths from every head [{component}]", disable=not verbose):
+        out[sl, sh] = np.asarray(get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache,
+                                                           patching_metric, sl, sh, component, **options))
+    return jnp.asarray(out)

@@ -51,11 +51,13 @@ class SweepResult:
         values: numpy array, one axis per swept axis (plus a trailing "metric" axis for vector metrics).
         axes: axis names, in order.
         labels: one tuple of labels per axis (indices by default, metric names on the "metric" axis).
+        baseline: the metric of the unpatched corrupted run (scalar, or one value per metric).
     """
 
     values: np.ndarray
     axes: tuple[str, ...]
     labels: tuple[tuple, ...]
+    baseline: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,7 +96,7 @@ class SweepResult:
 
     def select(self, **index) -> "SweepResult":
         """Fix some axes at one label each (`res.select(metric="ld", head=3)`), dropping them."""
-        vals, axes, labels = self.values, list(self.axes), list(self.labels)
+        vals, axes, labels, base = self.values, list(self.axes), list(self.labels), self.baseline
         for axis, label in index.items():
             if axis not in axes:
                 raise InputError(f"select({axis}=...): the result has axes {tuple(axes)}, no {axis!r}.")
@@ -103,8 +105,10 @@ class SweepResult:
                 raise InputError(f"select({axis}={label!r}): not a label of {axis!r}; its labels are "
                                  f"{labels[i][:10]}{'...' if len(labels[i]) > 10 else ''}.")
             vals = np.take(vals, labels[i].index(label), axis=i)
+            if axis == "metric" and base is not None:
+                base = np.asarray(base[labels[i].index(label)])
             del axes[i], labels[i]
-        return SweepResult(vals, tuple(axes), tuple(labels))
+        return SweepResult(vals, tuple(axes), tuple(labels), base)
 
     def plot(self, title: str = "", **kw):
         """A labelled heatmap of a 2-D result (rows: first axis); `select` other axes first. Needs matplotlib."""
@@ -172,7 +176,7 @@ def sweep(
         fill: value of cells outside `layers`.
 
     Returns:
-        SweepResult(values, axes, labels).
+        SweepResult(values, axes, labels, baseline: the unpatched corrupted run's metric).
 
     Raises:
         UnknownHookError: `hook` is not a hook point.
@@ -208,7 +212,7 @@ def sweep(
     for a, l, n in zip(out_axes, lab, plan.shape + m_shape, strict=True):
         if len(l) != n:
             raise InputError(f"labels[{a!r}] has {len(l)} entries for an axis of size {n}.")
-    return SweepResult(values.reshape(plan.shape + m_shape), out_axes, lab)
+    return SweepResult(values.reshape(plan.shape + m_shape), out_axes, lab, np.asarray(prep.base, np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
