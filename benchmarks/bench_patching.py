@@ -12,7 +12,9 @@ folder and loaded, unprocessed, into both TransformerLens 4.3 (`TransformerBridg
   CPU machine is shared: CPU time is less sensitive to other processes). TL's values on those cells are
   checked against jaxlens's.
 - FLOPs: per chunk function, XLA's `compile().cost_analysis()["flops"]` counts the body of the layer loop
-  once, so the sweep's total is sum over chunks of that count x the layers the chunk runs; an analytic count
+  once, so the sweep's total is sum over chunks of that count x the layers the chunk runs (when the patched
+  layer runs on the patched position only, that block once plus the loop body, counted from the same chunk
+  compiled with the block over the window, x the layers after it); an analytic count
   (matmuls and attention) is given beside it. The reference is a naive sweep: one full forward (full
   unembedding) per cell. The same sweep with `prefix_reuse=False` is timed and counted too.
 - Achieved FLOP rate of the sweep vs a plain square jitted matmul (2048 on CPU, 8192 on GPU) timed in
@@ -231,11 +233,16 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
         comp, compile_s, compile_cpu = timed(low.compile)
         ma = comp.memory_analysis()
         specs[k_] = dict(window=int(S), chunk=int(C), lower_s=lower_s, compile_s=compile_s,
-                         cpu_s=lower_cpu + compile_cpu, flops=cost(comp),
+                         cpu_s=lower_cpu + compile_cpu, flops=cost(comp), point=spec.point,
                          temp_bytes=int(getattr(ma, "temp_size_in_bytes", -1)),
                          arg_bytes=int(getattr(ma, "argument_size_in_bytes", -1)))
+        if spec.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
+            win = CP.ChunkSpec(target, S, P, reuse, metric, reads, point_layer=False)
+            specs[k_]["window_block_flops"] = cost(jax.jit(functools.partial(CP.chunk_values, win)).lower(
+                params, prep.data, np.int32(0), idx).compile()) - 2.0 * C * (0 if reads is None else n_logits) \
+                * cfg.d_model
     # one block over all P positions per cell, as XLA counts it: a reuse chunk of window P, one cell
-    spec_full = CP.ChunkSpec(target, P, P, True, metric, reads)
+    spec_full = CP.ChunkSpec(target, P, P, True, metric, reads, point_layer=False)
     comp_full = jax.jit(functools.partial(CP.chunk_values, spec_full)).lower(
         params, prep.data, np.int32(0), jnp.zeros((1, plan.idx.shape[1]), jnp.int32)).compile()
     read_flops = 2.0 * n_read * cfg.d_model
@@ -250,6 +257,10 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
         sp = specs[ch.bucket]
         S, C = sp["window"], sp["chunk"]
         trips = cfg.n_layers - ch.layer if reuse else cfg.n_layers
+        if reuse and sp["point"]:  # counted once: the one-position block and the loop body (trips - 1 runs)
+            flops_xla += sp["flops"] + (trips - 2) * sp["window_block_flops"]
+            flops_an += C * (block_flops(cfg, 1, P) + (trips - 1) * block_flops(cfg, S, P) + read_flops)
+            continue
         if reuse:
             flops_xla += sp["flops"] * trips
         else:  # the naive chunk scans every layer; XLA counts its body once

@@ -209,8 +209,9 @@ def tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook: str, a
         return out
     has_m = isinstance(patching_metric, Mapping)
     return PatchingResult(values=np.asarray(values if has_m else values[0]),
-                          axis_names=[] if rows is not None else list(axes), metric_names=list(metrics), reduced=reduce != "none",
-                          baseline=np.asarray(base if has_m else base[0]) if baseline else None, has_metric_axis=has_m,
+                          axis_names=[] if rows is not None else list(axes), metric_names=list(metrics),
+                          reduced=reduce != "none", has_metric_axis=has_m,
+                          baseline=np.asarray(base if has_m else base[0]) if baseline else None,
                           rows=rows, row_names=list(axes) if rows is not None else None)
 
 

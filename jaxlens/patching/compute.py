@@ -9,6 +9,10 @@ Two forms, with identical results:
   target run's residual entering layer l, runs the patched block l and then layers l+1..L-1 in a
   `fori_loop` whose bounds are data (one compile serves every layer), and computes only positions
   [P - S, P): earlier positions are the target run's, whose keys and values it reads from a KV cache.
+  When the patched hook lies downstream of the layer's key/value computation (z, q, pattern rows, attention
+  and MLP outputs, ...: `POINTWISE`) and the cell patches one position p, block l can only change position p,
+  so block l runs on that one position (its keys and values read from the target run's cache) and the window
+  starts at layer l + 1 from the target run's residual with position p replaced.
 
 Either way only the logits the metric reads are computed when `logit_reads` could find them.
 """
@@ -30,6 +34,14 @@ from jaxlens.patching.plan import POS_AXES, Target
 
 # einsum letters: b=batch p=pos d=d_model v=d_vocab
 
+# Block hooks whose value at query position p reaches the block's output at position p only (they lie after
+# the layer's keys and values are computed, or feed only the queries).
+POINTWISE = frozenset({
+    "hook_q_input", "attn.hook_q", "attn.hook_rot_q", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+    "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "hook_mlp_in",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+})
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkSpec:
@@ -42,6 +54,7 @@ class ChunkSpec:
         reuse: the reuse form (else naive).
         metric: the user's metric of logits.
         reads: the metric rebuilt on the logits it reads, or None for full logits.
+        point_layer: allow the one-position patched block (see `point`).
     """
 
     target: Target
@@ -50,6 +63,15 @@ class ChunkSpec:
     reuse: bool
     metric: Callable
     reads: LogitReads | None
+    point_layer: bool = True
+
+    @property
+    def point(self) -> bool:
+        """Block `layer` runs on the patched position only (see the module docstring); `point_layer=False`
+        turns that off (benchmarks count the window block's FLOPs with it)."""
+        t = self.target
+        return (self.point_layer and self.reuse and t.kind == "block" and t.rel in POINTWISE
+                and t.cfg.attention_dir == "causal" and _swept_pos(t) is not None)
 
 
 def chunk_values(spec: ChunkSpec, params, data: dict, layer, idx):
@@ -82,6 +104,8 @@ def _reuse_cell(spec: ChunkSpec, params, data, layer, idx):
         iv = {t.rel: Patch(value=data["source"], mask=_mask(spec, idx, offset=0))}
         resid, _, _ = run(params, cfg, data["tokens"], interventions=iv, stop_at_layer=0)
         return _final(spec, params, data, _blocks(spec, params, data, resid[:, w0:], 0, None), None)
+    if spec.point:
+        return _final(spec, params, data, _point_then_blocks(spec, params, data, layer, idx), None)
     src = jax.lax.dynamic_index_in_dim(data["source"], layer, 0, keepdims=False)
     src = _window(spec, src, w0)
     iv = Patch(value=src, mask=_mask(spec, idx, offset=w0))
@@ -109,6 +133,34 @@ def _blocks(spec: ChunkSpec, params, data, resid, start, patch):
         return out
 
     return jax.lax.fori_loop(start, cfg.n_layers, one, resid)
+
+
+def _point_then_blocks(spec: ChunkSpec, params, data, layer, idx):
+    """Block `layer` on the patched position p only, then layers layer+1..L-1 on the window, whose residual
+    entering layer+1 is the target run's with position p replaced."""
+    t, cfg = spec.target, spec.target.cfg
+    w0, L = spec.n_pos - spec.window, cfg.n_layers
+    p = idx[t.act_of_axis.index(_swept_pos(t))]
+    take = lambda x, i=layer: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+    src = take(data["source"])
+    for i, a in enumerate(t.act_axes):
+        if a in POS_AXES and src.shape[i] == spec.n_pos:
+            src = jax.lax.dynamic_slice_in_dim(src, p, 1, axis=i)
+    iv = Patch(value=src, mask=_mask(spec, idx, offset=0, point=True))
+    resid = jax.lax.dynamic_slice_in_dim(take(data["resid_pre"]), p, 1, axis=1)
+    b = resid.shape[0]
+    ctx = Context(positions=jnp.broadcast_to(p, (b, 1)), key_valid=None, offset=p)
+    hooks = Hooks(prefix="blocks.", layer=layer, at_layer={t.rel: [(layer, iv)]})
+    kv = KVState(take(data["k"]), take(data["v"]))
+    out, _ = block(jax.tree_util.tree_map(take, params["blocks"]), resid, cfg, hooks, ctx, take(windows(cfg)), kv)
+    nxt = jnp.where(layer + 1 < L, take(data["resid_pre"], jnp.minimum(layer + 1, L - 1)), data["final_resid"])
+    win = jax.lax.dynamic_update_slice_in_dim(nxt[:, w0:], out.astype(nxt.dtype), p - w0, axis=1)
+    return _blocks(spec, params, data, win, layer + 1, None)
+
+
+def _swept_pos(target) -> str | None:
+    """The swept query-position axis ("pos" or "query_pos"), if any."""
+    return next((a for a in target.act_of_axis if a in POS_AXES), None)
 
 
 def _final(spec: ChunkSpec, params, data, resid, post_iv):
@@ -149,8 +201,9 @@ def _window(spec: ChunkSpec, x, w0: int):
     return x[tuple(sl)]
 
 
-def _mask(spec: ChunkSpec, idx, offset: int):
-    """The cell's boolean mask over the activation's axes (size 1 where not swept), window coordinates."""
+def _mask(spec: ChunkSpec, idx, offset: int, point: bool = False):
+    """The cell's boolean mask over the activation's axes (size 1 where not swept), window coordinates (with
+    `point`, the swept position axis has size 1: the activation holds only the patched position)."""
     t = spec.target
     n = len(t.act_axes)
     mask = jnp.ones((1,) * n, bool)
@@ -158,6 +211,8 @@ def _mask(spec: ChunkSpec, idx, offset: int):
         if a == "layer":
             continue
         i = t.act_axes.index(a)
+        if point and a in POS_AXES:
+            continue
         size = spec.window if (a in POS_AXES and offset) else _axis_size(spec, a)
         one = (jnp.arange(size) + (offset if a in POS_AXES else 0)) == idx[j]
         mask = mask & one.reshape(tuple(size if k == i else 1 for k in range(n)))

@@ -227,3 +227,24 @@ def test_rounding_noise_in_the_clean_cache_does_not_count_as_a_change(gpt2):
     assert (rounded.values[:, :shared] == np.float32(base)).all(), "rounding noise was patched as a change"
     np.testing.assert_allclose(rounded.values, exact.values, atol=1e-5)
     assert not np.allclose(exact.values[:, shared], base, atol=1e-3), "the changed position is patched"
+
+
+def test_one_position_patched_block_where_only_that_position_can_change(gpt2):
+    """Hooks after the layer's keys and values (z, q, pattern rows, attention/MLP outputs) patched at one
+    position run the patched block on that position only; keys, values, the residual entering the layer, and
+    sweeps that patch every position keep the window block (a key at p changes every later query in layer l).
+    The values of both forms are checked against the plain reference in test_patching_activation.py."""
+    from jaxlens.patching.compute import ChunkSpec
+    from jaxlens.patching.plan import resolve_target
+
+    cfg = gpt2.cfg
+
+    def point(hook, axes, reuse=True):
+        return ChunkSpec(resolve_target(cfg, hook, axes), 4, 7, reuse, gpt2.metric, None).point
+
+    assert point("z", ("layer", "pos", "head")) and point("q", ("layer", "pos", "head"))
+    assert point("pattern", ("layer", "head_index", "dest_pos")) and point("mlp_out", ("layer", "pos"))
+    assert point("attn_out", ("layer", "pos")) and point("resid_mid", ("layer", "pos"))
+    assert not point("k", ("layer", "pos", "head")) and not point("v", ("layer", "pos", "head"))
+    assert not point("resid_pre", ("layer", "pos")) and not point("z", ("layer", "head"))
+    assert not point("pattern", ("layer", "head_index")) and not point("z", ("layer", "pos", "head"), reuse=False)
