@@ -65,7 +65,8 @@ def test_statistics_by_hand():
     const = PatchingResult(values=np.full((2, 6), 0.5, np.float32), axis_names=["layer"], metric_names=["m"],
                            reduced=False)
     lo, hi = const.bootstrap_ci()
-    np.testing.assert_allclose(lo, 0.5) and np.testing.assert_allclose(hi, 0.5)
+    np.testing.assert_allclose(lo, 0.5)
+    np.testing.assert_allclose(hi, 0.5)
     # Monte Carlo (n > 12): all-equal positive effects are extreme (2 of 2**20 patterns tie), symmetric ones are not
     big = PatchingResult(values=np.stack([np.ones(20), np.tile([1.0, -1.0], 10)]).astype(np.float32),
                          axis_names=["layer"], metric_names=["m"], reduced=False, baseline=np.zeros(20, np.float32))
