@@ -80,27 +80,9 @@ WAYS = {
 
 def make_checkpoint(path: Path, d_model: int, layers: int, vocab: int, n_ctx: int = 1024) -> int:
     """Write a random GPT-2 (safetensors + config.json, tied unembedding) into `path`; returns the file's bytes."""
-    import numpy as np
-    from safetensors.numpy import save_file
+    from jaxlens import testing
 
-    rng = np.random.default_rng(0)
-
-    def r(*shape, one=0.0):
-        return one + 0.02 * rng.standard_normal(shape, np.float32)
-
-    D = d_model
-    t = {"transformer.wte.weight": r(vocab, D), "transformer.wpe.weight": r(n_ctx, D),
-         "transformer.ln_f.weight": r(D, one=1.0), "transformer.ln_f.bias": r(D)}
-    for l in range(layers):
-        p = f"transformer.h.{l}."
-        t |= {p + "ln_1.weight": r(D, one=1.0), p + "ln_1.bias": r(D), p + "ln_2.weight": r(D, one=1.0),
-              p + "ln_2.bias": r(D), p + "attn.c_attn.weight": r(D, 3 * D), p + "attn.c_attn.bias": r(3 * D),
-              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D), p + "mlp.c_fc.weight": r(D, 4 * D),
-              p + "mlp.c_fc.bias": r(4 * D), p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)}
-    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": D, "n_layer": layers,
-        "n_head": 12, "vocab_size": vocab, "n_positions": n_ctx, "tie_word_embeddings": True}))
+    testing.write_random_gpt2(path, d_model, layers, vocab, n_ctx, tie_word_embeddings=True)
     return (path / "model.safetensors").stat().st_size
 
 

@@ -38,6 +38,37 @@ def random_hf_model(config_cls_name: str, model_cls_name: str, seed: int = 0, **
     return perturb_hf_model(model, seed=seed)
 
 
+def write_random_gpt2(path: Path, d_model: int, n_layers: int, vocab: int, n_ctx: int = 1024,
+                      tie_word_embeddings: bool | None = None) -> Path:
+    """A random GPT-2 checkpoint (model.safetensors + config.json, 12 heads, no torch) written into `path`:
+    weights N(0, 0.02), LayerNorm gains 1 + N(0, 0.02). Large checkpoints for loading tests and benchmarks."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+
+    def r(*shape, one=0.0):
+        return one + 0.02 * rng.standard_normal(shape, np.float32)
+
+    D = d_model
+    t = {"transformer.wte.weight": r(vocab, D), "transformer.wpe.weight": r(n_ctx, D),
+         "transformer.ln_f.weight": r(D, one=1.0), "transformer.ln_f.bias": r(D)}
+    for l in range(n_layers):
+        p = f"transformer.h.{l}."
+        t |= {p + "ln_1.weight": r(D, one=1.0), p + "ln_1.bias": r(D), p + "ln_2.weight": r(D, one=1.0),
+              p + "ln_2.bias": r(D), p + "attn.c_attn.weight": r(D, 3 * D), p + "attn.c_attn.bias": r(3 * D),
+              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D), p + "mlp.c_fc.weight": r(D, 4 * D),
+              p + "mlp.c_fc.bias": r(4 * D), p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)}
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": D, "n_layer": n_layers,
+              "n_head": 12, "vocab_size": vocab, "n_positions": n_ctx}
+    if tie_word_embeddings is not None:
+        config["tie_word_embeddings"] = tie_word_embeddings
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def save_hf_model(model, path: Path, tokenizer=None) -> Path:
     """save_pretrained (safetensors) into `path`, with a tokenizer if given."""
     model.save_pretrained(path, safe_serialization=True)

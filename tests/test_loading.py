@@ -21,6 +21,8 @@ import sys
 import numpy as np
 import pytest
 
+from jaxlens import testing
+
 D, L, V, C = 768, 4, 16000, 1024  # GPT-2-small widths, fewer layers and a smaller vocabulary
 
 CHILD = r"""
@@ -41,27 +43,7 @@ print(json.dumps({"growth": growth * 1024, "params": sum(x.nbytes for x in jax.t
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from safetensors.numpy import save_file
-
-    out = tmp_path_factory.mktemp("gpt2_200mb")
-    rng = np.random.default_rng(0)
-
-    def r(*shape, one=0.0):
-        return one + 0.02 * rng.standard_normal(shape, np.float32)
-
-    t = {"transformer.wte.weight": r(V, D), "transformer.wpe.weight": r(C, D),
-         "transformer.ln_f.weight": r(D, one=1.0), "transformer.ln_f.bias": r(D)}
-    for l in range(L):
-        p = f"transformer.h.{l}."
-        t |= {p + "ln_1.weight": r(D, one=1.0), p + "ln_1.bias": r(D), p + "ln_2.weight": r(D, one=1.0),
-              p + "ln_2.bias": r(D), p + "attn.c_attn.weight": r(D, 3 * D), p + "attn.c_attn.bias": r(3 * D),
-              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D), p + "mlp.c_fc.weight": r(D, 4 * D),
-              p + "mlp.c_fc.bias": r(4 * D), p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)}
-    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": D, "n_layer": L, "n_head": 12,
-        "vocab_size": V, "n_positions": C}))
-    return out
+    return testing.write_random_gpt2(tmp_path_factory.mktemp("gpt2_200mb"), D, L, V, C)
 
 
 def _peak_ratio(path, how: str) -> float:
@@ -88,7 +70,7 @@ def test_stream_transform_equals_the_whole_transform(dtype):
     import jax
     import jax.numpy as jnp
 
-    from jaxlens import init_params, testing
+    from jaxlens import init_params
     from jaxlens._loading import numpy_to_jax, stream_transform
     from jaxlens.weight_processing import process_weights
 
