@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxlens.converters._checkpoint import read_safetensors
 from jaxlens.errors import CheckpointError
 
 #: Bumped whenever the cached representation or the decoders change, so that old cache entries are not reused.
@@ -609,47 +610,15 @@ def _read_cache(tensors_path: Path, record_path: Path, digest: str
         ok = (isinstance(record, dict) and record.get("format_version") == CACHE_FORMAT_VERSION
               and record.get("source_sha256") == digest)
         if ok and _sha256_file(tensors_path) == record.get("tensors_sha256"):
-            tensors = _load_safetensors(tensors_path)
-            return record["metadata"], {name: tensors[name] for name in record["tensor_names"]}
+            # read into ordinary memory, tensor by tensor (a memory map would count the file twice while copied)
+            readers = read_safetensors(tensors_path)
+            return record["metadata"], {name: readers[name]() for name in record["tensor_names"]}
         problem = "its contents do not match the hash recorded when it was written"
-    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, CheckpointError
         problem = f"{type(e).__name__}: {e}"
     warnings.warn(f"The GGUF cache entry {tensors_path} is damaged ({problem}); dequantising again.",
                   RuntimeWarning, stacklevel=3)
     return None
-
-
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1"}
-
-
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file read into ordinary memory with `np.fromfile`, one tensor at a time.
-
-    Unlike `safetensors.numpy.load_file` (which maps the file, so that its pages count twice in the resident
-    memory while the arrays are copied out), this holds one copy of the tensors.
-
-    Raises:
-        ValueError: the header is malformed, or a tensor's byte range does not match its dtype and shape.
-    """
-    out = {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            (start, end), shape = info["data_offsets"], tuple(info["shape"])
-            count = int(np.prod(shape, dtype=np.int64))
-            if end - start != count * dtype.itemsize:
-                raise ValueError(f"tensor {name!r}: {end - start} bytes for shape {shape} of {dtype}")
-            f.seek(base + start)
-            arr = np.fromfile(f, dtype=dtype, count=count)
-            if arr.size != count:
-                raise ValueError(f"tensor {name!r} is cut short")
-            out[name] = arr.reshape(shape)
-    return out
 
 
 def _write_cache(tensors_path: Path, record_path: Path, digest: str, source: Path,
