@@ -223,6 +223,7 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
     plan = SW.make_plan(target, sizes, prep.diff, P, reuse=reuse, budget=budget, n_devices=len(dev),
                         cell_bytes=SW.cell_bytes_fn(cfg, b, P, itemsize, n_logits), chunk_size=chunk_size)
     n_read = 0 if reads is None else n_logits
+    read_flops = 2.0 * n_read * cfg.d_model  # per cell: the logits the metric reads
     specs = {}
     for k_, S in enumerate(plan.windows):
         spec = CP.ChunkSpec(target, S if reuse else P, P, reuse, metric, reads)
@@ -239,13 +240,11 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
         if spec.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
             win = CP.ChunkSpec(target, S, P, reuse, metric, reads, point_layer=False)
             specs[k_]["window_block_flops"] = cost(jax.jit(functools.partial(CP.chunk_values, win)).lower(
-                params, prep.data, np.int32(0), idx).compile()) - 2.0 * C * (0 if reads is None else n_logits) \
-                * cfg.d_model
+                params, prep.data, np.int32(0), idx).compile()) - C * read_flops
     # one block over all P positions per cell, as XLA counts it: a reuse chunk of window P, one cell
     spec_full = CP.ChunkSpec(target, P, P, True, metric, reads, point_layer=False)
     comp_full = jax.jit(functools.partial(CP.chunk_values, spec_full)).lower(
         params, prep.data, np.int32(0), jnp.zeros((1, plan.idx.shape[1]), jnp.int32)).compile()
-    read_flops = 2.0 * n_read * cfg.d_model
     block_xla = cost(comp_full) - read_flops
     fwd = jax.jit(lambda p, t: jaxlens.forward(p, cfg, t)[0]).lower(params, toks).compile()
     fwd_once = cost(fwd)  # embedding + one block (the scanned body) + full unembedding
