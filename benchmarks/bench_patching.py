@@ -163,7 +163,7 @@ def build_smollm2(args):
 # -- FLOPs and compiled functions ---------------------------------------------------------------------------
 def block_flops(cfg, S: int, P: int) -> float:
     """Analytic FLOPs of one block on S query positions attending over P keys (matmuls and attention)."""
-    D, H, G, E, M = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+    D, H, G, E, M = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp
     proj = D * H * E + 2 * D * G * E + H * E * D + (3 if cfg.gated_mlp else 2) * D * M
     return 2.0 * S * proj + 4.0 * S * P * H * E
 
@@ -514,7 +514,7 @@ def bench_smollm2(args, R: dict, log):
         cs.append(c)
     n_cells = cfg.n_layers * N_POS * cfg.n_heads
     R["smollm2"] = dict(source=source, cells=n_cells, layers=cfg.n_layers, heads=cfg.n_heads,
-                        kv_heads=cfg.n_kv_heads, d_model=cfg.d_model, wall_s=med(ws), cpu_s=med(cs),
+                        kv_heads=cfg.n_key_value_heads, d_model=cfg.d_model, wall_s=med(ws), cpu_s=med(cs),
                         wall_per_cell_ms=1e3 * med(ws) / n_cells, cold_first_call_s=w_cold,
                         compile_s=compile_totals(info)[0], compile_cpu_s=compile_totals(info)[1],
                         windows=list(info.plan.windows), chunk_sizes=list(info.plan.chunk_sizes),

@@ -1,77 +1,78 @@
-"""Checkpoint converters: one module per model family, chosen by the HF `architectures[0]` through REGISTRY.
+"""Checkpoints -> (Config, numpy params): one converter module per model family, chosen through REGISTRY.
 
-Each family module defines ARCHITECTURES, HANDLED / IGNORED config keys, `config_from_hf(hf) -> Config` and
-`params_from_checkpoint(tensors, cfg, hf) -> params` (numpy). `load` reads a local Hugging Face directory
-(safetensors via numpy, no torch) or an in-memory `transformers` model, and checks every tensor was used.
+`load` takes what `jaxlens.hub.resolve` finds and dispatches on what it is:
 
-This folder installs as `jaxlens.converters`; import it under that name only.
+    a Hugging Face folder (config.json + safetensors)   -> the family converter (`_registry.convert`)
+    a .gguf file                                         -> `_gguf.load` (dequantised, renamed, converted)
+    a `jaxlens convert` checkpoint (folder or file)      -> `_converted.load_converted`
+    an in-memory `transformers` model                    -> its state dict through the family converter
+
+and checks that every tensor was used. `load_tokenizer` finds the tokenizer that goes with the same paths.
+
+    cfg, params = converters.load("path/to/hf_dir")
+    save_converted("out_dir", cfg, params, tokenizer)        # what `jaxlens convert` writes
+
+Layering: `jaxlens.hub` (names -> paths) knows nothing of converters; converters use hub; `HookedTransformer`
+uses both. This folder is the package `jaxlens.converters` (mapped by pyproject.toml's `package-dir`); it is
+never imported as a top-level `converters`, which would load every module a second time under another name.
 """
+# ruff: noqa: E402  (the guard below must run before any import of a submodule)
 
-import importlib
+if __name__ != "jaxlens.converters":
+    raise ImportError(f"This folder is the package `jaxlens.converters`; it was imported as {__name__!r}. "
+                      "Install jaxlens (`pip install -e .`) and import `jaxlens.converters`.")
+
 import json
-from collections.abc import Mapping
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxlens.config import Config
-from jaxlens.converters._checkpoint import TensorSource, load_dir_tensors
 from jaxlens import hub
+from jaxlens.config import Config
+from jaxlens.converters import _gguf
+from jaxlens.converters._checkpoint import TensorSource, load_dir_tensors
+from jaxlens.converters._converted import flatten_params as flatten_params
+from jaxlens.converters._converted import is_converted as is_converted
+from jaxlens.converters._converted import load_converted as load_converted
+from jaxlens.converters._converted import save_converted as save_converted
+from jaxlens.converters._converted import unflatten_params as unflatten_params
+from jaxlens.converters._gguf_header import read_gguf as read_gguf
+from jaxlens.converters._gguf_tokenizer import tokenizer_from_gguf as tokenizer_from_gguf
+from jaxlens.converters._registry import ENCODER_ARCHITECTURES as ENCODER_ARCHITECTURES
+from jaxlens.converters._registry import FAMILIES as FAMILIES
+from jaxlens.converters._registry import REGISTRY as REGISTRY
+from jaxlens.converters._registry import convert as convert
+from jaxlens.converters._registry import family_for as family_for
 from jaxlens.errors import CheckpointError
-from jaxlens.params import check_params
-
-FAMILIES = ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "phi3")
-REGISTRY: dict[str, str] = {}  # HF architecture -> module name
-for _family in FAMILIES:
-    for _arch in importlib.import_module(f"jaxlens.converters.{_family}").ARCHITECTURES:
-        REGISTRY[_arch] = _family
 
 
-ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM")  # jaxlens.converters.bert; loaded by HookedEncoder
+def load(source: Any, *, allow_pickle: bool = False) -> tuple[Config, dict]:
+    """(Config, float32 numpy params) from a checkpoint, unprocessed (no fold_ln or centring).
 
-
-def family_for(hf: Mapping[str, Any]):
-    """The converter module for a Hugging Face config dict."""
-    archs = hf.get("architectures") or []
-    if not archs:
-        raise CheckpointError("The config has no `architectures` entry; jaxlens picks the converter by it.")
-    if archs[0] in ENCODER_ARCHITECTURES:
-        raise CheckpointError(f"{archs[0]} is a BERT-style encoder, not a decoder: load it with "
-                              "jaxlens.encoder.HookedEncoder.from_pretrained (converter: jaxlens.converters.bert).")
-    if archs[0] not in REGISTRY:
-        raise CheckpointError(
-            f"No jaxlens converter for architecture {archs[0]!r}. Supported: {sorted(REGISTRY)}."
-        )
-    return importlib.import_module(f"jaxlens.converters.{REGISTRY[archs[0]]}")
-
-
-def convert(hf: Mapping[str, Any], tensors: TensorSource) -> tuple[Config, dict]:
-    """(Config, numpy params) from a config dict and its tensors; every tensor must be used."""
-    module = family_for(hf)
-    cfg = module.config_from_hf(hf)
-    params = module.params_from_checkpoint(tensors, cfg, hf)
-    tensors.finish()
-    params = _to_float32(params)
-    check_params(params, cfg)
-    return cfg, params
-
-
-def load(source, *, allow_pickle: bool = False) -> tuple[Config, dict]:
-    """(Config, numpy params) from a local HF directory or an in-memory `transformers` model.
+    Args:
+        source: a Hugging Face folder, a .gguf file, a `jaxlens convert` checkpoint, a cached Hugging Face
+            repo id or packaged model name (`jaxlens.hub.resolve`), or an in-memory `transformers` model.
+        allow_pickle: accept pickled `*.bin` weights (they can execute code when loaded).
 
     Raises:
-        CheckpointError: missing config, unknown architecture or config keys, missing/leftover/misshapen tensors.
+        CheckpointError: missing config, unknown architecture or config keys, missing / leftover / misshapen
+            tensors.
         UnsafeCheckpointError: pickled weights without allow_pickle=True.
+        ModelNotFoundError: a name that matches nothing local.
     """
     if hasattr(source, "state_dict") and hasattr(source, "config"):
-        hf = source.config.to_diff_dict() if hasattr(source.config, "to_diff_dict") else source.config.to_dict()
+        config = source.config
+        hf = config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict()
         hf.setdefault("architectures", [type(source).__name__])
         sd = {k: _tensor_to_numpy(v) for k, v in source.state_dict().items()}
         return convert(hf, TensorSource(sd, origin=f"in-memory {type(source).__name__}"))
-    path = hub.resolve(source)  # a directory, a .gguf file, a cached HF repo id or a packaged model name
+    path = hub.resolve(source)
+    if is_converted(path):
+        return load_converted(path)
     if path.is_file():
-        return hub.load_gguf(path)
+        return _gguf.load(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory holding config.json and weights.")
     config_file = path / "config.json"
@@ -82,12 +83,25 @@ def load(source, *, allow_pickle: bool = False) -> tuple[Config, dict]:
     return convert(hf, load_dir_tensors(path, allow_pickle=allow_pickle))
 
 
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer stored beside (folder) or inside (GGUF file) the weights; None if there is none.
+
+    `path` is what `jaxlens.hub.resolve` returned: pass a repo id or packaged name through `resolve` first.
+
+    Raises:
+        CheckpointError: a GGUF file whose tokenizer metadata is broken.
+    """
+    from jaxlens import tokenizer as tok
+
+    path = Path(path)
+    if path.is_dir():
+        return tok.load_tokenizer(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        metadata = read_gguf(path).metadata
+        return tokenizer_from_gguf(metadata) if "tokenizer.ggml.tokens" in metadata else None
+    return None  # a converted .safetensors file keeps no tokenizer
+
+
 def _tensor_to_numpy(t) -> np.ndarray:
     t = t.detach().cpu()
     return t.float().numpy() if t.is_floating_point() else t.numpy()
-
-
-def _to_float32(tree):
-    if isinstance(tree, dict):
-        return {k: _to_float32(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float32)

@@ -1,5 +1,5 @@
-"""Checkpoint tensors as numpy, without PyTorch: safetensors read lazily (tensor by tensor), and TensorSource, which
-tracks which tensors a converter consumed so that none is silently left behind.
+"""Checkpoint tensors as numpy, without PyTorch: safetensors read lazily and written tensor by tensor, and
+TensorSource, which tracks which tensors a converter consumed so that none is silently left behind.
 
 Pickled checkpoints (`pytorch_model.bin`) execute code when loaded; they are refused unless the caller passes
 `allow_pickle=True` (which then needs torch).
@@ -8,6 +8,7 @@ Pickled checkpoints (`pytorch_model.bin`) execute code when loaded; they are ref
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -84,6 +85,35 @@ def _reader(path: Path, begin: int, end: int, dtype: str, shape: tuple) -> Calla
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
     return read
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], filename: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` as a float32 safetensors file, one tensor at a time (no whole-file buffer), readable by
+    the safetensors package and `read_safetensors`. Floating tensors of other dtypes (and jax arrays) are
+    converted tensor by tensor as they are written.
+
+    Not atomic by itself: write to a `jaxlens._atomic.atomic_path`.
+
+    Raises:
+        TypeError: a tensor that is not floating point.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        dtype = np.dtype(t.dtype)
+        if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+            raise TypeError(f"write_safetensors writes float32; tensor {name!r} is {t.dtype}")
+        n_bytes = int(np.prod(t.shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(np.asarray(t), dtype="<f4").data)
 
 
 class TensorSource:

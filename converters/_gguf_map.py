@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
-from jaxlens.converters._checkpoint import TensorSource
 
+from jaxlens.converters._checkpoint import TensorSource
 from jaxlens.errors import CheckpointError
 
 # `<arch>.<key>` metadata -> Hugging Face config key (same meaning and units in both).
@@ -245,7 +245,7 @@ def reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     half) to interleaved pairs: row 2i + j of a head came from row j * d_head/2 + i. Here the rows go back.
 
     Args:
-        w: the GGUF tensor, first axis n_heads * d_head (n_heads is n_kv_heads for attn_k).
+        w: the GGUF tensor, first axis n_heads * d_head (n_heads is n_key_value_heads for attn_k).
         n_heads: heads the rows split into.
     """
     rows = w.shape[0]

@@ -1,5 +1,5 @@
 """GPT-Neo (HF `GPTNeoForCausalLM`) -> jaxlens Config and Params (Black et al. 2021): GPT-2-like, with learned
-positions, no attention scaling (use_attn_scale=False) and local attention on the layers `attention_types`
+positions, no attention scaling (attn_scale=1.0) and local attention on the layers `attention_types`
 marks "local" (window `window_size`, Config.window_sizes)."""
 
 from collections.abc import Mapping
@@ -45,7 +45,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
         d_mlp=hf.get("intermediate_size") or 4 * d, d_vocab=hf.get("vocab_size", 50257),
         n_ctx=hf.get("max_position_embeddings", 2048),
         act_fn=c.act_fn(hf.get("activation_function", "gelu_new"), "gpt_neo", "activation_function"),
-        eps=hf.get("layer_norm_epsilon", 1e-5), normalization_type="LN", use_attn_scale=False,
+        eps=hf.get("layer_norm_epsilon", 1e-5), normalization_type="LN", attn_scale=1.0,
         window_sizes=c.window_sizes(kinds, hf.get("window_size", 256), "gpt_neo", n_layers),
     )
 

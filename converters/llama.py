@@ -69,7 +69,7 @@ def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any]
     if t.has("model.embed_tokens.weight"):
         t.strip_prefix("model.")
     t.drop(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # buffer in old checkpoints
-    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
     names = norm_names or {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
     a = "layers.{}.self_attn."
     attn = {

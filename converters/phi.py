@@ -40,7 +40,7 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
     if t.has("model.embed_tokens.weight"):
         t.strip_prefix("model.")
     t.drop(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # buffer in old checkpoints
-    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
     a = "layers.{}.self_attn."
     attn = {}
     for X, n, g in (("Q", "q", H), ("K", "k", G), ("V", "v", G)):

@@ -35,7 +35,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
 def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) -> dict:
     if t.has("model.embed_tokens.weight"):
         t.strip_prefix("model.")
-    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
     a = "layers.{}.self_attn."
     qkv = t.take_layers(a + "qkv_proj.weight", L, ((H + 2 * G) * E, D))
     q, k, v = qkv[:, : H * E], qkv[:, H * E: (H + G) * E], qkv[:, (H + G) * E:]

@@ -5,255 +5,186 @@
     resid_stack, labels = cache.decompose_resid(return_labels=True)
     dla = cache.logit_attrs(cache.apply_ln_to_stack(resid_stack, layer=-1, pos_slice=-1), tokens=answer)
 
-It passes through jit and vmap (the activations and the weights it needs are its leaves; names and the config are
-static). Methods that need weights (`stack_head_results`, `logit_attrs`) read them from the params it holds.
+Block activations are held stacked over layers (one array per hook, as the scanned forward produces them) and
+sliced on access, so a run that caches every layer has one output per hook and compiles in a time flat in depth.
+Keys iterate in forward order, as TransformerLens's do. The cache passes through jit and vmap (the activations
+and the weights it needs are its leaves; names and the config are static). Methods that need weights
+(`stack_head_results`, `logit_attrs`, ...) read them from the params it holds (`jaxlens.cache_analysis`).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array
 
 from jaxlens import hook_names
+from jaxlens.cache_analysis import CacheAnalysis, PosSlice, slice_axis
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.model.hooks import Hooks
-from jaxlens.model.norms import norm
 from jaxlens.shapes import Params
 
-PosSlice = int | Sequence[int] | tuple | slice | None
+Stacks = Mapping[str, tuple[tuple[int, ...], Array]]
 
 
 @jax.tree_util.register_pytree_node_class
-class ActivationCache:
-    """Activations by hook name, TL-style. Args: cache_dict, cfg, params (optional), has_batch_dim."""
+class ActivationCache(CacheAnalysis):
+    """Activations by hook name, TL-style.
 
-    def __init__(self, cache_dict: dict[str, Array], cfg: Config, params: Params | None = None,
-                 has_batch_dim: bool = True):
-        self.cache_dict, self.cfg, self.params, self.has_batch_dim = dict(cache_dict), cfg, params, has_batch_dim
+    Args:
+        cache_dict: {hook name: activation} (global names, per-layer names `blocks.3.x`, stacked `blocks.x`).
+        cfg: the model's config.
+        params: the weights analysis methods need (optional).
+        has_batch_dim: whether activations have a leading batch axis.
+        stacks: {relative block name (`attn.hook_z`, `attn.hook_z_grad`): (layers, [len(layers), ...])}: block
+            activations held stacked, exposed as `blocks.<layer>.<name>`.
+    """
+
+    def __init__(self, cache_dict: Mapping[str, Array], cfg: Config, params: Params | None = None,
+                 has_batch_dim: bool = True, *, stacks: Stacks | None = None):
+        self.cfg, self.params, self.has_batch_dim = cfg, params, has_batch_dim
+        self._set(dict(cache_dict), dict(stacks or {}))
+
+    def _set(self, flat: dict[str, Array], stacks: dict[str, tuple[tuple[int, ...], Array]]) -> None:
+        self._flat, self._stacks, self._sliced = flat, stacks, {}
+        self._where = {f"blocks.{l}.{rel}": (rel, i) for rel, (layers, _) in stacks.items()
+                       for i, l in enumerate(layers)}
+        self._keys = sorted([*flat, *self._where], key=self.hook_table().sort_key)
+
+    def hook_table(self) -> hook_names.HookTable:
+        """The hook table the names belong to (the decoder's)."""
+        return hook_names.decoder_table(self.cfg)
 
     # -- pytree ----------------------------------------------------------------------------------------------
     def tree_flatten(self):
-        keys = tuple(self.cache_dict)
-        return (tuple(self.cache_dict[k] for k in keys), self.params), (keys, self.cfg, self.has_batch_dim)
+        flat_keys, rels = tuple(self._flat), tuple(self._stacks)
+        layers = tuple(self._stacks[r][0] for r in rels)
+        children = (tuple(self._flat[k] for k in flat_keys), tuple(self._stacks[r][1] for r in rels), self.params)
+        return children, (flat_keys, rels, layers, self.cfg, self.has_batch_dim)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        keys, cfg, has_batch_dim = aux
-        values, params = children
-        return cls(dict(zip(keys, values)), cfg, params, has_batch_dim)
+        flat_keys, rels, layers, cfg, has_batch_dim = aux
+        flat, stacked, params = children
+        stacks = {r: (ls, a) for r, ls, a in zip(rels, layers, stacked)}
+        return cls(dict(zip(flat_keys, flat)), cfg, params, has_batch_dim, stacks=stacks)
 
     # -- mapping ---------------------------------------------------------------------------------------------
     def __getitem__(self, key) -> Array:
-        """`cache["blocks.0.hook_resid_pre"]`, `cache["resid_pre", 0]`, `cache["scale", 2, "ln1"]`, negative layers."""
+        """`cache["blocks.0.hook_resid_pre"]`, `cache["resid_pre", 0]`, `cache["scale", 2, "ln1"]`, negative layers;
+        `cache["blocks.hook_resid_pre"]` gives the stack over every cached layer."""
+        name = self._name(key)
+        if name in self._flat:
+            return self._flat[name]
+        if name in self._where:
+            if name not in self._sliced:
+                rel, i = self._where[name]
+                self._sliced[name] = self._stacks[rel][1][i]
+            return self._sliced[name]
+        if self._whole_stack(name):
+            return self._stacks[name.removeprefix("blocks.")][1]
+        self.hook_table().parse(name.removesuffix("_grad"))  # unknown name: UnknownHookError
+        raise KeyError(
+            f"{name!r} is a hook point but was not cached. Cache it with run_with_cache(names_filter=...) "
+            f"or cache_names=...; cached names include {self._keys[:5]}..."
+        )
+
+    def _name(self, key) -> str:
         if isinstance(key, tuple):
             name, layer, *rest = key
             if isinstance(layer, int) and layer < 0:
                 layer += self.cfg.n_layers
-            key = hook_names.get_act_name(name, layer, *rest)
-        elif not ("." in key or key.startswith("hook_")):
-            key = hook_names.get_act_name(key)
-        if key not in self.cache_dict:
-            hook_names.parse(self.cfg, key.removesuffix("_grad"))  # unknown name: UnknownHookError
-            raise KeyError(
-                f"{key!r} is a hook point but was not cached. Cache it with run_with_cache(names_filter=...) "
-                f"or cache_names=...; cached names include {list(self.cache_dict)[:5]}..."
-            )
-        return self.cache_dict[key]
+            return hook_names.get_act_name(name, layer, *rest)
+        if not ("." in key or key.startswith("hook_")):
+            return hook_names.get_act_name(key)
+        return key
+
+    def _whole_stack(self, name: str) -> bool:
+        """`blocks.<rel>` names a held stack that covers every layer."""
+        held = self._stacks.get(name.removeprefix("blocks.")) if name.startswith("blocks.") else None
+        return held is not None and held[0] == tuple(range(self.cfg.n_layers))
 
     def __contains__(self, key) -> bool:
-        return key in self.cache_dict
+        return key in self._flat or key in self._where or self._whole_stack(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.cache_dict)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self.cache_dict)
+        return len(self._keys)
 
     def keys(self):
-        return self.cache_dict.keys()
+        """Cached names in forward order (as TransformerLens lists them)."""
+        return list(self._keys)
 
     def values(self):
-        return self.cache_dict.values()
+        return [self[k] for k in self._keys]
 
     def items(self):
-        return self.cache_dict.items()
+        return [(k, self[k]) for k in self._keys]
+
+    @property
+    def cache_dict(self) -> dict[str, Array]:
+        """{name: activation} for every cached name, in forward order (TL's attribute; a new dict each time)."""
+        return dict(self.items())
 
     def __repr__(self) -> str:
-        return f"ActivationCache with keys {list(self.cache_dict)}"
+        return f"ActivationCache with keys {self._keys}"
 
-    def remove_batch_dim(self) -> "ActivationCache":
-        """The cache with the batch axis (of size 1) removed from every activation.
+    # -- batch -----------------------------------------------------------------------------------------------
+    def batch_size(self) -> int:
+        """The batch size (the leading axis of the activations; stacks carry the layer axis first)."""
+        sizes = {v.shape[0] for v in self._flat.values() if jnp.ndim(v)} | {
+            a.shape[1] for _, a in self._stacks.values() if jnp.ndim(a) > 1}
+        if len(sizes) > 1:
+            raise InputError(f"The cached activations disagree on the batch size: {sorted(sizes)}.")
+        return sizes.pop() if sizes else 1
+
+    def remove_batch_dim(self, batch_size: int | None = None) -> "ActivationCache":
+        """Remove the batch axis (of size 1) from every activation, in place as TransformerLens does; returns
+        the cache itself (so both `cache.remove_batch_dim()` and `cache = cache.remove_batch_dim()` work).
 
         Raises:
             InputError: the batch has more than one prompt.
         """
         if not self.has_batch_dim:
             return self
-        sizes = {v.shape[0] for v in self.cache_dict.values()}
-        if sizes - {1}:
-            raise InputError(f"remove_batch_dim needs a batch of 1; found batch sizes {sorted(sizes)}.")
-        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.cfg, self.params, False)
+        size = self.batch_size() if batch_size is None else batch_size
+        if size != 1:
+            raise InputError(f"remove_batch_dim needs a batch of 1; found batch size {size}. Select one prompt "
+                             "first with cache.apply_slice_to_batch_dim(i).")
+        self._set({k: v[0] for k, v in self._flat.items()}, {r: (ls, a[:, 0]) for r, (ls, a) in self._stacks.items()})
+        self.has_batch_dim = False
+        return self
 
-    def stack_activation(self, name: str) -> Array:
-        """One activation of every layer stacked on a leading `layer` axis (e.g. "resid_pre", "z")."""
-        return jnp.stack([self[name, l] for l in range(self.cfg.n_layers)])
+    def apply_slice_to_batch_dim(self, batch_slice: PosSlice) -> "ActivationCache":
+        """A new cache with TL's Slice applied to the batch axis (an int removes the axis).
 
-    # -- residual stream -------------------------------------------------------------------------------------
-    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice: PosSlice = None, mlp_input: bool = False, return_labels: bool = False):
-        """The residual stream at the start of each layer up to `layer` (all, plus the final one, if None).
-
-        Returns [component batch pos d_model] (and labels "0_pre", "0_mid", ..., "final_post").
+        Raises:
+            InputError: the cache has no batch axis.
         """
-        n = self.cfg.n_layers
-        if layer is None or layer == -1:
-            layer = n
-        comps, labels = [], []
-        for l in range(layer + 1):
-            if l == n:
-                comps.append(self["resid_post", n - 1])
-                labels.append("final_post")
-                continue
-            comps.append(self["resid_pre", l])
-            labels.append(f"{l}_pre")
-            if (incl_mid and l < layer) or (mlp_input and l == layer):
-                comps.append(self["resid_mid", l])
-                labels.append(f"{l}_mid")
-        stack = jnp.stack([_pos(c, pos_slice) for c in comps])
-        if apply_ln:  # at the final layer each component gets its own norm statistics: the logit lens (TL 3.x)
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
-                                           has_batch_dim=self.has_batch_dim, recompute_ln=layer == n)
-        return (stack, labels) if return_labels else stack
+        if not self.has_batch_dim:
+            if batch_slice is None:
+                return self
+            raise InputError("This cache has no batch axis (remove_batch_dim was applied); nothing to slice.")
+        flat = {k: slice_axis(v, batch_slice, 0) for k, v in self._flat.items()}
+        stacks = {r: (ls, slice_axis(a, batch_slice, 1)) for r, (ls, a) in self._stacks.items()}
+        return type(self)(flat, self.cfg, self.params, not isinstance(batch_slice, int), stacks=stacks)
 
-    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
-                        apply_ln: bool = False, pos_slice: PosSlice = None, incl_embeds: bool = True,
-                        return_labels: bool = False):
-        """The residual stream entering `layer` split into embeddings and each layer's attn_out and mlp_out.
+    def slice_positions(self, pos_slice: PosSlice) -> "ActivationCache":
+        """A new cache with TL's Slice applied to every activation's position axis (`pos`, or `query_pos` for
+        patterns and scores; an int removes it): `run_with_cache(pos_slice=...)`."""
+        table, lead = self.hook_table(), 0 if self.has_batch_dim else 1
 
-        The components sum to the residual stream. mode: "all", "attn" or "mlp".
-        """
-        if mode not in ("all", "attn", "mlp"):
-            raise InputError(f"mode must be 'all', 'attn' or 'mlp'; found {mode!r}.")
-        if layer is None or layer == -1:
-            layer = self.cfg.n_layers
-        comps, labels = [], []
-        if incl_embeds:
-            comps.append(self["hook_embed"])
-            labels.append("embed")
-            if "hook_pos_embed" in self.cache_dict:
-                comps.append(self["hook_pos_embed"])
-                labels.append("pos_embed")
-        for l in range(layer):
-            if mode != "mlp":
-                comps.append(self["attn_out", l])
-                labels.append(f"{l}_attn_out")
-            if mode != "attn":
-                comps.append(self["mlp_out", l])
-                labels.append(f"{l}_mlp_out")
-        if mlp_input and mode != "mlp":
-            comps.append(self["attn_out", layer])
-            labels.append(f"{layer}_attn_out")
-        stack = jnp.stack([_pos(c, pos_slice) for c in comps])
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        def cut(name: str, x: Array, stacked: bool) -> Array:
+            axes = table.axes(name.removesuffix("_grad")).split()
+            pos = next((i for i, a in enumerate(axes) if a in ("pos", "query_pos")), None)
+            return x if pos is None else slice_axis(x, pos_slice, pos - lead + int(stacked))
 
-    def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice: PosSlice = None, apply_ln: bool = False):
-        """Each head's output (z @ W_O, without b_O) for the layers before `layer`: [layer*head batch pos d_model],
-        labels "L{l}H{h}". With incl_remainder, adds the residual stream minus the heads' sum."""
-        n = self.cfg.n_layers
-        if layer is None or layer == -1:
-            layer = n
-        comps, labels = [], []
-        for l in range(layer):
-            key = f"blocks.{l}.attn.hook_result"
-            if key in self.cache_dict:
-                res = self.cache_dict[key]
-            else:
-                res = jnp.einsum("...phe,hed->...phd", self["z", l], self._weights()["attn"]["W_O"][l])
-            comps += [_pos(res[..., h, :], pos_slice) for h in range(self.cfg.n_heads)]
-            labels += [f"L{l}H{h}" for h in range(self.cfg.n_heads)]
-        stack = jnp.stack(comps) if comps else jnp.zeros((0,))
-        if incl_remainder:
-            resid = _pos(self["resid_post", layer - 1] if layer == n else self["resid_pre", layer], pos_slice)
-            stack = jnp.concatenate([stack, (resid - stack.sum(0))[None]])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        flat = {k: cut(k, v, table.parse(k.removesuffix("_grad"))[0] == "all") for k, v in self._flat.items()}
+        stacks = {r: (ls, cut(f"blocks.{r}", a, True)) for r, (ls, a) in self._stacks.items()}
+        return type(self)(flat, self.cfg, self.params, self.has_batch_dim, stacks=stacks)
 
-    def apply_ln_to_stack(self, residual_stack: Float[Array, "... d_model"], layer: int | None = None,
-                          mlp_input: bool = False, pos_slice: PosSlice = None,
-                          batch_slice: PosSlice = None, has_batch_dim: bool = True,
-                          recompute_ln: bool = False) -> Array:
-        """Divide each component by the cached norm scale of the final residual (layer None / -1 / n_layers) or
-        of ln1 (ln2 with mlp_input) at `layer`, centring first for LayerNorm: the linear part of the norm.
-        Weights are not applied (fold them with `fold_ln` first, as TL assumes).
-
-        With recompute_ln and the final layer, each component instead goes through ln_final with statistics of
-        its own (and ln_final's weights, if not folded): the logit lens."""
-        kind = self.cfg.normalization_type
-        if kind is None:
-            return residual_stack
-        final = layer is None or layer == -1 or layer == self.cfg.n_layers
-        if has_batch_dim and batch_slice is not None:
-            residual_stack = _pos(residual_stack, batch_slice, axis=1)
-        if recompute_ln and final:
-            return norm(self._weights(top=True).get("ln_final", {}), residual_stack, self.cfg, Hooks(), "ln_final")
-        if kind in ("LN", "LNPre"):
-            residual_stack = residual_stack - residual_stack.mean(-1, keepdims=True)
-        if final:
-            scale = self["ln_final.hook_scale"]
-        else:
-            scale = self[f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"]
-        scale = _pos(scale, pos_slice)
-        if has_batch_dim and batch_slice is not None:
-            scale = _pos(scale, batch_slice, axis=0)
-        return residual_stack / scale
-
-    def logit_attrs(self, residual_stack: Float[Array, "... d_model"], tokens: int | Int[Array, "..."],
-                    incorrect_tokens: int | Int[Array, "..."] | None = None, pos_slice: PosSlice = None,
-                    batch_slice: PosSlice = None, has_batch_dim: bool = True) -> Array:
-        """Each component's direct contribution to the logit of `tokens` (minus `incorrect_tokens`).
-
-        residual_stack is [component ... d_model], normally from `decompose_resid`/`stack_head_results` with
-        pos_slice reducing the position axis; it is passed through `apply_ln_to_stack` (final norm) first.
-        tokens: an id, or one id per batch entry (per batch and position).
-        """
-        W_U = self._weights(top=True)["unembed"]["W_U"]
-        dirs = W_U[:, jnp.asarray(tokens)].T if jnp.ndim(tokens) else W_U[:, tokens]
-        if incorrect_tokens is not None:
-            bad = W_U[:, jnp.asarray(incorrect_tokens)].T if jnp.ndim(incorrect_tokens) else W_U[:, incorrect_tokens]
-            dirs = dirs - bad
-        scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice,
-                                        has_batch_dim=has_batch_dim)
-        target = scaled.shape[1:]
-        if dirs.ndim > 1 and dirs.ndim < len(target):  # [batch d_model] against [batch pos d_model]
-            dirs = dirs.reshape(dirs.shape[:1] + (1,) * (len(target) - dirs.ndim) + dirs.shape[1:])
-        dirs = dirs.reshape((1,) * (scaled.ndim - dirs.ndim) + dirs.shape)
-        return (scaled * dirs).sum(-1)
-
-    def _weights(self, top: bool = False) -> Params:
-        if self.params is None:
-            raise InputError("This cache holds no weights; build it with ActivationCache(..., params=params).")
-        return self.params if top else self.params["blocks"]
-
-
-def _pos(x: Array, pos_slice: PosSlice, axis: int | None = None) -> Array:
-    """TL's Slice on the position axis (-2 for [.. pos d], given explicitly otherwise): int drops the axis."""
-    if pos_slice is None:
-        return x
-    if axis is None:
-        axis = x.ndim - 2 if x.ndim >= 2 else 0
-    if isinstance(pos_slice, int):
-        return jnp.take(x, pos_slice, axis=axis)
-    if isinstance(pos_slice, tuple):
-        pos_slice = slice(*pos_slice)
-    if isinstance(pos_slice, slice):
-        idx = [slice(None)] * x.ndim
-        idx[axis] = pos_slice
-        return x[tuple(idx)]
-    return jnp.take(x, jnp.asarray(pos_slice), axis=axis)
+    def to(self, device) -> "ActivationCache":
+        """The cache with every activation placed on `device` (a jax Device or Sharding)."""
+        return jax.device_put(self, device)

@@ -3,39 +3,64 @@
 Field names follow TransformerLens's `HookedTransformerConfig`. Every difference between model families is a
 field here (rotary style, RMSNorm, gated MLP, grouped-query attention, parallel blocks, per-layer attention
 windows, softcapping), never a branch on a model name.
+
+A config cannot be wrong silently: `__post_init__` checks every field against its annotation (an enumerated
+field against its allowed values, a bool against `bool`, a number against `float`) and raises `ConfigError`
+naming the field, the value found and what is allowed. Fields whose default follows from others
+(`n_key_value_heads`, `rotary_dim`, `attn_scale`) are resolved there, so each fact has one name and one value:
+`Config(n_key_value_heads=None, ...) == Config(n_key_value_heads=n_heads, ...)`.
 """
 
 import dataclasses
+import difflib
 import math
-from typing import Literal
+import numbers
+import types
+import typing
+from typing import Any, Literal
 
 from jaxlens.errors import ConfigError
 
 ActFn = Literal["gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"]
 NormType = Literal["LN", "LNPre", "RMS", "RMSPre"]
+PositionalEmbeddingType = Literal["standard", "rotary"]
+AttentionDir = Literal["causal", "bidirectional"]
+
+_SIZES = ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
+_ROTARY_ONLY = ("rotary_dim", "rotary_base", "rotary_adjacent_pairs", "rotary_scaling")
 
 
+def no_type_check(cls: type) -> type:
+    """Leave `cls` to its own checks. The test suite's jaxtyping import hook skips classes decorated with a
+    name `no_type_check` (it would pre-empt Config's messages with its own TypeCheckError); unlike
+    `typing.no_type_check` this one leaves `typing.get_type_hints(cls)` working."""
+    return cls
+
+
+@no_type_check  # Config checks its annotations itself in __post_init__, with the same rules in production
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Architecture of one decoder-only transformer (see `shapes.py` for the axis names).
 
     Attributes:
         d_model, n_layers, n_heads, d_head, d_mlp, d_vocab, n_ctx: sizes, as TransformerLens names them.
-        n_key_value_heads: key/value heads under grouped-query attention; None means n_heads (plain MHA).
+        n_key_value_heads: key/value heads under grouped-query attention. None at construction means n_heads
+            (plain multi-head attention); after construction it is always an int.
         act_fn: MLP activation.
         normalization_type: "LN" / "RMS" with weights; "LNPre" / "RMSPre" after `fold_ln` moved the weights
             into the following linear maps; None for no normalisation.
         eps: normalisation epsilon.
         positional_embedding_type: "standard" (learned `W_pos`) or "rotary".
-        rotary_dim: dimensions of each head that rotate (None: all of d_head).
+        rotary_dim: dimensions of each head that rotate. None at construction means all of d_head for a
+            rotary model; after construction an int for rotary models and None for others.
         rotary_base: rotary theta.
         rotary_adjacent_pairs: True rotates adjacent pairs (GPT-J); False rotates halves (GPT-NeoX, Llama).
         rotary_scaling: Llama-3 style frequency scaling as (factor, low_freq_factor, high_freq_factor,
             original_max_position_embeddings), or None.
         gated_mlp: SwiGLU-style MLP with `W_gate` (hook_pre is the gate, hook_pre_linear the linear branch).
         parallel_attn_mlp: attention and MLP both read resid_pre and add into resid_post (GPT-J, NeoX, Phi).
-        use_attn_scale: divide attention scores by `attn_scale` (GPT-Neo does not).
-        attn_scale: the divisor; None means sqrt(d_head).
+        attn_scale: what attention scores are divided by. None at construction means sqrt(d_head); 1.0 turns
+            scaling off (GPT-Neo; TransformerLens's `use_attn_scale=False`). A float after construction.
         window_sizes: per-layer attention window (a key is visible if query_pos - key_pos < window), None in
             an entry for global attention; None for all-global.
         attn_scores_soft_cap, output_logits_soft_cap: tanh softcapping (Gemma 2); None for none.
@@ -43,6 +68,9 @@ class Config:
             `ln1_post`, `ln2_post`).
         attention_dir: "causal" for decoders, "bidirectional" for encoders.
         default_prepend_bos: whether `to_tokens` prepends BOS by default.
+
+    Raises:
+        ConfigError: a field of the wrong type or outside its allowed values, or fields that disagree.
     """
 
     d_model: int
@@ -56,71 +84,190 @@ class Config:
     act_fn: ActFn = "gelu_new"
     normalization_type: NormType | None = "LN"
     eps: float = 1e-5
-    positional_embedding_type: Literal["standard", "rotary"] = "standard"
+    positional_embedding_type: PositionalEmbeddingType = "standard"
     rotary_dim: int | None = None
     rotary_base: float = 10000.0
     rotary_adjacent_pairs: bool = False
     rotary_scaling: tuple[float, float, float, int] | None = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
-    use_attn_scale: bool = True
     attn_scale: float | None = None
     window_sizes: tuple[int | None, ...] | None = None
     attn_scores_soft_cap: float | None = None
     output_logits_soft_cap: float | None = None
     use_normalization_before_and_after: bool = False
-    attention_dir: Literal["causal", "bidirectional"] = "causal"
+    attention_dir: AttentionDir = "causal"
     default_prepend_bos: bool = True
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+        for name, hint in _hints().items():
+            object.__setattr__(self, name, _checked(name, getattr(self, name), hint))
+        for name in _SIZES:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"Config.{name} must be a positive int, found {getattr(self, name)!r}.")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"Config.eps must be a finite non-negative number, found {self.eps!r}.")
+        for name in ("rotary_base", "attn_scale", "attn_scores_soft_cap", "output_logits_soft_cap"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"Config.{name} must be a positive int, found {value!r}.")
-        kv = self.n_key_value_heads
-        if kv is not None and (kv <= 0 or self.n_heads % kv):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"Config.{name} must be a finite positive number, found {value!r}.")
+        kv = self.n_heads if self.n_key_value_heads is None else self.n_key_value_heads
+        if kv <= 0 or self.n_heads % kv:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a positive multiple of n_key_value_heads={kv}; "
                 "set n_key_value_heads to a divisor of n_heads, or None for plain multi-head attention."
             )
-        if self.positional_embedding_type == "rotary":
-            if self.rotary_dim is not None and (self.rotary_dim > self.d_head or self.rotary_dim % 2):
+        object.__setattr__(self, "n_key_value_heads", kv)
+        if self.attn_scale is None:
+            object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
+        self._resolve_rotary()
+        if self.window_sizes is not None and len(self.window_sizes) != self.n_layers:
+            raise ConfigError(
+                f"window_sizes must be a tuple with one entry per layer ({self.n_layers}), "
+                f"found {self.window_sizes!r}; use None in an entry for global attention."
+            )
+        for w in self.window_sizes or ():
+            if w is not None and w <= 0:
+                raise ConfigError(f"window_sizes entries must be positive ints or None, found {w!r}.")
+
+    def _resolve_rotary(self) -> None:
+        if self.positional_embedding_type != "rotary":
+            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                       if f.name in _ROTARY_ONLY and getattr(self, f.name) != f.default]
+            if changed:
                 raise ConfigError(
-                    f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}."
+                    f"Config.{', '.join(changed)}: rotary settings on a model with positional_embedding_type="
+                    f"{self.positional_embedding_type!r}; leave them at their defaults or set "
+                    "positional_embedding_type='rotary'."
                 )
-        if self.window_sizes is not None:
-            if not isinstance(self.window_sizes, tuple) or len(self.window_sizes) != self.n_layers:
-                raise ConfigError(
-                    f"window_sizes must be a tuple with one entry per layer ({self.n_layers}), "
-                    f"found {self.window_sizes!r}; use None in an entry for global attention."
-                )
-            for w in self.window_sizes:
-                if w is not None and (not isinstance(w, int) or w <= 0):
-                    raise ConfigError(f"window_sizes entries must be positive ints or None, found {w!r}.")
-        if self.rotary_scaling is not None and not isinstance(self.rotary_scaling, tuple):
-            raise ConfigError(f"rotary_scaling must be a tuple (hashable), found {type(self.rotary_scaling)}.")
-
-    @property
-    def n_kv_heads(self) -> int:
-        """Key/value heads (n_heads unless grouped-query attention)."""
-        return self.n_key_value_heads or self.n_heads
-
-    @property
-    def rotary_dims(self) -> int:
-        """Rotating dimensions per head."""
-        return self.rotary_dim if self.rotary_dim is not None else self.d_head
-
-    @property
-    def scale(self) -> float:
-        """What attention scores are divided by."""
-        if not self.use_attn_scale:
-            return 1.0
-        return self.attn_scale if self.attn_scale is not None else math.sqrt(self.d_head)
+            return
+        dim = self.d_head if self.rotary_dim is None else self.rotary_dim
+        if dim <= 0 or dim > self.d_head or dim % 2:
+            raise ConfigError(f"rotary_dim={dim} must be even, positive and at most d_head={self.d_head}.")
+        object.__setattr__(self, "rotary_dim", dim)
 
     @property
     def has_norm_weights(self) -> bool:
         return self.normalization_type in ("LN", "RMS")
 
     def replace(self, **changes) -> "Config":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Fields at the value their None default resolves to (n_key_value_heads = n_heads, rotary_dim = d_head,
+        attn_scale = sqrt(d_head)) follow the new sizes, as they would in a config built anew: a config equal
+        to one built with None there must be replaced the same way.
+        """
+        derived = {"n_key_value_heads": self.n_heads, "attn_scale": math.sqrt(self.d_head),
+                   "rotary_dim": self.d_head if self.positional_embedding_type == "rotary" else None}
+        for name, value in derived.items():
+            if name not in changes and getattr(self, name) == value:
+                changes[name] = None
         return dataclasses.replace(self, **changes)
+
+    # -- TransformerLens config attributes jaxlens derives (read-only; not fields) --------------------------
+    @property
+    def device(self) -> str:
+        """JAX's default backend ("cpu", "gpu", "tpu"): where arrays go (TL's cfg.device; not part of the
+        architecture, so not a field)."""
+        import jax
+
+        return jax.default_backend()
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Size of the output vocabulary: d_vocab (jaxlens unembeds to the input vocabulary)."""
+        return self.d_vocab
+
+    @property
+    def attn_only(self) -> bool:
+        """False: every jaxlens decoder block has an MLP (TL's attention-only toy models are unsupported)."""
+        return False
+
+    @property
+    def use_hook_tokens(self) -> bool:
+        """False: there is no `hook_tokens` hook point; to change the tokens, run other tokens (TL's default).
+        Every other hook point always exists."""
+        return False
+
+
+def allowed_values(name: str) -> tuple:
+    """The values an enumerated Config field accepts, from its annotation: `allowed_values("act_fn")`."""
+    return tuple(_literals(_hints()[name]))
+
+
+def _hints() -> dict[str, Any]:
+    """Field name -> annotation object (no `from __future__ import annotations` here)."""
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _literals(hint) -> list:
+    """Every allowed value of a hint made of Literals and None; empty if the hint has other parts."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return list(args)
+    if hint is type(None):
+        return [None]
+    if origin in (typing.Union, types.UnionType):
+        parts = [_literals(a) for a in args]
+        return [v for p in parts for v in p] if all(parts) else []
+    return []
+
+
+def _checked(name: str, value, hint):
+    """`value` as the annotation `hint` wants it (numpy scalars -> Python numbers), or ConfigError."""
+    allowed = _literals(hint)
+    if allowed:
+        if any(value is v or (isinstance(value, str) and value == v) for v in allowed):
+            return value
+        strings = [v for v in allowed if isinstance(v, str)]
+        close = difflib.get_close_matches(value, strings, n=1) if isinstance(value, str) else ()
+        hint_text = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Config.{name}={value!r} is not allowed; allowed values: "
+                          f"{', '.join(map(repr, allowed))}.{hint_text}")
+    ok, out = _coerce(value, hint)
+    if not ok:
+        found = f"{value!r} ({type(value).__name__})"
+        raise ConfigError(f"Config.{name} must be {_describe(hint)}, found {found}.")
+    return out
+
+
+def _coerce(value, hint) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None, None
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            ok, out = _coerce(value, a)
+            if ok:
+                return True, out
+        return False, None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False, None
+        parts = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(parts) != len(value):
+            return False, None
+        done = [_coerce(v, a) for v, a in zip(value, parts, strict=True)]
+        return all(ok for ok, _ in done), tuple(out for _, out in done)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else None
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    return isinstance(value, hint), value
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of ({_describe(args[0])})"
+        return f"a tuple ({', '.join(_describe(a) for a in args)})"
+    return {bool: "a bool (True or False)", int: "an int", float: "a number"}.get(hint, f"a {hint.__name__}")

@@ -25,11 +25,13 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxlens import hook_names
 from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
-from jaxlens.errors import InputError, UnknownHookError
+from jaxlens.hook_names import HookTable
+from jaxlens.errors import InputError
 from jaxlens.interventions import Fn
 from jaxlens.model import encoder_block as eb
+from jaxlens.model import runner
 from jaxlens.model.attention import Context
-from jaxlens.model.forward import _split_interventions, check_tokens
+from jaxlens.model.forward import check_tokens
 from jaxlens.model.hooks import Hooks
 from jaxlens.params import cast_params
 from jaxlens.shapes import Params
@@ -75,97 +77,26 @@ def encoder_forward(
         raise InputError(f"token_type_ids has shape {token_type_ids.shape}; the tokens have {tokens.shape}.")
     cache_names = tuple(cache_names)
     heads = eb.heads_of(params)
+    table = hook_names.encoder_table(cfg)
     for name in list(cache_names) + list(interventions or {}):
         head = name.split(".", 1)[0]
-        if parse(cfg, name)[0] is None and head in eb.HEAD_HOOKS and head not in heads:
+        if table.parse(name)[0] is None and head in hook_names.ENCODER_HEADS and head not in heads:
             raise InputError(f"{name!r} belongs to the {head} head, which this model's params do not have "
                              f"(it has {list(heads) or 'no heads'}).")
-    glob_iv, stacked_iv, at_layer_iv = _split_interventions(cfg, interventions or {}, 0, cfg.n_layers, parse=parse)
-    glob_cache, block_cache = hook_names.names_by_layer(cache_names, cfg, parse_fn=parse)
+    glob_iv, block_iv = runner.split_interventions(table, interventions)
+    glob_cache, block_cache = table.split(cache_names)
     top = Hooks(here=glob_iv, names_to_cache=frozenset(glob_cache))
 
     resid = eb.embed(params, cfg, tokens, token_type_ids, top)
     key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     ctx = Context(positions=jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), key_valid=key_valid,
                   offset=0)
-
-    def body(resid, xs):
-        p, idx, here = xs
-        hooks = Hooks(prefix="blocks.", layer=idx, here=here, at_layer=at_layer_iv,
-                      names_to_cache=frozenset(block_cache))
-        return eb.encoder_block(p, resid, cfg, hooks, ctx), hooks.cache
-
-    resid, stacked_cache = jax.lax.scan(body, resid, (params["blocks"], jnp.arange(cfg.n_layers), stacked_iv))
+    resid, recorded, _ = runner.run_blocks(params["blocks"], cfg, resid, ctx, block_iv, start=0,
+                                           stop=cfg.n_layers, cache=block_cache, block=eb.encoder_block)
     out = eb.mlm_head(params, cfg, resid, top) if "mlm_head" in heads else resid
     if "pooler" in heads and top.wants("pooler.hook_pooler_out"):
         eb.pooler(params, resid, top)
-    cache = {}
-    for name in cache_names:
-        layer, rel = parse(cfg, name)
-        if layer is None:
-            cache[name] = top.cache[rel]
-        else:
-            cache[name] = stacked_cache[rel] if layer == "all" else stacked_cache[rel][layer]
-    return out, cache
-
-
-def global_hook_axes(cfg: Config, heads: Iterable[str] = tuple(eb.HEAD_HOOKS)) -> dict[str, str]:
-    """Hooks outside the blocks: the embedding's, then those of `heads` (both heads if not told)."""
-    out = eb.embed_hook_axes()
-    for h in heads:
-        out.update(eb.HEAD_HOOKS[h])
-    return out
-
-
-def all_names(cfg: Config, heads: Iterable[str] = tuple(eb.HEAD_HOOKS)) -> list[str]:
-    """Every hook name of an encoder with `heads`, in forward order, with layer indices."""
-    g = global_hook_axes(cfg, heads)
-    embeds = [n for n in g if n in eb.embed_hook_axes()]
-    blocks = [f"blocks.{l}.{n}" for l in range(cfg.n_layers) for n in eb.block_hook_axes(cfg)]
-    return embeds + blocks + [n for n in g if n not in embeds]
-
-
-def default_names(cfg: Config, heads: Iterable[str] = tuple(eb.HEAD_HOOKS)) -> list[str]:
-    """What `run_with_cache` records by default: every hook but the optional ones (`encoder_block.OPTIONAL`)."""
-    return [n for n in all_names(cfg, heads) if n.split(".", 2)[-1] not in eb.OPTIONAL]
-
-
-def parse(cfg: Config, name: str) -> tuple[int | str | None, str]:
-    """Split an encoder hook name into (layer int | "all" | None, relative name), as `hook_names.parse`.
-
-    Raises:
-        UnknownHookError: not an encoder hook point (the message suggests close names).
-    """
-    parts = name.split(".", 2)
-    if parts[0] == "blocks" and len(parts) > 1:
-        block = eb.block_hook_axes(cfg)
-        if parts[1].lstrip("-").isdigit() and len(parts) == 3 and parts[2] in block:
-            layer = int(parts[1])
-            if -cfg.n_layers <= layer < cfg.n_layers:
-                return layer % cfg.n_layers, parts[2]
-        elif name.removeprefix("blocks.") in block:
-            return "all", name.removeprefix("blocks.")
-    elif name in global_hook_axes(cfg):
-        return None, name
-    raise UnknownHookError(name, all_names(cfg) + [f"blocks.{n}" for n in eb.block_hook_axes(cfg)])
-
-
-def hook_axes(cfg: Config, name: str) -> str:
-    """The axis string of one encoder hook name."""
-    layer, rel = parse(cfg, name)
-    return eb.block_hook_axes(cfg)[rel] if layer is not None else global_hook_axes(cfg)[rel]
-
-
-def select(cfg: Config, names_filter, heads: Iterable[str] = tuple(eb.HEAD_HOOKS)) -> list[str]:
-    """Names chosen by a TL-style filter: None (defaults), a name, a list of names, or a predicate."""
-    if names_filter is None:
-        return default_names(cfg, heads)
-    if callable(names_filter):
-        return [n for n in default_names(cfg, heads) if names_filter(n)]
-    names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-    for n in names:
-        parse(cfg, n)
-    return names
+    return out, runner.collect(table, cache_names, top.cache, recorded, 0, cfg.n_layers)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_names"))
@@ -176,16 +107,10 @@ def _forward_jit(params, cfg, tokens, token_type_ids, attention_mask, interventi
 
 @jax.tree_util.register_pytree_node_class
 class EncoderActivationCache(ActivationCache):
-    """ActivationCache whose unknown-name errors use the encoder's hook table (indexing is TL's)."""
+    """ActivationCache over the encoder's hook table (indexing is TL's)."""
 
-    def __getitem__(self, key) -> Array:
-        try:
-            return super().__getitem__(key)
-        except UnknownHookError:
-            name = key if isinstance(key, str) else hook_names.get_act_name(*key)
-            parse(self.cfg, name)  # raises UnknownHookError with encoder suggestions if it is not a hook
-            raise KeyError(f"{name!r} is an encoder hook point but was not cached; cached names include "
-                           f"{list(self.cache_dict)[:5]}...") from None
+    def hook_table(self) -> HookTable:
+        return hook_names.encoder_table(self.cfg)
 
 
 class HookedEncoder:
@@ -233,7 +158,7 @@ class HookedEncoder:
     def run_with_cache(self, input, names_filter=None, remove_batch_dim: bool = False, token_type_ids=None,
                        one_zero_attention_mask=None, *, interventions=None):
         """(output, EncoderActivationCache) with the activations `names_filter` selects (all by default)."""
-        names = tuple(select(self.cfg, names_filter, eb.heads_of(self.params)))
+        names = tuple(self.hook_table().select(names_filter))
         out, raw = self._run(input, token_type_ids, one_zero_attention_mask, interventions, names)
         cache = EncoderActivationCache(raw, self.cfg, self.params)
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
@@ -242,7 +167,7 @@ class HookedEncoder:
         """Run with `fwd_hooks`: [(hook name or name filter, fn(activation, hook) -> new activation)], this call only."""
         ivs: dict[str, list] = {}
         for name, fn in fwd_hooks:
-            for n in select(self.cfg, name if not isinstance(name, str) else [name], eb.heads_of(self.params)):
+            for n in self.hook_table().select(name if not isinstance(name, str) else [name]):
                 ivs.setdefault(n, []).append(Fn(fn))
         return self.forward(input, token_type_ids, one_zero_attention_mask, interventions=ivs)
 
@@ -253,7 +178,11 @@ class HookedEncoder:
 
     def hook_names(self) -> list[str]:
         """Every hook point's name (TL's `model.hook_dict.keys()`)."""
-        return all_names(self.cfg, eb.heads_of(self.params))
+        return self.hook_table().all_names()
+
+    def hook_table(self) -> HookTable:
+        """The hook table of this encoder (its heads included)."""
+        return hook_names.encoder_table(self.cfg, eb.heads_of(self.params))
 
     def _run(self, input, token_type_ids, mask, interventions, names):
         if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):

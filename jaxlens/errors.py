@@ -37,3 +37,26 @@ class CheckpointError(JaxlensError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint, refused unless the caller allows pickle explicitly."""
+
+
+# -- the built-in exceptions TransformerLens raises, kept catchable ----------------------------------------
+# TransformerLens signals many bad inputs with `assert` (AssertionError) or IndexError. jaxlens raises its
+# own clearer errors; these also derive from TL's built-in, so TL code's `except AssertionError` works.
+
+
+class InputAssertionError(InputError, AssertionError):
+    """An input TransformerLens rejects with an `assert` (a string that is not one token, a token that does
+    not occur, tokens of the wrong rank, mismatched shapes)."""
+
+
+class InputIndexError(InputError, IndexError):
+    """An index out of range: a layer beyond n_layers, more indices than a FactoredMatrix has axes."""
+
+
+class MissingWeightError(JaxlensError, AttributeError):
+    """A weight this model does not have (`W_pos` on a rotary model, a norm's `w` after fold_ln). An
+    AttributeError, so `hasattr(model, "W_pos")` is False, as in TransformerLens."""
+
+
+class ReadOnlyError(JaxlensError, AttributeError):
+    """An assignment to a read-only view of the params (`model.blocks[0].attn.W_O = ...`)."""

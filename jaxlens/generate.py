@@ -8,20 +8,25 @@
 The cache holds keys and values for a fixed number of slots (prompt + max_new_tokens), so the decode step has
 one shape and compiles once; the whole loop is a `lax.while_loop` inside one jit, and each step costs the same
 whatever its position (attention reads the fixed-size cache under a mask). Sampling follows TransformerLens's
-`sample_logits` (temperature, top-k, top-p, frequency penalty) with an explicit JAX PRNG key. Generation stops
-when every sequence has produced an EOS token; finished sequences are padded with EOS.
+`sample_logits` (temperature, top-k, top-p, frequency penalty) with a JAX PRNG key: pass `key=` for
+reproducible samples; without one each call draws a fresh key (so it samples afresh, as TransformerLens does)
+and warns once. Generation stops when every sequence has produced an EOS token; finished sequences are padded
+with EOS.
 
-Interventions apply at every forward call: the prefill over the prompt and each one-token decode step. Array
-leaves with a position axis (`pos`, `query_pos`) may have size
-    1              broadcast: applied to every position, generated ones included (steering);
-    prompt length  applied to the prompt positions only (their keys/values are cached, so the effect persists,
-                   exactly as re-running the patched prompt at every step would);
-    prompt + max_new_tokens   one entry per absolute position: sliced to the positions of each call.
+Where an intervention applies is `intervention_positions` (one mode, or {hook name: mode}):
+    "prompt"    the prefill only: position axes of size 1 or the prompt's length (their keys/values are
+                cached, so the effect persists, exactly as re-running the patched prompt at every step would);
+    "all"       the prefill and every decode step, position axes of size 1 (steering);
+    "absolute"  every call, one entry per position of the output (prompt + max_new_tokens), sliced per call;
+    "auto"      (default) by each array's size: 1 -> "all", prompt length -> "prompt", prompt + max_new_tokens
+                -> "absolute"; an error where that is ambiguous (a size-1 axis with a one-token prompt).
 A `key_pos` axis must have size 1 or prompt + max_new_tokens (attention reads every cache slot). Function
-interventions (`Fn`) see the prefill activations [batch prompt_len ...] and then one position at a time.
-Batches of prompts of different lengths are left-padded and run under an attention mask.
+interventions (`Fn`) see the prefill activations [batch prompt_len ...] and then one position at a time
+("prompt": the prefill only). Batches of prompts of different lengths are left-padded and run under a mask.
 """
 
+import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,10 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxlens import hook_names
+from jaxlens._generate_plan import plan_interventions, slice_leaves
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.interventions import as_intervention
 from jaxlens.model.attention import KVState
 from jaxlens.model.forward import check_tokens, run, unembed
 from jaxlens.model.hooks import Hooks
@@ -60,6 +64,7 @@ def generate(
     stop_at_eos: bool = True,
     interventions: Mapping[str, Any] | None = None,
     use_past_kv_cache: bool = True,
+    intervention_positions: str | Mapping[str, str] = "auto",
 ) -> Int[Array, "batch total"]:
     """Continue each prompt by `max_new_tokens` tokens (greedy or sampled); returns prompt + new tokens.
 
@@ -67,23 +72,26 @@ def generate(
         params, cfg: the model.
         tokens: prompt ids [batch pos]; rows shorter than others are left-padded (see attention_mask).
         max_new_tokens: tokens to generate; prompt length + max_new_tokens must be at most cfg.n_ctx.
-        key: PRNG key for sampling (default `jax.random.key(0)`: the same samples every call).
+        key: PRNG key for sampling. None draws a fresh random key each call (TL samples afresh too) and warns
+            once: pass a key for reproducible samples. Unused when greedy.
         attention_mask: [batch pos], False on left padding; None when no row is padded.
         do_sample: sample (True) or take the argmax (False, greedy). temperature == 0 is greedy too.
         temperature, top_k, top_p, freq_penalty: as TransformerLens's `sample_logits`.
         eos_token_id: id(s) that end a sequence; needed when stop_at_eos.
         stop_at_eos: stop a sequence at its first EOS (it is then padded with eos_token_id); stop the loop
             when all sequences have stopped (the rest of the output is EOS).
-        interventions: {hook name: intervention}, applied at every step (see the module docstring for
-            position-dependent arrays).
+        interventions: {hook name: intervention}.
         use_past_kv_cache: False re-runs the whole (fixed-size) sequence every step: slower, for checking.
+        intervention_positions: "auto", "prompt", "all" or "absolute" for every intervention, or {hook name:
+            mode}: where each applies (module docstring).
 
     Returns:
         [batch pos + max_new_tokens] ids: the prompts, then the generated tokens.
 
     Raises:
         InputError: empty prompt, too many tokens for n_ctx, bad sampling settings, stop_at_eos without an EOS
-            id, a mask that is not left padding, or an intervention whose position axis fits no rule above.
+            id, a mask that is not left padding, or an intervention whose position axis does not fit its
+            intervention_positions mode (or is ambiguous under "auto").
     """
     tokens = check_tokens(tokens, cfg)
     b, p = tokens.shape
@@ -92,13 +100,16 @@ def generate(
     total = p + max_new_tokens
     if attention_mask is not None:
         attention_mask = _check_mask(attention_mask, tokens.shape)
-    prefill_iv, decode_iv, spec = plan_interventions(cfg, interventions or {}, p, total, use_past_kv_cache)
+    prefill_iv, decode_iv, spec = plan_interventions(cfg, interventions or {}, p, total, use_past_kv_cache,
+                                                     intervention_positions)
     greedy = (not do_sample) or temperature == 0
+    if key is None:
+        key = jax.random.key(0) if greedy else _fresh_key()
     settings = dict(cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
                     use_top_p=top_p is not None, use_freq=freq_penalty != 0, stop_at_eos=stop_at_eos,
                     use_cache=use_past_kv_cache, spec=spec)
     return _generate_jit(
-        params, tokens, attention_mask, jax.random.key(0) if key is None else key,
+        params, tokens, attention_mask, key,
         jnp.asarray(temperature if not greedy else 1.0, jnp.float32), jnp.asarray(top_p or 1.0, jnp.float32),
         jnp.asarray(freq_penalty, jnp.float32), jnp.asarray(eos, jnp.int32), prefill_iv, decode_iv,
         **settings)
@@ -139,40 +150,6 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def plan_interventions(cfg: Config, interventions: Mapping[str, Any], prompt_len: int, total_len: int,
-                       use_cache: bool = True):
-    """Split interventions for prefill and decode by the size of each array leaf's position axis.
-
-    Returns:
-        (prefill interventions, decode interventions, spec): spec is a static tuple of
-        (name, index, leaf, axis) for the leaves the decode step slices at its position.
-    """
-    prefill, decode, spec = {}, {}, []
-    if not use_cache:  # every call sees the whole output: arrays apply as they are
-        for name, ivs in interventions.items():
-            ivs = as_intervention(ivs)
-            for iv in ivs if isinstance(ivs, list) else [ivs]:
-                if _iv_kind(cfg, name, iv, prompt_len, total_len)[0] == "prompt":
-                    raise InputError(
-                        f"Intervention at {name!r} has a position axis of the prompt's length {prompt_len}; "
-                        "without the KV cache give it one entry per position of the whole output "
-                        f"({total_len}).")
-        return dict(interventions), dict(interventions), ()
-    for name, ivs in interventions.items():
-        ivs = as_intervention(ivs)
-        ivs = ivs if isinstance(ivs, list) else [ivs]
-        for iv in ivs:
-            kind, sliced = _iv_kind(cfg, name, iv, prompt_len, total_len)
-            leaves, treedef = jax.tree_util.tree_flatten(iv)
-            for i, axis in sliced:
-                leaves[i] = jax.lax.slice_in_dim(jnp.asarray(leaves[i]), 0, prompt_len, axis=axis)
-            prefill.setdefault(name, []).append(jax.tree_util.tree_unflatten(treedef, leaves))
-            if kind != "prompt":
-                spec += [(name, len(decode.get(name, [])), i, axis) for i, axis in sliced]
-                decode.setdefault(name, []).append(iv)
-    return prefill, decode, tuple(spec)
-
-
 def steps_taken(tokens: np.ndarray, prompt_len: int, eos_token_id: int | Sequence[int] | None) -> int:
     """How many generation steps ran before every row had produced an EOS (TL's output length)."""
     new = np.asarray(tokens)[:, prompt_len:]
@@ -181,6 +158,20 @@ def steps_taken(tokens: np.ndarray, prompt_len: int, eos_token_id: int | Sequenc
     hit = np.isin(new, np.atleast_1d(np.asarray(eos_token_id)))
     first = np.where(hit.any(1), hit.argmax(1) + 1, new.shape[1])
     return int(first.max())
+
+
+_warned_fresh_key = False  # generate() warns once per process when it draws a key itself
+
+
+def _fresh_key() -> PRNGKey:
+    """A key from the OS's entropy (each call samples afresh, as TL's torch sampling), warning once."""
+    global _warned_fresh_key
+    if not _warned_fresh_key:
+        _warned_fresh_key = True
+        warnings.warn("generate(do_sample=True) without key=: drawing a fresh random key, so each call "
+                      "samples afresh (as TransformerLens does). Pass key=jax.random.key(seed) for "
+                      "reproducible samples. (Shown once.)", UserWarning, stacklevel=3)
+    return jax.random.key(secrets.randbits(31))
 
 
 # -- the compiled loop ----------------------------------------------------------------------------------
@@ -194,7 +185,7 @@ def _generate_core(params, tokens, mask, key, temperature, top_p, freq_penalty, 
     full_mask = None if mask is None else jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
 
     if use_cache:
-        shape = (cfg.n_layers, b, total, cfg.n_kv_heads, cfg.d_head)
+        shape = (cfg.n_layers, b, total, cfg.n_key_value_heads, cfg.d_head)
         dtype = params["blocks"]["attn"]["W_K"].dtype
         kv = KVState(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         logits, kv = _prefill(params, cfg, tokens, full_mask, kv, prefill_iv)
@@ -204,7 +195,7 @@ def _generate_core(params, tokens, mask, key, temperature, top_p, freq_penalty, 
 
     def decode(tok, t, kv, buf):
         if use_cache:
-            iv = _slice_leaves(decode_iv, spec, p + t)
+            iv = slice_leaves(decode_iv, spec, p + t)
             out, _, kv = run(params, cfg, tok[:, None], interventions=iv, kv_cache=kv, pos_offset=p + t,
                              attention_mask=full_mask)
             return out[:, -1].astype(jnp.float32), kv
@@ -260,61 +251,6 @@ def _full_logits(params, cfg: Config, buf, full_mask, iv, index):
     return jax.lax.dynamic_index_in_dim(out, index, axis=1, keepdims=False).astype(jnp.float32)
 
 
-def _slice_leaves(decode_iv, spec, offset):
-    """The decode interventions with each whole-output position axis cut to the one position `offset`."""
-    if not spec:
-        return decode_iv
-    out = {name: list(ivs) for name, ivs in decode_iv.items()}
-    for name, idx, leaf_i, axis in spec:
-        leaves, treedef = jax.tree_util.tree_flatten(out[name][idx])
-        leaves[leaf_i] = jax.lax.dynamic_slice_in_dim(leaves[leaf_i], offset, 1, axis=axis)
-        out[name][idx] = jax.tree_util.tree_unflatten(treedef, leaves)
-    return out
-
-
-def _iv_kind(cfg: Config, name: str, iv, prompt_len: int, total_len: int):
-    """("prompt" if a leaf is prompt-long else "other", [(leaf index, axis) of whole-output-long leaves])."""
-    layer, _ = hook_names.parse(cfg, name)
-    axes = hook_names.hook_axes(cfg, name).split()
-    kind, sliced = "other", []
-    for i, leaf in enumerate(jax.tree_util.tree_leaves(iv)):
-        k, axis = _leaf_kind(jnp.asarray(leaf), axes, layer == "all", prompt_len, total_len, name)
-        if k == "prompt":
-            kind = "prompt"
-        elif k == "total":
-            sliced.append((i, axis))
-    return kind, sliced
-
-
-def _leaf_kind(leaf, axes: list[str], stacked: bool, prompt_len: int, total_len: int, name: str):
-    """("const" | "prompt" | "total", axis in the leaf) from the size of the leaf's position axis."""
-    rank = leaf.ndim - (1 if stacked else 0)
-    kind, where = "const", None
-    for ax_name in ("pos", "query_pos", "key_pos"):
-        if ax_name not in axes:
-            continue
-        j = axes.index(ax_name) - (len(axes) - rank)
-        if j < 0:
-            continue
-        j += 1 if stacked else 0
-        size = leaf.shape[j]
-        if size == 1:
-            continue
-        if size == total_len:
-            if ax_name != "key_pos":
-                kind, where = "total", j
-            continue
-        if size == prompt_len and ax_name != "key_pos":
-            kind = "prompt"
-            continue
-        allowed = (f"1 or {total_len}" if ax_name == "key_pos"
-                   else f"1, {prompt_len} (prompt) or {total_len} (all)")
-        raise InputError(
-            f"Intervention at {name!r}: an array has size {size} on its {ax_name} axis (shape {leaf.shape}); "
-            f"during generation it must be {allowed}. See jaxlens.generate's docstring.")
-    return kind, where
-
-
 def _check_settings(cfg, shape, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                     stop_at_eos) -> list[int]:
     p = shape[1]
@@ -362,14 +298,17 @@ def generate_from_input(model, input, max_new_tokens: int = 10, *, stop_at_eos: 
                         top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
                         freq_penalty: float = 0.0, use_past_kv_cache: bool = True,
                         prepend_bos: bool | None = None, return_type: str = "input",
-                        key: PRNGKey | None = None, interventions: Mapping[str, Any] | None = None):
+                        key: PRNGKey | None = None, interventions: Mapping[str, Any] | None = None,
+                        intervention_positions: str | Mapping[str, str] = "auto", verbose: bool = True):
     """`HookedTransformer.generate`: text or ids in, text or ids out, as TransformerLens's `generate`.
 
     Prompts in a list are tokenized one by one and left-padded. The output stops where every sequence has
     produced an EOS (or after max_new_tokens). return_type "input" gives text for text and ids for ids; "str"
     decodes each sequence without padding or the prepended BOS, up to and including its first EOS; "tokens"
-    gives the ids [batch pos] (left padding included).
+    gives the ids [batch pos] (left padding included). `verbose` is accepted for TL's signature and ignored:
+    the whole loop is one compiled call, with no per-token progress to show (TL's bridge ignores it too).
     """
+    del verbose
     if return_type not in ("input", "str", "tokens"):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens'; found {return_type!r}.")
     is_text = isinstance(input, str) or (isinstance(input, list) and bool(input)
@@ -392,7 +331,8 @@ def generate_from_input(model, input, max_new_tokens: int = 10, *, stop_at_eos: 
     out = generate(model.params, model.cfg, jnp.asarray(tokens), max_new_tokens=max_new_tokens, key=key,
                    attention_mask=mask, do_sample=do_sample, temperature=temperature, top_k=top_k,
                    top_p=top_p, freq_penalty=freq_penalty, eos_token_id=eos_token_id, stop_at_eos=stop_at_eos,
-                   interventions=interventions, use_past_kv_cache=use_past_kv_cache)
+                   interventions=interventions, use_past_kv_cache=use_past_kv_cache,
+                   intervention_positions=intervention_positions)
     p = tokens.shape[1]
     out = out[:, :p + steps_taken(np.asarray(out), p, eos_token_id if stop_at_eos else None)]
     if return_type == "tokens" or (return_type == "input" and not is_text):

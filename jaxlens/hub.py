@@ -10,9 +10,11 @@ local path, in the local Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~
 `models--org--name/snapshots/<revision>/` with `refs/main` naming the revision), and in the table of packaged
 models. Packaged files are located with `importlib.metadata` without importing the package (their `__init__`s
 import heavy things). When nothing matches, the error lists every place looked at and how to provide the weights.
+
+This module only finds paths; reading them is `jaxlens.converters` (`load`, `load_tokenizer`), which imports
+this module, never the other way round.
 """
 
-import importlib
 import importlib.metadata
 import os
 from pathlib import Path
@@ -57,11 +59,12 @@ def is_path_like(source: Any) -> bool:
 
 
 def resolve(source: str | os.PathLike, *, revision: str = "main") -> Path:
-    """The local directory or .gguf file holding the model `source` names.
+    """The local directory or file holding the model `source` names.
 
     Args:
-        source: a directory, a .gguf file, a Hugging Face repo id found in the local cache ("org/name"), or a
-            packaged model name (`PACKAGED`, e.g. "smollm2-135m", "all-minilm-l6-v2").
+        source: a directory, a .gguf file, a `jaxlens convert` .safetensors file (its .json beside it), a
+            Hugging Face repo id found in the local cache ("org/name"), or a packaged model name (`PACKAGED`,
+            e.g. "smollm2-135m", "all-minilm-l6-v2").
         revision: the Hugging Face cache ref (or commit hash) to use for a cached repo.
 
     Raises:
@@ -97,54 +100,20 @@ def cache_dirs() -> list[Path]:
     return list(dict.fromkeys(dirs))
 
 
-def load_gguf(path: Path):
-    """(cfg, numpy params) of a GGUF file, through `jaxlens.converters._gguf`'s `load` (or `load_gguf`).
-
-    Raises:
-        CheckpointError: GGUF support is not available in this installation.
-    """
-    fn = _gguf_attr("load") or _gguf_attr("load_gguf")
-    if fn is None:
-        raise CheckpointError(
-            f"{path} is a GGUF file, but this jaxlens build cannot convert GGUF checkpoints to a model yet "
-            "(jaxlens.converters._gguf is missing or has no `load(path)`). Use a Hugging Face directory "
-            "(config.json + *.safetensors) instead."
-        )
-    return fn(path)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored beside (directory) or inside (GGUF file) the weights; None if there is none.
-
-    `path` is what `resolve` returned: pass a repo id or packaged name through `resolve` first (a raw repo id is
-    not a directory, so it would find no tokenizer).
-    """
-    from jaxlens import tokenizer as tok
-
-    path = Path(path)
-    if path.is_dir():
-        return tok.load_tokenizer(path)
-    if not path.is_file():
-        return None
-    read, build = _gguf_attr("read_gguf"), _gguf_attr("tokenizer_from_gguf")
-    if read is None or build is None:
-        return None
-    return build(read(path).metadata)
-
-
 def _distribution(name: str):
     """importlib.metadata.distribution, isolated so tests can replace it."""
     return importlib.metadata.distribution(name)
 
 
 def _check_local(path: Path) -> Path:
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() == ".gguf":
         return path
-    if path.suffix.lower() == ".gguf":
-        return path
+    if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+        return path  # a checkpoint written by `jaxlens convert` (jaxlens.converters.save_converted)
     raise CheckpointError(
-        f"{path} is a file, but jaxlens loads a directory (config.json + *.safetensors) or a .gguf file. For a "
-        f"safetensors file, pass the directory holding it and its config.json: {path.parent}."
+        f"{path} is a file, but jaxlens loads a directory (config.json + *.safetensors), a .gguf file or a "
+        f"`jaxlens convert` checkpoint. For a safetensors file, pass the directory holding it and its "
+        f"config.json: {path.parent}."
     )
 
 
@@ -218,11 +187,3 @@ def _not_found(name: str, looked: list[str]) -> str:
         "here and point HF_HUB_CACHE (or HF_HOME) at it;\n"
         f"  - use a packaged model: {', '.join(sorted(PACKAGED))}."
     )
-
-
-def _gguf_attr(name: str):
-    try:
-        module = importlib.import_module("jaxlens.converters._gguf")
-    except ImportError:
-        return None
-    return getattr(module, name, None)

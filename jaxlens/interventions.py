@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxlens import _hook_fn
 from jaxlens.errors import InterventionError
 
 
@@ -96,19 +97,33 @@ class Scale:
         return x * factor
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class Fn:
-    """An arbitrary pure function `fn(activation, hook) -> new activation` (TransformerLens's hook function)."""
+    """An arbitrary pure function `fn(activation, hook) -> new activation` (TransformerLens's hook function).
 
-    fn: Callable = dataclasses.field(metadata={"static": True})
+    A pytree: for a plain Python function (or a partial or bound method of one) the code is static and the
+    arrays and numbers its closure, defaults and module globals hold are leaves, so a new function per call
+    with the same code compiles once (TL's loop idiom; see `jaxlens._hook_fn`). A hook that cannot trace with a
+    number as data (`x[:, :pos]`, `range(n)`) falls back to that number as a static value, at once and for
+    every later call of the same code. Any other callable is static, by identity.
+
+    A hook must be pure: return the new activation (`x.at[:, :, h].set(v)`, not `x[:, :, h] = v`), and keep no
+    state (`nonlocal`/`global` writes and activations stored in a list raise an InterventionError). Other side
+    effects (printing, appending names) happen while the program is traced: once per compile, not per call.
+    """
+
+    __slots__ = ("fn", "_aux", "_leaves")
+
+    def __init__(self, fn: Callable):
+        self.fn = fn.fn if isinstance(fn, Fn) else fn  # the user's function
+        self._aux, self._leaves = None, None
 
     def __call__(self, x: jax.Array, hook: HookPoint) -> jax.Array:
-        out = self.fn(x, hook)
+        out = _hook_fn.apply(self._aux, self.fn, self._leaves, x, hook)
         if out is None:
+            name = getattr(self.fn, "__name__", self.fn)
             raise InterventionError(
-                f"The hook function {getattr(self.fn, '__name__', self.fn)!r} at {hook.name!r} returned None. "
-                "jaxlens hooks are pure: return the new activation (return the input to leave it unchanged)."
+                f"The hook function {name!r} at {hook.name!r} returned None. jaxlens hooks are pure: return the "
+                "new activation (return the input to leave it unchanged)."
             )
         out = jnp.asarray(out)
         if out.shape != x.shape:
@@ -117,6 +132,23 @@ class Fn:
                 f"{x.shape}. Return an array of the activation's shape."
             )
         return out.astype(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"Fn({self.fn!r})"
+
+    def _flatten(self):
+        if self._aux is not None:
+            return self._leaves, self._aux
+        return _hook_fn.flatten(self.fn)
+
+    @classmethod
+    def _unflatten(cls, aux: _hook_fn.FnAux, leaves) -> "Fn":
+        out = cls.__new__(cls)
+        out.fn, out._aux, out._leaves = aux.original, aux, list(leaves)
+        return out
+
+
+jax.tree_util.register_pytree_node(Fn, Fn._flatten, Fn._unflatten)
 
 
 Intervention = Patch | Add | Scale | Fn
@@ -163,3 +195,25 @@ def axis_mask(axes: str, sizes: dict[str, int], **index) -> jax.Array:
         sel = jnp.zeros((sizes[name],), bool).at[jnp.asarray(idx)].set(True)
         out = out & sel.reshape([sizes[name] if j == i else 1 for j in range(len(names))])
     return out
+
+
+def ablate_heads(cfg, heads) -> dict[str, Scale]:
+    """Interventions zero-ablating the outputs (`attn.hook_z`) of the given (layer, head) pairs, one per layer:
+    `model(tokens, interventions=ablate_heads(cfg, [(5, 3), (5, 7), (9, 1)]))`.
+
+    Args:
+        cfg: the model's Config (for n_layers and n_heads).
+        heads: (layer, head) pairs.
+
+    Raises:
+        InterventionError: a layer or head index out of range.
+    """
+    by_layer: dict[int, list[int]] = {}
+    for l, h in heads:
+        if not (0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads):
+            raise InterventionError(f"Head L{l}H{h} is out of range: the model has {cfg.n_layers} layers of "
+                                    f"{cfg.n_heads} heads.")
+        by_layer.setdefault(int(l), []).append(int(h))
+    axes = "batch pos head_index d_head"
+    return {f"blocks.{l}.attn.hook_z": zero_ablate(axis_mask(axes, {"head_index": cfg.n_heads}, head_index=hs))
+            for l, hs in by_layer.items()}

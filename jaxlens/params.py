@@ -29,7 +29,7 @@ def _norm_shapes(cfg: Config, prefix: tuple[int, ...], axes: str, kind: str | No
 def param_shapes(cfg: Config) -> dict[str, Any]:
     """Every weight's (axis string, shape), nested as the params pytree is."""
     L, H, G, D, E, M, V = (
-        cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab,
+        cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab,
     )
     attn = {
         "W_Q": ("layer head_index d_model d_head", (L, H, D, E)),

@@ -1,5 +1,6 @@
 """Test helpers: tiny configs with unequal sizes (axes cannot be confused), random Hugging Face reference models
-saved to a directory, and their outputs as numpy. torch/transformers are imported lazily: reference only."""
+saved to a directory, and their outputs as numpy; `interrupt_after` stops a sweep part-way, as a killed job
+would. torch/transformers are imported lazily: reference only."""
 
 from pathlib import Path
 
@@ -107,3 +108,20 @@ def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size:
     tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     tok.save_pretrained(path)
     return tok
+
+
+class SweepInterrupted(Exception):
+    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would (to show and test resume)."""
+
+
+def interrupt_after(n_chunks: int, record: list | None = None):
+    """An `on_chunk` callback for `jaxlens.patching` sweeps that raises SweepInterrupted once `n_chunks`
+    chunks are stored; each (done, total) call is appended to `record` if given."""
+
+    def on_chunk(done: int, total: int) -> None:
+        if record is not None:
+            record.append((done, total))
+        if done >= n_chunks:
+            raise SweepInterrupted(f"stopped after {done} of {total} chunks")
+
+    return on_chunk

@@ -9,12 +9,35 @@
 
 Each leaves the model's log-probs unchanged (to float error); see Elhage et al. 2021 and TL's
 `loading_from_pretrained.md` for why these make the residual stream easier to read.
+
+`processed_config(cfg, **flags)` is the Config `process_weights(cfg, params, **flags)` returns, computed from
+the config alone (no params, no tracing): loaders that transform params lazily call it for the new Config.
 """
 
 import jax.numpy as jnp
 
 from jaxlens.config import Config
 from jaxlens.shapes import Params
+
+
+def processed_config(
+    cfg: Config,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+) -> Config:
+    """The Config of a model after `process_weights(cfg, params, **flags)`, from the config alone.
+
+    Only fold_ln changes the architecture: "LN" -> "LNPre" and "RMS" -> "RMSPre" (the norms keep normalising,
+    their weights now live in the maps that read them). The other steps rewrite weights only; they are
+    arguments so that both functions take the same flags.
+    """
+    del center_writing_weights, center_unembed, fold_value_biases  # weights only
+    if fold_ln and cfg.normalization_type in ("LN", "RMS"):
+        return cfg.replace(normalization_type=f"{cfg.normalization_type}Pre")
+    return cfg
 
 
 def fold_ln(cfg: Config, params: Params) -> tuple[Config, Params]:
@@ -46,7 +69,7 @@ def fold_ln(cfg: Config, params: Params) -> tuple[Config, Params]:
     W_U = unembed["W_U"] * lnf["w"][:, None]
     unembed["W_U"] = W_U - W_U.mean(0, keepdims=True) if is_ln else W_U
     out["unembed"] = unembed
-    return cfg.replace(normalization_type="LNPre" if is_ln else "RMSPre"), out
+    return processed_config(cfg, fold_ln=True), out
 
 
 def center_writing_weights(cfg: Config, params: Params) -> tuple[Config, Params]:
@@ -74,7 +97,7 @@ def center_unembed(cfg: Config, params: Params) -> tuple[Config, Params]:
 def fold_value_biases(cfg: Config, params: Params) -> tuple[Config, Params]:
     """b_O += sum over heads of b_V @ W_O; b_V = 0 (under GQA each kv bias serves its group of heads)."""
     attn = dict(params["blocks"]["attn"])
-    b_V = jnp.repeat(attn["b_V"], cfg.n_heads // cfg.n_kv_heads, axis=1)  # [layer head d_head]
+    b_V = jnp.repeat(attn["b_V"], cfg.n_heads // cfg.n_key_value_heads, axis=1)  # [layer head d_head]
     attn["b_O"] = attn["b_O"] + jnp.einsum("lhe,lhed->ld", b_V, attn["W_O"])
     attn["b_V"] = jnp.zeros_like(attn["b_V"])
     return cfg, {**params, "blocks": {**params["blocks"], "attn": attn}}
@@ -109,3 +132,47 @@ def process_weights(
 
 _fold_ln, _center_writing_weights, _center_unembed, _fold_value_biases = (
     fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+
+
+def refactor_factored_attn_matrices(cfg: Config, params: Params) -> tuple[Config, Params]:
+    """TransformerLens's `refactor_factored_attn_matrices`: the same QK and OV circuits, refactored.
+
+    Only W_QK = W_Q W_K^T and W_OV = W_V W_O determine a head (Elhage et al. 2021); this picks factors
+    with orthogonal rows / columns. OV: with W_OV = U S V^T, W_V = U S and W_O = V^T (a rotation, so z and
+    the head's output have the same norm); b_V @ W_O moves into b_O and b_V = 0. QK: the biases join the
+    weights as a (d_model + 1)-th input row, W_Q_eff W_K_eff^T is split evenly (`FactoredMatrix.make_even`),
+    and the last row becomes the bias again. Logits are unchanged (to float error); singular vectors are
+    defined up to sign, so single weights may differ from TransformerLens's by the sign of a d_head column.
+
+    Raises:
+        ConfigError: rotary positions (the QK circuit depends on the query and key positions; TL asserts the
+            same), or grouped-query attention (refactored keys and values would differ per query head).
+    """
+    from jaxlens.analysis.factored_matrix import FactoredMatrix
+
+    check_refactorable(cfg)
+    attn = dict(params["blocks"]["attn"])
+    sw = lambda x: jnp.swapaxes(x, -1, -2)
+    q_eff = jnp.concatenate([attn["W_Q"], attn["b_Q"][:, :, None, :]], axis=2)  # [layer head d_model+1 e]
+    k_eff = jnp.concatenate([attn["W_K"], attn["b_K"][:, :, None, :]], axis=2)
+    q_even, k_even_t = FactoredMatrix(q_eff, sw(k_eff)).make_even().pair
+    k_even = sw(k_even_t)
+    attn.update(W_Q=q_even[:, :, :-1], b_Q=q_even[:, :, -1], W_K=k_even[:, :, :-1], b_K=k_even[:, :, -1])
+    attn["b_O"] = attn["b_O"] + jnp.einsum("lhe,lhed->ld", attn["b_V"], attn["W_O"])
+    attn["b_V"] = jnp.zeros_like(attn["b_V"])
+    U, S, V = FactoredMatrix(attn["W_V"], attn["W_O"]).svd()
+    attn["W_V"], attn["W_O"] = U * S[..., None, :], sw(V)
+    return cfg, {**params, "blocks": {**params["blocks"], "attn": attn}}
+
+
+def check_refactorable(cfg: Config) -> None:
+    """Raise ConfigError unless `refactor_factored_attn_matrices` applies to this architecture."""
+    from jaxlens.errors import ConfigError
+
+    if cfg.positional_embedding_type == "rotary":
+        raise ConfigError("refactor_factored_attn_matrices needs learned positions: with rotary embeddings "
+                          "the QK circuit depends on the query and key positions. Load without it.")
+    if cfg.n_key_value_heads != cfg.n_heads:
+        raise ConfigError("refactor_factored_attn_matrices needs one key/value head per query head; this "
+                          f"model shares {cfg.n_key_value_heads} among {cfg.n_heads} (grouped-query "
+                          "attention).")

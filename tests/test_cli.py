@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlens import cli, demo, testing
+from jaxlens import cli, converters, demo, testing
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When John and Mary went to the store, Mary gave a drink to"
@@ -114,19 +114,17 @@ def test_sweep_matches_hand_patched_hf_model(tiny, tmp_path):
 # -- convert ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["folder", "model.safetensors"])
 def test_convert_round_trips_the_checkpoint(tiny, tmp_path, target):
-    from jaxlens import converters
-
     path, _, _ = tiny
     out = tmp_path / target
     assert cli.main(["convert", str(path), "--out", str(out)]) == 0
-    cfg, params = cli.load_converted(out)
+    cfg, params = converters.load_converted(out)
     want_cfg, want = converters.load(path)
     assert cfg == want_cfg
-    flat, want_flat = cli._flatten(params), cli._flatten(want)
+    flat, want_flat = converters.flatten_params(params), converters.flatten_params(want)
     assert flat.keys() == want_flat.keys()
     for k in want_flat:
         np.testing.assert_array_equal(flat[k], want_flat[k], err_msg=k)
-    assert cli.is_converted(out)
+    assert converters.is_converted(out)
     if target == "folder":
         assert (out / "tokenizer.json").is_file()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no temporaries left
@@ -135,12 +133,11 @@ def test_convert_round_trips_the_checkpoint(tiny, tmp_path, target):
 
 
 def test_converted_folder_loads_as_the_same_model(tiny, tmp_path):
-    from jaxlens.demo import load_model
     from jaxlens.hooked_transformer import HookedTransformer
 
     path, _, _ = tiny
     assert cli.main(["convert", str(path), "--out", str(tmp_path / "c")]) == 0
-    a, b = load_model(str(tmp_path / "c")), HookedTransformer.from_pretrained(path)
+    a, b = HookedTransformer.from_pretrained(str(tmp_path / "c")), HookedTransformer.from_pretrained(path)
     np.testing.assert_allclose(np.asarray(a(CLEAN)), np.asarray(b(CLEAN)), atol=1e-6)
 
 
@@ -148,7 +145,7 @@ def test_load_converted_rejects_other_files(tiny, tmp_path):
     from jaxlens.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="jaxlens convert"):
-        cli.load_converted(tiny[0])
+        converters.load_converted(tiny[0])
 
 
 # -- demo on a tiny model -----------------------------------------------------------------------------------------

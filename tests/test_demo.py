@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxlens import cli, demo
+from jaxlens import cli
+from jaxlens.analysis import find_induction_heads
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ def test_smollm2_induction_heads_agree_with_transformers_attentions(smollm2_gguf
 
     seq_len, batch, k = 20, 2, 5
     model = HookedTransformer.from_pretrained("smollm2-135m")
-    found = demo.find_induction_heads(model, seq_len=seq_len, batch=batch, top_k=k, seed=1)
+    found = find_induction_heads(model, seq_len=seq_len, batch=batch, top_k=k, seed=1)
     del model
     path = smollm2_gguf
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,

@@ -14,7 +14,8 @@ import pytest
 
 from jaxlens import HookedTransformer, forward, hook_names, init_params, testing
 from jaxlens.converters import bert
-from jaxlens.encoder import HookedEncoder, all_names
+from jaxlens.encoder import HookedEncoder
+from jaxlens.hook_names import encoder_table
 from jaxlens.params import cast_params
 
 CONFIGS = {
@@ -82,7 +83,7 @@ def test_encoder_bf16(tmp_path):
     e32, e16 = HookedEncoder.from_pretrained(tmp_path), HookedEncoder.from_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(e16.params)} == {"bfloat16"}
     tokens = np.random.default_rng(2).integers(0, 99, (2, 12))
-    out16, cache = e16.run_with_cache(tokens, names_filter=all_names(e16.cfg, heads=("pooler",)))
+    out16, cache = e16.run_with_cache(tokens, names_filter=encoder_table(e16.cfg, ("pooler",)).all_names())
     assert {str(v.dtype) for v in cache.values()} == {"bfloat16"}
     a, b = np.asarray(e32(tokens)), np.asarray(out16, np.float32)
     assert 0 < np.abs(a - b).max() and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999

@@ -7,7 +7,8 @@ import torch
 
 from jaxlens import Patch, testing, zero_ablate
 from jaxlens.converters import bert
-from jaxlens.encoder import HookedEncoder, all_names, encoder_forward, hook_axes
+from jaxlens.encoder import HookedEncoder, encoder_forward
+from jaxlens.hook_names import encoder_table
 from jaxlens.errors import InputError, UnknownHookError
 
 CONF = dict(hidden_size=40, num_hidden_layers=3, num_attention_heads=5, intermediate_size=72, vocab_size=120,
@@ -72,7 +73,7 @@ def runs(models, batch):
     out = {}
     for cls, hf in models.items():
         cfg, params = bert.load(hf)
-        names = all_names(cfg, heads=("mlm_head",) if cls == "BertForMaskedLM" else ("pooler",))
+        names = encoder_table(cfg, ("mlm_head",) if cls == "BertForMaskedLM" else ("pooler",)).all_names()
         y, cache = encoder_forward(params, cfg, tokens, token_type_ids=token_types, attention_mask=mask,
                                    cache_names=names + ["blocks.attn.hook_pattern"])
         out[cls] = (cfg, params, y, cache, hf_run(hf, tokens, token_types, mask))
@@ -109,7 +110,7 @@ def test_padding_does_not_change_real_positions(runs, batch):
 
 def test_cache_has_tl_names_and_shapes(runs):
     cfg, _, _, cache, _ = runs["BertForMaskedLM"]
-    names = all_names(cfg, heads=("mlm_head",))
+    names = encoder_table(cfg, ("mlm_head",)).all_names()
     for want in ("hook_full_embed", "embed.hook_embed", "embed.hook_pos_embed", "embed.hook_token_type_embed",
                  "embed.ln.hook_scale", "embed.ln.hook_normalized", "blocks.0.hook_resid_pre",
                  "blocks.0.attn.hook_q", "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_z",
@@ -122,7 +123,7 @@ def test_cache_has_tl_names_and_shapes(runs):
     sizes = dict(batch=3, pos=11, d_model=40, head_index=5, d_head=8, d_mlp=72, query_pos=11, key_pos=11)
     sizes["1"] = 1
     for name in names:
-        assert cache[name].shape == tuple(sizes[a] for a in hook_axes(cfg, name).split()), name
+        assert cache[name].shape == tuple(sizes[a] for a in encoder_table(cfg).axes(name).split()), name
     # TL: masked keys hold -inf in hook_attn_scores
     assert np.isneginf(np.asarray(cache["blocks.1.attn.hook_attn_scores"])[1, :, :, 7:]).all()
     # the next block reads the previous block's normalized output

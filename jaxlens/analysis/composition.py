@@ -116,5 +116,5 @@ def _fro(x: Array) -> Array:
 
 
 def _repeat_kv(w: Array, cfg: Config) -> Array:
-    r = cfg.n_heads // cfg.n_kv_heads
+    r = cfg.n_heads // cfg.n_key_value_heads
     return jnp.repeat(w, r, axis=1) if r > 1 else w

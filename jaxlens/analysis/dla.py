@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from jaxlens.cache import ActivationCache, PosSlice, _pos
+from jaxlens.cache import ActivationCache
+from jaxlens.cache_analysis import PosSlice, slice_axis
 from jaxlens.errors import InputError
 
 # einsum letters: l=layer b=batch p=pos h=head_index e=d_head d=d_model m=d_mlp
@@ -164,7 +165,7 @@ def _batched(cache: ActivationCache, name: str) -> Array:
 
 def _sel(x: Array, pos_slice: PosSlice, axis: int) -> Array:
     """Positions along `axis`, keeping the axis (an int becomes a length-1 selection)."""
-    return _pos(x, [pos_slice] if isinstance(pos_slice, int) else pos_slice, axis)
+    return slice_axis(x, [pos_slice] if isinstance(pos_slice, int) else pos_slice, axis)
 
 
 def _finish(cache, out: Array, pos_slice) -> Array:

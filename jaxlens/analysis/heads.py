@@ -187,3 +187,20 @@ def _check_det(det, tokens_shape) -> Array:
     if bool(jnp.any(jnp.triu(det, k=1) != 0)):
         raise InputError("The detection pattern must be lower triangular: a causal head cannot attend ahead.")
     return det
+
+
+def top_heads(scores, k: int, by_abs: bool = False) -> list[tuple[int, int]]:
+    """The k (layer, head) pairs with the highest scores (or absolute values), best first (ties: lower index).
+
+    Args:
+        scores: [layer head_index] per-head scores (`detect_head`, an induction score, a patching grid).
+        k: how many. by_abs: rank by |score| (patching effects of either sign).
+
+    Raises:
+        InputError: k is not between 1 and the number of heads.
+    """
+    values = np.abs(np.asarray(scores)) if by_abs else np.asarray(scores)
+    if not 0 < k <= values.size:
+        raise InputError(f"top_k must be between 1 and the number of heads ({values.size}); found {k}.")
+    flat = np.argsort(-values, axis=None, kind="stable")[:k]
+    return [tuple(int(i) for i in np.unravel_index(f, values.shape)) for f in flat]

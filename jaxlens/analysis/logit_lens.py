@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxlens.cache import ActivationCache, PosSlice
+from jaxlens.cache import ActivationCache
+from jaxlens.cache_analysis import PosSlice
 from jaxlens.errors import InputError
 from jaxlens.model.forward import unembed
 from jaxlens.model.hooks import Hooks

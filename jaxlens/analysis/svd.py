@@ -44,7 +44,7 @@ def singular_directions(
         if head_index is None:
             raise InputError("vector_type 'OV' needs head_index (the OV circuit belongs to one head).")
         _check_index("head_index", head_index, cfg.n_heads)
-        kv = head_index // (cfg.n_heads // cfg.n_kv_heads)
+        kv = head_index // (cfg.n_heads // cfg.n_key_value_heads)
         f32 = lambda w: w.astype(jnp.float32)
         attn = blocks["attn"]
         fm = FactoredMatrix(f32(attn["W_V"][layer_index, kv]), f32(attn["W_O"][layer_index, head_index]))

@@ -4,8 +4,8 @@ Hooks: hook_q_input/k_input/v_input (only computed if asked: the residual repeat
 (k and v at n_key_value_heads), attn.hook_rot_q/rot_k (rotary models), attn.hook_attn_scores (-inf where
 masked, as TL), attn.hook_pattern, attn.hook_z, attn.hook_result (only computed if asked).
 
-Under grouped-query attention key/value head j serves query heads j*r .. j*r + r - 1 (r = n_heads / n_kv_heads),
-as in TransformerLens and Hugging Face.
+Under grouped-query attention key/value head j serves query heads j*r .. j*r + r - 1
+(r = n_heads / n_key_value_heads), as in TransformerLens and Hugging Face.
 """
 
 from typing import NamedTuple
@@ -51,8 +51,8 @@ def attention_sublayer(
     if any(hooks.wants(n) for n in ("hook_q_input", "hook_k_input", "hook_v_input")):
         b, s, d = resid.shape
         q_in = hooks("hook_q_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_heads, d)))
-        k_in = hooks("hook_k_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_kv_heads, d)))
-        v_in = hooks("hook_v_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_kv_heads, d)))
+        k_in = hooks("hook_k_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_key_value_heads, d)))
+        v_in = hooks("hook_v_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_key_value_heads, d)))
         quiet = Hooks()
         q = jnp.einsum("bphd,hde->bphe", norm(ln_p, q_in, cfg, hooks, "ln1"), p["W_Q"])
         k = jnp.einsum("bphd,hde->bphe", norm(ln_p, k_in, cfg, quiet, "ln1"), p["W_K"])
@@ -85,10 +85,10 @@ def attention_sublayer(
 
 def _attend(p, q, k, v, cfg: Config, hooks: Hooks, ctx: Context, window, key_valid):
     """Scores, mask, pattern and z."""
-    r = cfg.n_heads // cfg.n_kv_heads
+    r = cfg.n_heads // cfg.n_key_value_heads
     if r > 1:
         k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.float32) / cfg.scale
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.float32) / cfg.attn_scale
     if cfg.attn_scores_soft_cap is not None:
         scores = cfg.attn_scores_soft_cap * jnp.tanh(scores / cfg.attn_scores_soft_cap)
     mask = _mask(cfg, ctx, window, q.shape[1], k.shape[1], key_valid)

@@ -44,11 +44,3 @@ def block(
     else:
         resid_post = resid_mid + mlp_out
     return hooks("hook_resid_post", resid_post), kv
-
-
-def windows(cfg: Config) -> Int[Array, " layer"]:
-    """Per-layer attention windows as an array scanned with the layers (global attention: a huge window)."""
-    big = 2**30
-    if cfg.window_sizes is None:
-        return jnp.full((cfg.n_layers,), big, jnp.int32)
-    return jnp.asarray([big if w is None else w for w in cfg.window_sizes], jnp.int32)

@@ -9,7 +9,7 @@
 
 Unlike a decoder block the norms come *after* each sublayer (post-LN), so `fold_ln` does not apply, as in TL.
 The attention and the MLP are the decoder's own functions (`attention.attention_sublayer`, `mlp.mlp`); the block
-only arranges them. Hook names and axes are tabled here; `jaxlens.encoder` parses names against them.
+only arranges them. Hook names and axes are in `jaxlens.hook_names.encoder_table`.
 """
 
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxlens.config import Config
+from jaxlens.hook_names import ENCODER_HEADS
 from jaxlens.model.attention import Context, attention_sublayer
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.mlp import ACTIVATIONS, mlp
@@ -25,60 +26,9 @@ from jaxlens.shapes import Params
 
 # einsum letters: b=batch p=pos d=d_model v=d_vocab
 
-#: Hook points that TL switches on with flags (split q/k/v inputs, per-head results, mlp_in): recorded only if named.
-OPTIONAL = frozenset({"hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "hook_mlp_in"})
-
-#: Output heads an encoder's params may carry, and the hook points each adds.
-HEAD_HOOKS = {
-    "mlm_head": {"mlm_head.ln.hook_scale": "batch pos 1", "mlm_head.ln.hook_normalized": "batch pos d_model"},
-    "pooler": {"pooler.hook_pooler_out": "batch d_model"},
-}
-
-
-def block_hook_axes(cfg: Config) -> dict[str, str]:
-    """Hooks of one BERT block in forward order: relative name -> axis string (TL's `BertBlock`)."""
-    return {
-        "hook_resid_pre": "batch pos d_model",
-        "hook_q_input": "batch pos head_index d_model",
-        "hook_k_input": "batch pos head_index d_model",
-        "hook_v_input": "batch pos head_index d_model",
-        "attn.hook_q": "batch pos head_index d_head",
-        "attn.hook_k": "batch pos head_index d_head",
-        "attn.hook_v": "batch pos head_index d_head",
-        "attn.hook_attn_scores": "batch head_index query_pos key_pos",
-        "attn.hook_pattern": "batch head_index query_pos key_pos",
-        "attn.hook_z": "batch pos head_index d_head",
-        "attn.hook_result": "batch pos head_index d_model",
-        "hook_attn_out": "batch pos d_model",
-        "hook_resid_mid": "batch pos d_model",
-        "hook_mlp_in": "batch pos d_model",
-        "ln1.hook_scale": "batch pos 1",
-        "ln1.hook_normalized": "batch pos d_model",
-        "mlp.hook_pre": "batch pos d_mlp",
-        "mlp.hook_post": "batch pos d_mlp",
-        "hook_mlp_out": "batch pos d_model",
-        "hook_resid_post": "batch pos d_model",
-        "ln2.hook_scale": "batch pos 1",
-        "ln2.hook_normalized": "batch pos d_model",
-        "hook_normalized_resid_post": "batch pos d_model",
-    }
-
-
-def embed_hook_axes() -> dict[str, str]:
-    """Hooks before the blocks (TL's `BertEmbed` and `HookedEncoder.hook_full_embed`), in forward order."""
-    return {
-        "embed.hook_embed": "batch pos d_model",
-        "embed.hook_pos_embed": "batch pos d_model",
-        "embed.hook_token_type_embed": "batch pos d_model",
-        "embed.ln.hook_scale": "batch pos 1",
-        "embed.ln.hook_normalized": "batch pos d_model",
-        "hook_full_embed": "batch pos d_model",
-    }
-
-
 def heads_of(params: Params) -> tuple[str, ...]:
     """The output heads present in `params` ("mlm_head", "pooler"), in a fixed order."""
-    return tuple(h for h in HEAD_HOOKS if h in params)
+    return tuple(h for h in ENCODER_HEADS if h in params)
 
 
 def encoder_param_shapes(cfg: Config, n_token_types: int, heads: tuple[str, ...] = ()) -> dict:
@@ -126,8 +76,11 @@ def encoder_block(
     cfg: Config,
     hooks: Hooks,
     ctx: Context,
-) -> Float[Array, "batch pos d_model"]:
-    """One post-LN block; returns hook_normalized_resid_post (the next block's input)."""
+    window: Int[Array, ""] | None = None,
+    kv: None = None,
+) -> tuple[Float[Array, "batch pos d_model"], None]:
+    """One post-LN block; returns (hook_normalized_resid_post, the next block's input; None: no KV state).
+    `window` and `kv` are the block runner's arguments, unused (attention is bidirectional, no decoding)."""
     resid_pre = hooks("hook_resid_pre", resid_pre)
     no_pre_norm = cfg.replace(normalization_type=None)  # attention reads the residual directly
     no_window = jnp.asarray(2**30, jnp.int32)  # bidirectional: the window is never consulted
@@ -137,7 +90,7 @@ def encoder_block(
     normalized_mid = norm(p["ln1"], hooks("hook_mlp_in", resid_mid), cfg, hooks, "ln1")
     mlp_out = hooks("hook_mlp_out", mlp(p["mlp"], normalized_mid, cfg, hooks))
     resid_post = hooks("hook_resid_post", normalized_mid + mlp_out)
-    return hooks("hook_normalized_resid_post", norm(p["ln2"], resid_post, cfg, hooks, "ln2"))
+    return hooks("hook_normalized_resid_post", norm(p["ln2"], resid_post, cfg, hooks, "ln2")), None
 
 
 def mlm_head(

@@ -19,11 +19,11 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxlens import hook_names
 from jaxlens.config import Config
-from jaxlens.errors import InputError, InterventionError
-from jaxlens.interventions import as_intervention
+from jaxlens.errors import InputError
+from jaxlens.model import runner
 from jaxlens.model.attention import Context, KVState
-from jaxlens.model.block import block, windows
 from jaxlens.model.hooks import Hooks
+from jaxlens.model.loss import lm_cross_entropy_loss as lm_cross_entropy_loss  # re-exported
 from jaxlens.model.norms import norm
 from jaxlens.shapes import Params
 
@@ -80,32 +80,26 @@ def run(
     attention_mask=None,
     kv_cache: KVState | None = None,
     pos_offset: Int[Array, ""] | int = 0,
-) -> tuple[Array, dict[str, Array], KVState | None]:
+    stacked_cache: bool = False,
+) -> tuple[Array, dict[str, Array] | tuple[dict[str, Array], dict[str, Array]], KVState | None]:
     """`forward`, plus incremental decoding: with `kv_cache` (KVState with a leading layer axis, max_pos long)
     the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third.
 
     With `kv_cache`, `attention_mask` covers every cache slot ([batch max_pos]): keys are masked over the whole
-    cache and positions count the valid slots up to each query (left-padded batched decoding)."""
+    cache and positions count the valid slots up to each query (left-padded batched decoding).
+
+    With `stacked_cache` the second output is `runner.stacks`'s pair (global and stacked names, {relative
+    block name: (layers, stacked activations)}): one output per hook, for `ActivationCache`."""
     if kv_cache is not None and attention_mask is not None:
         n_mask, n_slots = jnp.shape(attention_mask)[-1], kv_cache.k.shape[2]
         if n_mask != n_slots:
             raise InputError(f"With a KV cache, attention_mask must cover all {n_slots} cache slots "
                              f"([batch max_pos], True for valid keys); found length {n_mask}.")
-    start = 0 if start_at_layer is None else start_at_layer
-    stop = cfg.n_layers if stop_at_layer is None else stop_at_layer
-    if stop < 0:
-        stop += cfg.n_layers
-    if not 0 <= start <= stop <= cfg.n_layers:
-        raise InputError(
-            f"Layer bounds start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer} do not satisfy "
-            f"0 <= start <= stop <= n_layers={cfg.n_layers}."
-        )
-    glob_iv, stacked_iv, at_layer_iv = _split_interventions(cfg, interventions or {}, start, stop)
-    glob_cache, block_cache = hook_names.names_by_layer(cache_names, cfg)
-    for rel, layers in block_cache.items():
-        bad = [l for l in layers if l != "all" and not start <= l < stop]
-        if bad:
-            raise InputError(f"Cannot cache blocks.{bad[0]}.{rel}: this forward runs only layers [{start}, {stop}).")
+    table = hook_names.decoder_table(cfg)
+    start, stop = runner.layer_bounds(cfg.n_layers, start_at_layer, stop_at_layer)
+    glob_iv, block_iv = runner.split_interventions(table, interventions, start, stop)
+    cache_names = tuple(cache_names)
+    glob_cache, block_cache = table.split(cache_names)
     top = Hooks(here=glob_iv, names_to_cache=frozenset(glob_cache))
 
     if start_at_layer is None:
@@ -121,40 +115,33 @@ def run(
         positions = _positions(resid.shape[:2], attention_mask, pos_offset)
     ctx = Context(positions=positions, key_valid=None if attention_mask is None else jnp.asarray(attention_mask, bool),
                   offset=pos_offset)
-
-    def body(resid, xs):
-        p, idx, window, here, kv = xs
-        hooks = Hooks(prefix="blocks.", layer=idx, here=here, at_layer=at_layer_iv,
-                      names_to_cache=frozenset(block_cache))
-        resid, kv = block(p, resid, cfg, hooks, ctx, window, kv)
-        return resid, (hooks.cache, kv)
-
-    sl = lambda x: x[start:stop]
-    xs = (jax.tree_util.tree_map(sl, params["blocks"]), jnp.arange(start, stop), sl(windows(cfg)), stacked_iv,
-          kv_cache)
-    resid, (stacked_cache, new_kv) = jax.lax.scan(body, resid, xs)
-
-    if stop_at_layer is not None:
-        out = resid
-    else:
-        out = unembed(params, cfg, norm(params.get("ln_final", {}), resid, cfg, top, "ln_final"))
-    cache = {}
-    for name in cache_names:  # in the order asked for
-        layer, rel = hook_names.parse(cfg, name)
-        if layer is None:
-            if rel in top.cache:
-                cache[name] = top.cache[rel]
-        else:
-            cache[name] = stacked_cache[rel] if layer == "all" else stacked_cache[rel][layer - start]
-    return out, cache, new_kv
+    resid, recorded, new_kv = runner.run_blocks(params["blocks"], cfg, resid, ctx, block_iv, start=start,
+                                                stop=stop, cache=block_cache, kv=kv_cache)
+    out = resid if stop_at_layer is not None else final_logits(params, cfg, resid, top)
+    gather = runner.stacks if stacked_cache else runner.collect
+    return out, gather(table, cache_names, top.cache, recorded, start, stop), new_kv
 
 
-def unembed(params: Params, cfg: Config, x: Float[Array, "batch pos d_model"]) -> Float[Array, "batch pos d_vocab"]:
-    """Logits from the final normalised residual (with output softcapping where the config has it)."""
-    logits = jnp.einsum("bpd,dv->bpv", x, params["unembed"]["W_U"]) + params["unembed"]["b_U"]
+def final_logits(params: Params, cfg: Config, resid: Float[Array, "batch pos d_model"], hooks: Hooks | None = None,
+                 vocab: Int[Array, " n"] | None = None) -> Float[Array, "batch pos d_vocab"]:
+    """ln_final then the unembedding (with `vocab`, only those logits)."""
+    hooks = Hooks() if hooks is None else hooks
+    return unembed(params, cfg, norm(params.get("ln_final", {}), resid, cfg, hooks, "ln_final"), hooks, vocab)
+
+
+def unembed(params: Params, cfg: Config, x: Float[Array, "batch pos d_model"], hooks: Hooks | None = None,
+            vocab: Int[Array, " n"] | None = None) -> Float[Array, "batch pos d_vocab"]:
+    """Logits from the final normalised residual (with output softcapping where the config has it); with
+    `vocab`, only the logits of those token ids ([batch pos n])."""
+    W_U, b_U = params["unembed"]["W_U"], params["unembed"]["b_U"]
+    if vocab is not None:
+        W_U, b_U = W_U[:, vocab], b_U[vocab]
+    if hooks is not None:
+        x = hooks("unembed.hook_in", x)
+    logits = jnp.einsum("bpd,dv->bpv", x, W_U) + b_U
     if cfg.output_logits_soft_cap is not None:
         logits = cfg.output_logits_soft_cap * jnp.tanh(logits / cfg.output_logits_soft_cap)
-    return logits
+    return logits if hooks is None else hooks("unembed.hook_out", logits)
 
 
 def check_tokens(tokens, cfg: Config, pos_offset: int = 0) -> Int[Array, "batch pos"]:
@@ -187,24 +174,6 @@ def check_tokens(tokens, cfg: Config, pos_offset: int = 0) -> Int[Array, "batch 
     return arr
 
 
-def lm_cross_entropy_loss(
-    logits: Float[Array, "batch pos d_vocab"],
-    tokens: Int[Array, "batch pos"],
-    attention_mask: Bool[Array, "batch pos"] | None = None,
-    per_token: bool = False,
-) -> Array:
-    """Next-token cross-entropy as TransformerLens computes it (mean, or [batch pos-1] with per_token)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, :-1]
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    if per_token:
-        return nll
-    if attention_mask is None:
-        return nll.mean()
-    m = jnp.asarray(attention_mask, bool)
-    valid = (m[:, 1:] & m[:, :-1]).astype(jnp.float32)
-    return (nll * valid).sum() / valid.sum()
-
-
 def _positions(shape, attention_mask, pos_offset) -> Int[Array, "batch pos"]:
     if attention_mask is not None:
         m = jnp.asarray(attention_mask, jnp.int32)
@@ -220,30 +189,3 @@ def _embed(params, cfg: Config, tokens, hooks: Hooks, attention_mask, pos_offset
     if cfg.positional_embedding_type == "standard":
         resid = resid + hooks("hook_pos_embed", params["pos_embed"]["W_pos"][positions])
     return resid, positions
-
-
-def _split_interventions(cfg: Config, interventions: Mapping[str, Any], start: int, stop: int, parse=None):
-    """{name: iv} -> (global {rel: [iv]}, stacked {rel: [iv sliced to layers]}, at_layer {rel: [(l, iv)]}).
-
-    `parse` maps a name to (layer, relative name); the decoder's `hook_names.parse` by default (the encoder
-    passes its own table)."""
-    glob, stacked, at_layer = {}, {}, {}
-    for name, iv in interventions.items():
-        ivs = as_intervention(iv)
-        ivs = ivs if isinstance(ivs, list) else [ivs]
-        layer, rel = (parse or hook_names.parse)(cfg, name)
-        if layer is None:
-            glob.setdefault(rel, []).extend(ivs)
-        elif layer == "all":
-            for one in ivs:
-                for leaf in jax.tree_util.tree_leaves(one):
-                    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != cfg.n_layers:
-                        raise InterventionError(
-                            f"Intervention at {name!r} addresses every layer, so each array in it needs a leading "
-                            f"layer axis of size n_layers={cfg.n_layers}; found shape {jnp.shape(leaf)}. Address "
-                            f"one layer with 'blocks.<layer>.{rel}', or stack the values over layers."
-                        )
-                stacked.setdefault(rel, []).append(jax.tree_util.tree_map(lambda x: x[start:stop], one))
-        elif start <= layer < stop:
-            at_layer.setdefault(rel, []).extend((layer, one) for one in ivs)
-    return glob, stacked, at_layer

@@ -14,7 +14,7 @@ from jaxlens.config import Config
 
 def inv_freq(cfg: Config) -> Float[Array, " half"]:
     """Rotation frequencies, with Llama-3 scaling when `cfg.rotary_scaling` is set."""
-    R = cfg.rotary_dims
+    R = cfg.rotary_dim
     freq = 1.0 / (cfg.rotary_base ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
     if cfg.rotary_scaling is None:
         return freq
@@ -33,7 +33,7 @@ def apply_rotary(
     cfg: Config,
 ) -> Float[Array, "batch pos head d_head"]:
     """Rotate the first rotary_dim dims of every head by angle position * frequency."""
-    R = cfg.rotary_dims
+    R = cfg.rotary_dim
     angles = positions.astype(jnp.float32)[..., None] * inv_freq(cfg)  # [batch pos half]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     rot = x[..., :R].astype(jnp.float32)

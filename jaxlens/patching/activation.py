@@ -408,7 +408,7 @@ def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, 
     """
     cfg = model.cfg
     options["progress"] = False
-    n_dst = cfg.n_kv_heads if component in ("k", "v") else cfg.n_heads
+    n_dst = cfg.n_key_value_heads if component in ("k", "v") else cfg.n_heads
     out = np.zeros((cfg.n_layers, cfg.n_heads, cfg.n_layers, n_dst), np.float32)
     sources = [(sl, sh) for sl in range(cfg.n_layers - 1) for sh in range(cfg.n_heads)]
     for sl, sh in tqdm(sources, desc=f"direct paths from every head [{component}]", disable=not verbose):

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 
 from jaxlens.interventions import Patch
 from jaxlens.model.attention import Context, KVState
-from jaxlens.model.block import block, windows
-from jaxlens.model.forward import run, unembed
+from jaxlens.model.forward import final_logits, run, unembed
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.norms import norm
+from jaxlens.model.runner import BlockInterventions, run_blocks
 from jaxlens.patching.logit_reads import LogitReads
 from jaxlens.patching.plan import POS_AXES, Target
 
@@ -116,23 +116,17 @@ def _reuse_cell(spec: ChunkSpec, params, data, layer, idx):
 def _blocks(spec: ChunkSpec, params, data, resid, start, patch):
     """Run layers start..L-1 on the window; `patch` ({hook: [intervention]}) applies in block `start` only.
 
-    One traced block serves every layer: the patch is selected in where the loop index equals `start`.
+    One traced block serves every layer (the runner's loop with data bounds): the patch is selected in where
+    the loop index equals `start`.
     """
     cfg = spec.target.cfg
     w0 = spec.n_pos - spec.window
     b, s = resid.shape[:2]
     ctx = Context(positions=jnp.broadcast_to(jnp.arange(w0, spec.n_pos), (b, s)), key_valid=None, offset=w0)
-    wins = windows(cfg)
-    at_layer = {k: [(start, iv) for iv in v] for k, v in (patch or {}).items()}
-
-    def one(i, r):
-        take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-        p = jax.tree_util.tree_map(take, params["blocks"])
-        kv = KVState(take(data["k"]), take(data["v"])) if w0 else None
-        out, _ = block(p, r, cfg, Hooks(prefix="blocks.", layer=i, at_layer=at_layer), ctx, take(wins), kv)
-        return out
-
-    return jax.lax.fori_loop(start, cfg.n_layers, one, resid)
+    ivs = BlockInterventions({}, {k: [(start, iv) for iv in v] for k, v in (patch or {}).items()})
+    kv = KVState(data["k"], data["v"]) if w0 else None
+    return run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=jnp.asarray(start), stop=cfg.n_layers,
+                      kv=kv)[0]
 
 
 def _point_then_blocks(spec: ChunkSpec, params, data, layer, idx):
@@ -148,11 +142,10 @@ def _point_then_blocks(spec: ChunkSpec, params, data, layer, idx):
             src = jax.lax.dynamic_slice_in_dim(src, p, 1, axis=i)
     iv = Patch(value=src, mask=_mask(spec, idx, offset=0, point=True))
     resid = jax.lax.dynamic_slice_in_dim(take(data["resid_pre"]), p, 1, axis=1)
-    b = resid.shape[0]
-    ctx = Context(positions=jnp.broadcast_to(p, (b, 1)), key_valid=None, offset=p)
-    hooks = Hooks(prefix="blocks.", layer=layer, at_layer={t.rel: [(layer, iv)]})
-    kv = KVState(take(data["k"]), take(data["v"]))
-    out, _ = block(jax.tree_util.tree_map(take, params["blocks"]), resid, cfg, hooks, ctx, take(windows(cfg)), kv)
+    ctx = Context(positions=jnp.broadcast_to(p, (resid.shape[0], 1)), key_valid=None, offset=p)
+    ivs = BlockInterventions({}, {t.rel: [(layer, iv)]})
+    out = run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=jnp.asarray(layer), stop=layer + 1,
+                     kv=KVState(data["k"], data["v"]))[0]
     nxt = jnp.where(layer + 1 < L, take(data["resid_pre"], jnp.minimum(layer + 1, L - 1)), data["final_resid"])
     win = jax.lax.dynamic_update_slice_in_dim(nxt[:, w0:], out.astype(nxt.dtype), p - w0, axis=1)
     return _blocks(spec, params, data, win, layer + 1, None)
@@ -167,27 +160,21 @@ def _final(spec: ChunkSpec, params, data, resid, post_iv):
     """The metric from the residual after the last block (window positions; earlier ones are the target's)."""
     cfg = spec.target.cfg
     w0 = spec.n_pos - resid.shape[1]
-    ln = params.get("ln_final", {})
     hooks = Hooks(here={k: [v] for k, v in post_iv.items()}) if post_iv else Hooks()
     if spec.reads is None:
-        logits = unembed(params, cfg, norm(ln, resid, cfg, hooks, "ln_final"))
+        logits = final_logits(params, cfg, resid, hooks)
         if w0:
             logits = jnp.concatenate([data["logits"][:, :w0], logits], axis=1)
         return spec.metric(logits)
     full = jnp.concatenate([data["final_resid"][:, :w0], resid], axis=1) if w0 else resid
     pos = jnp.asarray(spec.reads.positions)
-    if post_iv:
+    ln = params.get("ln_final", {})
+    if post_iv:  # the patched norm hooks see every position
         x = norm(ln, full, cfg, hooks, "ln_final")[:, pos]
     else:
         x = norm(ln, full[:, pos], cfg, hooks, "ln_final")
-    W_U, b_U = params["unembed"]["W_U"], params["unembed"]["b_U"]
-    if spec.reads.vocab is not None:
-        voc = jnp.asarray(spec.reads.vocab)
-        W_U, b_U = W_U[:, voc], b_U[voc]
-    sub = jnp.einsum("bpd,dv->bpv", x, W_U) + b_U
-    if cfg.output_logits_soft_cap is not None:
-        sub = cfg.output_logits_soft_cap * jnp.tanh(sub / cfg.output_logits_soft_cap)
-    return spec.reads(sub)
+    vocab = None if spec.reads.vocab is None else jnp.asarray(spec.reads.vocab)
+    return spec.reads(unembed(params, cfg, x, vocab=vocab))
 
 
 def _window(spec: ChunkSpec, x, w0: int):
@@ -222,5 +209,6 @@ def _mask(spec: ChunkSpec, idx, offset: int, point: bool = False):
 def _axis_size(spec: ChunkSpec, axis: str) -> int:
     cfg = spec.target.cfg
     sizes = {"pos": spec.n_pos, "query_pos": spec.n_pos, "key_pos": spec.n_pos, "head_index": cfg.n_heads,
-             "kv_head_index": cfg.n_kv_heads, "d_model": cfg.d_model, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp}
+             "kv_head_index": cfg.n_key_value_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
+             "d_mlp": cfg.d_mlp}
     return sizes[axis]

@@ -262,7 +262,7 @@ def cell_bytes_fn(cfg: Config, batch: int, n_pos: int, itemsize: int, n_logits: 
 
     n_logits: logits computed per batch row (positions x vocabulary entries the metric reads).
     """
-    D, M, H, G, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    D, M, H, G, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
 
     def f(S: int) -> int:
         per_tok = 8 * D + (4 if cfg.gated_mlp else 3) * M + 4 * H * E

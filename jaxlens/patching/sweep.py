@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 from tqdm import tqdm
 
+from jaxlens import _atomic
 from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
 from jaxlens.errors import InputError
@@ -345,7 +346,7 @@ class _Store:
                 raise InputError(f"checkpoint_dir {str(self.dir)!r} holds a different sweep (other model, prompts, "
                                  "hook, axes or metric). Use a new directory or empty this one.")
         else:
-            _atomic_write(meta, json.dumps({"fingerprint": fingerprint}).encode())
+            _atomic.write_bytes(meta, json.dumps({"fingerprint": fingerprint}).encode(), durable=True)
 
     def load(self, values: np.ndarray, done: np.ndarray) -> None:
         if self.dir is None:
@@ -360,16 +361,7 @@ class _Store:
             return
         buf = io.BytesIO()
         np.savez(buf, cells=cells, values=vals)
-        _atomic_write(self.dir / f"chunk_{number:06d}.npz", buf.getvalue())
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        _atomic.write_bytes(self.dir / f"chunk_{number:06d}.npz", buf.getvalue(), durable=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -6,8 +6,6 @@ characters the font cannot draw are written as `\\uXXXX`.
 """
 
 import functools
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
+from jaxlens import _atomic
 from jaxlens.errors import InputError
 
 ArrayLike = np.ndarray | jax.Array
@@ -96,16 +95,6 @@ def new_figure(width: float, height: float) -> Figure:
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write `fig` as a PNG atomically (a temporary file in the same folder, then renamed over `path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path

@@ -10,7 +10,7 @@ from jaxlens.errors import InputError
 
 def dense_circuits(cfg, params):
     a = {k: np.asarray(v, np.float64) for k, v in params["blocks"]["attn"].items()}
-    r = cfg.n_heads // cfg.n_kv_heads
+    r = cfg.n_heads // cfg.n_key_value_heads
     W_K, W_V = np.repeat(a["W_K"], r, axis=1), np.repeat(a["W_V"], r, axis=1)
     ov = a["W_V"] if r == 1 else W_V
     return ov @ a["W_O"], a["W_Q"] @ np.swapaxes(W_K, -1, -2)  # [l h d d] each

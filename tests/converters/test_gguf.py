@@ -1,4 +1,5 @@
-"""GGUF reading, dequantisation, cache and tokenizer (jaxlens.converters._gguf).
+"""GGUF reading, dequantisation, cache and tokenizer (jaxlens.converters._gguf_header, _gguf_quant, _gguf_cache,
+_gguf_tokenizer).
 
 Every dequantiser is checked bit for bit against a plain-loop decoder written here from ggml's
 `ggml-quants.c` (`dequantize_row_q8_0`, `..._q4_0`, `..._q4_1`, `..._q4_K` with `get_scale_min_k4`,
@@ -17,16 +18,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from jaxlens.converters import _gguf
-from jaxlens.converters._gguf import (
-    SUPPORTED_TYPES,
-    cached_dequantize,
-    dequantize,
-    dequantize_all,
-    read_gguf,
-    tokenizer_from_gguf,
-)
 
+from jaxlens.converters import _gguf_cache, _gguf_quant
+from jaxlens.converters._gguf_cache import cached_dequantize
+from jaxlens.converters._gguf_header import dequantize_all, read_gguf
+from jaxlens.converters._gguf_quant import SUPPORTED_TYPES, dequantize
+from jaxlens.converters._gguf_tokenizer import tokenizer_from_gguf
 from jaxlens.errors import CheckpointError
 
 QT = gguf.GGMLQuantizationType
@@ -137,7 +134,7 @@ REFERENCE = {"Q8_0": ref_q8_0, "Q4_0": ref_q4_0, "Q4_1": ref_q4_1, "Q4_K": ref_q
 
 
 def reference_decode(raw: np.ndarray, type_name: str, shape) -> np.ndarray:
-    _, type_size = _gguf.BLOCK_LAYOUT[type_name]
+    _, type_size = _gguf_quant.BLOCK_LAYOUT[type_name]
     blocks = np.asarray(raw).reshape(-1).view(np.uint8).reshape(-1, type_size)
     out = [v for blk in blocks for v in REFERENCE[type_name](blk)]
     return np.array(out, np.float32).reshape(shape)
@@ -174,7 +171,7 @@ def write_gguf(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
 
 def random_k_blocks(rng, type_name: str, n_blocks: int) -> np.ndarray:
     """Random K-quant blocks: random bytes, with the fp16 fields replaced by finite halves."""
-    _, type_size = _gguf.BLOCK_LAYOUT[type_name]
+    _, type_size = _gguf_quant.BLOCK_LAYOUT[type_name]
     raw = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
     halves = rng.normal(scale=0.05, size=(n_blocks, 2)).astype("<f2").view(np.uint8)
     if type_name == "Q6_K":
@@ -199,7 +196,7 @@ def small_gguf(tmp_path) -> Path:
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])
 def test_simple_block_quants_match_reference(tmp_path, monkeypatch, type_name):
-    monkeypatch.setattr(_gguf, "_CHUNK_ELEMENTS", 64)  # several decode steps even on a small tensor
+    monkeypatch.setattr(_gguf_quant, "_CHUNK_ELEMENTS", 64)  # several decode steps even on a small tensor
     rng = np.random.default_rng(1)
     x = rng.normal(size=(5, 96)).astype(np.float32)
     raw = gguf.quants.quantize(x, QT[type_name])
@@ -216,7 +213,7 @@ def test_simple_block_quants_match_reference(tmp_path, monkeypatch, type_name):
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_match_reference(tmp_path, monkeypatch, type_name):
-    monkeypatch.setattr(_gguf, "_CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(_gguf_quant, "_CHUNK_ELEMENTS", 512)
     raw = random_k_blocks(np.random.default_rng(2), type_name, 6).reshape(3, -1)
     gf = read_gguf(write_gguf(tmp_path / "k.gguf", {"w": (raw, QT[type_name])}))
     assert gf.ggml_type("w") == type_name
@@ -230,7 +227,7 @@ def test_k_quants_match_reference(tmp_path, monkeypatch, type_name):
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_many_blocks_agree_with_gguf_package(type_name):
     """A third opinion on many blocks (the loop reference is too slow for thousands)."""
-    block_size, type_size = _gguf.BLOCK_LAYOUT[type_name]
+    block_size, type_size = _gguf_quant.BLOCK_LAYOUT[type_name]
     rng = np.random.default_rng(3)
     if type_name.endswith("_K"):
         raw = random_k_blocks(rng, type_name, 5000)
@@ -396,13 +393,13 @@ def test_dequantize_all_reads_every_tensor_with_progress_bar(small_gguf, capsys)
 def counted(monkeypatch):
     """Counts calls of the real dequantisation behind cached_dequantize."""
     calls = []
-    real = _gguf.dequantize_all
+    real = _gguf_cache.dequantize_all
 
     def counting(path, *, progress=True):
         calls.append(path)
         return real(path, progress=progress)
 
-    monkeypatch.setattr(_gguf, "dequantize_all", counting)
+    monkeypatch.setattr(_gguf_cache, "dequantize_all", counting)
     return calls
 
 
@@ -478,7 +475,7 @@ def test_interrupted_write_is_never_read(small_gguf, tmp_path, monkeypatch, coun
         raise RuntimeError("simulated crash while writing the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(_gguf, "_save_tensors", crash_midway)
+        m.setattr(_gguf_cache, "write_safetensors", crash_midway)
         with pytest.raises(RuntimeError, match="simulated crash"):
             cached_dequantize(small_gguf, cache, progress=False)
     assert _final_files(cache) == []  # no partial final file, and no record vouching for one
@@ -492,9 +489,9 @@ def test_interrupted_write_is_never_read(small_gguf, tmp_path, monkeypatch, coun
 
 _KILL_BEFORE_RENAME = r"""
 import os, signal, sys
-from jaxlens.converters import _gguf
+from jaxlens.converters import _gguf_cache
 os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # killed after the temp file is written
-_gguf.cached_dequantize(sys.argv[1], sys.argv[2], progress=False)
+_gguf_cache.cached_dequantize(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
@@ -529,11 +526,11 @@ def test_tensors_without_record_are_recomputed(small_gguf, tmp_path, counted):
 def test_stale_temp_from_killed_writer_is_ignored_and_cleaned(small_gguf, tmp_path, counted):
     cache = tmp_path / "cache"
     cache.mkdir()
-    stem = f"gguf-{_gguf._sha256_file(small_gguf)}-v{_gguf.CACHE_FORMAT_VERSION}"
+    stem = f"gguf-{_gguf_cache._sha256_file(small_gguf)}-v{_gguf_cache.CACHE_FORMAT_VERSION}"
     old, fresh = cache / f".{stem}.old.tmp", cache / f".{stem}.fresh.tmp"
     for p in (old, fresh):
         p.write_bytes(b"garbage from a killed process")
-    past = time.time() - 2 * _gguf._STALE_TEMP_SECONDS
+    past = time.time() - 2 * _gguf_cache._STALE_TEMP_SECONDS
     os.utime(old, (past, past))
     result = cached_dequantize(small_gguf, cache, progress=False)
     _assert_same(result, dequantize_all(small_gguf, progress=False))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxlens.converters import _gguf, _gguf_map, convert
+from jaxlens.converters import _gguf, _gguf_cache, _gguf_map, convert
 
 from jaxlens import HookedTransformer, testing
 from jaxlens.errors import CheckpointError
@@ -133,7 +133,7 @@ def test_synthetic_gguf_matches_hf(synthetic, case, tmp_path):
     path, hf, tokens, want = synthetic(case)
     cfg, params = _gguf.load(path, cache_dir=tmp_path, progress=False)
     c = hf.config
-    assert (cfg.n_heads, cfg.n_kv_heads, cfg.d_model) == (c.num_attention_heads, c.num_key_value_heads,
+    assert (cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (c.num_attention_heads, c.num_key_value_heads,
                                                            c.hidden_size)
     assert cfg.rotary_base == 5000.0 and cfg.eps == pytest.approx(1e-5)
     np.testing.assert_allclose(_logits(cfg, params, tokens), want, atol=1e-4, rtol=0)
@@ -172,7 +172,7 @@ def test_reverse_permute_inverts_llama_cpp_permute():
 
 def test_tied_and_bias_flags_come_from_the_tensors(synthetic, tmp_path):
     path, *_ = synthetic("llama-mqa-bias-tied")
-    metadata, tensors = _gguf.cached_dequantize(path, tmp_path, progress=False)
+    metadata, tensors = _gguf_cache.cached_dequantize(path, tmp_path, progress=False)
     hf, source = _gguf_map.to_hf(metadata, tensors)
     assert hf["tie_word_embeddings"] is True and hf["attention_bias"] is True
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 97
@@ -183,7 +183,7 @@ def test_tied_and_bias_flags_come_from_the_tensors(synthetic, tmp_path):
 
 
 def _dequantised(synthetic, tmp_path, case="llama-gqa"):
-    return _gguf.cached_dequantize(synthetic(case)[0], tmp_path, progress=False)
+    return _gguf_cache.cached_dequantize(synthetic(case)[0], tmp_path, progress=False)
 
 
 def test_unknown_metadata_key_is_named(synthetic, tmp_path):
@@ -267,10 +267,10 @@ def real(tmp_path_factory, smollm2_gguf):
     path = smollm2_gguf
     cache = tmp_path_factory.mktemp("jaxlens-cache")
     calls = []
-    dequantize_all = _gguf.dequantize_all
+    dequantize_all = _gguf_cache.dequantize_all
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXLENS_CACHE", str(cache))
-        mp.setattr(_gguf, "dequantize_all", lambda *a, **k: calls.append(a) or dequantize_all(*a, **k))
+        mp.setattr(_gguf_cache, "dequantize_all", lambda *a, **k: calls.append(a) or dequantize_all(*a, **k))
         raw = HookedTransformer.from_pretrained_no_processing("smollm2-135m")
         calls_after_first = len(calls)
         processed = HookedTransformer.from_pretrained("smollm2-135m", tokenizer=raw.tokenizer)
@@ -297,7 +297,8 @@ def _valid(x, lengths):
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(real):
     cfg = real.raw.cfg
-    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_vocab) == (30, 576, 9, 3, 49152)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_vocab) == (
+        30, 576, 9, 3, 49152)
     got = _valid(real.raw(real.tokens), real.lengths)
     want = _valid(real.hf_logits, real.lengths)
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)

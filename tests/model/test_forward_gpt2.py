@@ -76,7 +76,8 @@ def test_every_hook_has_tl_shape(reference):
     b, p = tokens.shape
     cfg = model.cfg
     sizes = {"batch": b, "pos": p, "query_pos": p, "key_pos": p, "d_model": cfg.d_model, "head_index": cfg.n_heads,
-             "kv_head_index": cfg.n_kv_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
+             "kv_head_index": cfg.n_key_value_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1,
+             "d_vocab": cfg.d_vocab}
     from jaxlens.hook_names import hook_axes
 
     assert set(cache.keys()) == set(names)

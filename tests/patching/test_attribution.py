@@ -68,7 +68,7 @@ def test_attribution_equals_hand_gradient_every_and_general_grids(gpt2, llama, r
     s = llama
     heads = np.asarray(patching.attribution_patch(s.model, s.corrupted, s.cache, s.metric, "attn_head_by_pos_every"))
     assert heads.shape == (5, s.cfg.n_layers, s.corrupted.shape[1], s.cfg.n_heads)
-    G = s.cfg.n_kv_heads
+    G = s.cfg.n_key_value_heads
     np.testing.assert_allclose(heads[2, ..., :G], hand_attribution(s, reftools, "attn.hook_k", "bpge->pg"), atol=1e-5)
     assert (heads[2, ..., G:] == 0).all()  # GQA keys padded to n_heads, as TransformerLens
     np.testing.assert_allclose(heads[4], hand_attribution(s, reftools, "attn.hook_pattern", "bhqk->qh"), atol=1e-5)

@@ -21,7 +21,7 @@ N_POS = 7  # tests/patching/conftest.py prompts
 
 def cells(kind: str, cfg):
     """(grid index, layer, index into the activation [batch, ...]) of every cell, written out per kind."""
-    L, H, G, P = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, N_POS
+    L, H, G, P = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, N_POS
     heads = G if ("_k_" in kind or "_v_" in kind) else H
     if kind in ("resid_pre", "resid_mid", "attn_out", "mlp_out"):
         return [((l, p), l, (ALL, p)) for l, p in itertools.product(range(L), range(P))]
@@ -96,8 +96,8 @@ def test_every_helpers_stack_the_single_sweeps(llama, ref):
     allpos = np.asarray(patching.get_act_patch_attn_head_all_pos_every(s.model, s.corrupted, s.cache, s.metric,
                                                                        progress=False, max_windows=1))
     assert allpos.shape == (5, s.cfg.n_layers, H)
-    np.testing.assert_allclose(allpos[2, :, :s.cfg.n_kv_heads], ref_grid(s, ref, "attn_head_k_all_pos"),
-                               atol=1e-5)
+    np.testing.assert_allclose(allpos[2, :, :s.cfg.n_key_value_heads],
+                               ref_grid(s, ref, "attn_head_k_all_pos"), atol=1e-5)
     np.testing.assert_allclose(allpos[4], ref_grid(s, ref, "attn_head_pattern_all_pos"), atol=1e-5)
 
     block = np.asarray(patching.get_act_patch_block_every(s.model, s.corrupted, s.cache, s.metric, progress=False,
@@ -164,7 +164,7 @@ def test_direct_path_matches_reference(request, model_name, comp, ref):
     delta = np.asarray(z - z_corr)[:, :, src_head] @ W_O  # [batch pos d_model]
     got = np.asarray(patching.get_act_patch_direct_path(s.model, s.corrupted, s.cache, None, s.metric,
                                                         src_layer, src_head, comp, verbose=False, max_windows=1))
-    heads = cfg.n_heads if comp == "q" else cfg.n_kv_heads
+    heads = cfg.n_heads if comp == "q" else cfg.n_key_value_heads
     assert got.shape == (cfg.n_layers, heads)
     assert (got[: src_layer + 1] == 0).all()
     resid = np.asarray(corr_cache["blocks.hook_resid_pre"])  # [layer batch pos d_model]

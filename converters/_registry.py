@@ -1,0 +1,82 @@
+"""The family converters, chosen by a Hugging Face config's `architectures[0]` through REGISTRY; `convert`.
+
+Each family module defines ARCHITECTURES, HANDLED / IGNORED config keys, `config_from_hf(hf) -> Config` and
+`params_from_checkpoint(tensors, cfg, hf) -> params` (numpy). No name sniffing: an architecture is in REGISTRY
+or it is an error that lists the supported ones.
+
+    cfg, params = convert(hf_config_dict, TensorSource(tensors))
+"""
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from jaxlens.config import Config
+from jaxlens.converters import (
+    gemma,
+    gemma2,
+    gpt2,
+    gpt_neo,
+    gpt_neox,
+    gptj,
+    llama,
+    mistral,
+    opt,
+    phi,
+    phi3,
+    qwen2,
+)
+from jaxlens.converters._checkpoint import TensorSource
+from jaxlens.errors import CheckpointError
+from jaxlens.params import check_params
+
+FAMILIES: tuple[ModuleType, ...] = (
+    gpt2, gpt_neo, gptj, gpt_neox, opt, llama, mistral, qwen2, gemma, gemma2, phi, phi3)
+#: Hugging Face architecture name -> its converter module.
+REGISTRY: dict[str, ModuleType] = {arch: module for module in FAMILIES for arch in module.ARCHITECTURES}
+
+ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM")  # jaxlens.converters.bert; loaded by HookedEncoder
+
+
+def family_for(hf: Mapping[str, Any]) -> ModuleType:
+    """The converter module for a Hugging Face config dict.
+
+    Raises:
+        CheckpointError: no `architectures`, an encoder architecture, or one no converter handles.
+    """
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise CheckpointError("The config has no `architectures` entry; jaxlens picks the converter by it.")
+    if archs[0] in ENCODER_ARCHITECTURES:
+        raise CheckpointError(f"{archs[0]} is a BERT-style encoder, not a decoder: load it with "
+                              "jaxlens.encoder.HookedEncoder.from_pretrained (converter: "
+                              "jaxlens.converters.bert).")
+    if archs[0] not in REGISTRY:
+        raise CheckpointError(
+            f"No jaxlens converter for architecture {archs[0]!r}. Supported: {sorted(REGISTRY)}."
+        )
+    return REGISTRY[archs[0]]
+
+
+def convert(hf: Mapping[str, Any], tensors: TensorSource) -> tuple[Config, dict]:
+    """(Config, float32 numpy params) from a config dict and its tensors; every tensor must be used.
+
+    Raises:
+        CheckpointError: as `family_for` and the family's config check; missing / leftover / misshapen
+            tensors.
+    """
+    module = family_for(hf)
+    cfg = module.config_from_hf(hf)
+    params = module.params_from_checkpoint(tensors, cfg, hf)
+    tensors.finish()
+    params = _to_float32(params)
+    check_params(params, cfg)
+    return cfg, params
+
+
+def _to_float32(tree):
+    if isinstance(tree, dict):
+        return {k: _to_float32(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
