@@ -173,8 +173,9 @@ class ActivationCache(CacheAnalysis):
 
     def slice_positions(self, pos_slice: PosSlice) -> "ActivationCache":
         """A new cache with TL's Slice applied to every activation's position axis (`pos`, or `query_pos` for
-        patterns and scores; an int removes it): `run_with_cache(pos_slice=...)`."""
+        patterns and scores; an int keeps a length-1 axis, as TL's run_with_cache does): `run_with_cache(pos_slice=)`."""
         table, lead = self.hook_table(), 0 if self.has_batch_dim else 1
+        pos_slice = [pos_slice] if isinstance(pos_slice, int) else pos_slice
 
         def cut(name: str, x: Array, stacked: bool) -> Array:
             axes = table.axes(name.removesuffix("_grad")).split()

@@ -175,7 +175,7 @@ class CacheAnalysis:
 
     # -- neurons ---------------------------------------------------------------------------------------------
     def get_neuron_results(self, layer: int, neuron_slice: PosSlice = None, pos_slice: PosSlice = None,
-                           project_output_onto: Float[Array, "d_model *n_out"] | None = None) -> Array:
+                           project_output_onto=None) -> Array:
         """Each neuron's contribution to the residual stream at `layer`: post[..., n] * W_out[n]
         ([*batch pos neuron d_model]; with `project_output_onto` [d_model] or [d_model n_out], projected before
         the expansion: [... neuron] or [... neuron n_out])."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxlens.config import Config
+from jaxlens.errors import InterventionError
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.norms import norm
 from jaxlens.model.rotary import apply_rotary
@@ -48,17 +49,22 @@ def attention_sublayer(
     kv: KVState | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], KVState | None]:
     """ln1 then attention: the block's attention output (before any post-norm) and the updated KV state."""
-    if any(hooks.wants(n) for n in ("hook_q_input", "hook_k_input", "hook_v_input")):
+    x = norm(ln_p, resid, cfg, hooks, "ln1")  # ln1's hooks always see [batch pos d_model], as in TL 4.3
+    split = ("hook_q_input", "hook_k_input", "hook_v_input")
+    if any(hooks.wants(n) for n in split):  # the residual forked per head, before ln1 (TL's split inputs)
         b, s, d = resid.shape
-        q_in = hooks("hook_q_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_heads, d)))
-        k_in = hooks("hook_k_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_key_value_heads, d)))
-        v_in = hooks("hook_v_input", jnp.broadcast_to(resid[:, :, None], (b, s, cfg.n_key_value_heads, d)))
+        fork = lambda name, n: hooks(name, jnp.broadcast_to(resid[:, :, None], (b, s, n, d)))
+        ins = (fork(split[0], cfg.n_heads), fork(split[1], cfg.n_key_value_heads),
+               fork(split[2], cfg.n_key_value_heads))
+    if any(hooks.intervenes(n) for n in split):  # patched forks: each goes through ln1 on its own
+        if hooks.intervenes("ln1.hook_scale") or hooks.intervenes("ln1.hook_normalized"):
+            raise InterventionError(
+                f"{hooks.prefix}ln1 and the split q/k/v inputs are both intervened on in one block: with patched "
+                "split inputs, q/k/v read their own per-head ln1, not the shared one. Patch one or the other.")
         quiet = Hooks()
-        q = jnp.einsum("bphd,hde->bphe", norm(ln_p, q_in, cfg, hooks, "ln1"), p["W_Q"])
-        k = jnp.einsum("bphd,hde->bphe", norm(ln_p, k_in, cfg, quiet, "ln1"), p["W_K"])
-        v = jnp.einsum("bphd,hde->bphe", norm(ln_p, v_in, cfg, quiet, "ln1"), p["W_V"])
-    else:
-        x = norm(ln_p, resid, cfg, hooks, "ln1")
+        q, k, v = (jnp.einsum("bphd,hde->bphe", norm(ln_p, i, cfg, quiet, "ln1"), p[w])
+                   for i, w in zip(ins, ("W_Q", "W_K", "W_V")))
+    else:  # recording the split inputs changes nothing else
         q = jnp.einsum("bpd,hde->bphe", x, p["W_Q"])
         k = jnp.einsum("bpd,hde->bphe", x, p["W_K"])
         v = jnp.einsum("bpd,hde->bphe", x, p["W_V"])

@@ -32,7 +32,12 @@ class Hooks:
         self.cache: dict[str, jax.Array] = {}
 
     def wants(self, name: str) -> bool:
-        return name in self.here or name in self.at_layer or name in self.names_to_cache
+        """Someone caches or intervenes on `name`."""
+        return self.intervenes(name) or name in self.names_to_cache
+
+    def intervenes(self, name: str) -> bool:
+        """An intervention applies at `name` (in some layer)."""
+        return name in self.here or name in self.at_layer
 
     def __call__(self, name: str, x: jax.Array) -> jax.Array:
         for iv in self.here.get(name, ()):

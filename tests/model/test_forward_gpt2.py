@@ -83,6 +83,4 @@ def test_every_hook_has_tl_shape(reference):
     assert set(cache.keys()) == set(names)
     for name in names:
         axes = hook_axes(cfg, name)
-        if name.endswith("ln1.hook_scale") or name.endswith("ln1.hook_normalized"):
-            axes = axes.replace("batch pos", "batch pos head_index")  # split q/k/v inputs were cached too (TL)
         assert cache[name].shape == tuple(sizes[a] for a in axes.split()), name
