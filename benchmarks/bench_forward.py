@@ -41,6 +41,7 @@ from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when r
 
 import jaxlens  # noqa: E402
 from jaxlens import HookedTransformer, hook_names  # noqa: E402
+from jaxlens.model.forward import run  # noqa: E402
 
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,7 @@ COMPILED = {
     "forward": "forward (no cache)",
     "per-layer": "forward + default hooks, per-layer names (`blocks.3.attn.hook_z`, as run_with_cache)",
     "stacked": "forward + default hooks, stacked names (`blocks.attn.hook_z`, [layer ...])",
+    "run_with_cache": "run_with_cache's program: per-layer names, held stacked (`ActivationCache` slices)",
 }
 
 
@@ -140,8 +142,9 @@ def compile_seconds(cfg: jaxlens.Config, n_layers: int, n_tokens: int, dtype,
                     kind: str) -> tuple[float, float]:
     """(lower, compile) seconds of jax.jit(forward).lower(abstract shapes).compile() at n_layers layers.
 
-    kind: "forward" (no cache), "per-layer" (every default hook, one name per layer) or "stacked" (the same
-    activations as one [layer ...] array per hook)."""
+    kind: "forward" (no cache), "per-layer" (every default hook, one name per layer), "stacked" (the same
+    activations as one [layer ...] array per hook) or "run_with_cache" (per-layer names, recorded stacked, as
+    `run_with_cache` compiles them)."""
     cfg = cfg.replace(n_layers=n_layers)
     params = jax.eval_shape(lambda: jaxlens.init_params(cfg, jax.random.key(0), dtype=dtype))
     tokens = jax.ShapeDtypeStruct((1, n_tokens), jnp.int32)
@@ -151,6 +154,8 @@ def compile_seconds(cfg: jaxlens.Config, n_layers: int, n_tokens: int, dtype,
                                     for n in names))
 
     def f(params, tokens):  # a fresh function each time: nothing is reused from jit's cache
+        if kind == "run_with_cache":  # what jaxlens.caching.cached_forward jits
+            return run(params, cfg, tokens, cache_names=names, stacked_cache=True)[:2]
         return jaxlens.forward(params, cfg, tokens, cache_names=names)
 
     t0 = time.perf_counter()

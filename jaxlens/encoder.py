@@ -34,9 +34,8 @@ from jaxlens.model.attention import Context
 from jaxlens.model.forward import check_tokens
 from jaxlens.model.hooks import Hooks
 from jaxlens.params import cast_params
-from jaxlens.shapes import Params
+from jaxlens.shapes import AnyArray, Params
 
-AnyArray = Array | np.ndarray  # the pure function takes numpy inputs as well
 
 
 def encoder_forward(

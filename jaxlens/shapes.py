@@ -18,8 +18,10 @@ Einsum letters, the same in every file:
 from typing import Any, TypeAlias
 
 import jax
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+AnyArray: TypeAlias = Array | np.ndarray  # public functions take numpy inputs as well
 Tokens: TypeAlias = Int[Array, "batch pos"]
 Resid: TypeAlias = Float[Array, "batch pos d_model"]
 Logits: TypeAlias = Float[Array, "batch pos d_vocab"]

@@ -14,6 +14,13 @@ from jaxlens.analysis.factored_matrix import FactoredMatrix as FactoredMatrix
 from jaxlens.analysis.heads import HEAD_NAMES as HEAD_NAMES
 from jaxlens.analysis.heads import detect_head as detect_head
 from jaxlens.analysis.heads import duplicate_token_pattern as duplicate_token_pattern
+from jaxlens.analysis.heads import (
+    get_duplicate_token_head_detection_pattern as get_duplicate_token_head_detection_pattern,
+)
+from jaxlens.analysis.heads import get_induction_head_detection_pattern as get_induction_head_detection_pattern
+from jaxlens.analysis.heads import (
+    get_previous_token_head_detection_pattern as get_previous_token_head_detection_pattern,
+)
 from jaxlens.analysis.heads import head_scores as head_scores
 from jaxlens.analysis.heads import induction_pattern as induction_pattern
 from jaxlens.analysis.heads import previous_token_pattern as previous_token_pattern

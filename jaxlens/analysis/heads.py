@@ -21,7 +21,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxlens.errors import InputError
-from jaxlens.shapes import PRNGKey
+from jaxlens.shapes import AnyArray, PRNGKey
 
 # einsum letters: l=layer b=batch h=head_index q=query_pos k=key_pos
 
@@ -49,6 +49,31 @@ def induction_pattern(tokens: Int[Array, "*batch pos"]) -> Float[Array, "*batch 
     dup = duplicate_token_pattern(tokens)
     shifted = jnp.concatenate([jnp.zeros_like(dup[..., :1]), dup[..., :-1]], axis=-1)
     return jnp.tril(shifted)
+
+
+def _tl_pattern(fn, tokens) -> Float[Array, "pos pos"]:
+    t = jnp.asarray(tokens)
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1:
+        raise InputError(f"TransformerLens's detection patterns take one prompt ([1, pos] or [pos]); found tokens "
+                         f"of shape {t.shape}. For a batch use jaxlens.analysis.{fn.__name__} ([batch pos pos]).")
+    return fn(t)
+
+
+def get_previous_token_head_detection_pattern(tokens: Int[AnyArray, "*one pos"]) -> Float[Array, "pos pos"]:
+    """TL's name and shape: `previous_token_pattern` of one prompt ([1, pos] or [pos]) as [pos, pos]."""
+    return _tl_pattern(previous_token_pattern, tokens)
+
+
+def get_duplicate_token_head_detection_pattern(tokens: Int[AnyArray, "*one pos"]) -> Float[Array, "pos pos"]:
+    """TL's name and shape: `duplicate_token_pattern` of one prompt ([1, pos] or [pos]) as [pos, pos]."""
+    return _tl_pattern(duplicate_token_pattern, tokens)
+
+
+def get_induction_head_detection_pattern(tokens: Int[AnyArray, "*one pos"]) -> Float[Array, "pos pos"]:
+    """TL's name and shape: `induction_pattern` of one prompt ([1, pos] or [pos]) as [pos, pos]."""
+    return _tl_pattern(induction_pattern, tokens)
 
 
 PATTERNS = {"previous_token_head": previous_token_pattern, "duplicate_token_head": duplicate_token_pattern,

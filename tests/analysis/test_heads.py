@@ -106,3 +106,21 @@ def test_bad_inputs(model_and_patterns):
         detect_head(model, TOKENS[:, :1], "previous_token_head")
     with pytest.raises(InputError, match="'mul' or 'abs'"):
         detect_head(model, TOKENS, "induction_head", cache=cache, error_measure="max")
+
+
+def test_tl_named_patterns_have_tl_shapes():
+    import jaxlens.analysis as an
+    from jaxlens.errors import InputError
+
+    hd = pytest.importorskip("transformer_lens.head_detector")
+    torch = pytest.importorskip("torch")
+    one = np.asarray(TOKENS[:1])
+    for name in ("get_previous_token_head_detection_pattern", "get_duplicate_token_head_detection_pattern",
+                 "get_induction_head_detection_pattern"):
+        want = getattr(hd, name)(torch.tensor(one)).numpy()
+        for tokens in (one, one[0]):
+            got = np.asarray(getattr(an, name)(tokens))
+            assert got.shape == want.shape == (one.shape[1],) * 2, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        with pytest.raises(InputError, match="one prompt"):
+            getattr(an, name)(np.asarray(TOKENS))
