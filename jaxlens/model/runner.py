@@ -156,17 +156,15 @@ def run_blocks(
         resid, (stacked, new_kv) = jax.lax.scan(body, resid, xs)
         return resid, stacked, new_kv
 
-    if cache:
-        raise InputError("Blocks run from a traced start layer cannot record activations; use int bounds.")
+    if cache or interventions.stacked:
+        raise InputError("Blocks run from a traced start layer can neither record activations nor take stacked "
+                         "(`blocks.x`) interventions; use int bounds, or address layers (`blocks.3.x`).")
 
     def one(i, r):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-        here = jax.tree_util.tree_map(take, interventions.stacked)
         kv_l = None if kv is None else jax.tree_util.tree_map(take, kv)
-        return step(jax.tree_util.tree_map(take, blocks), r, i, take(wins), here, kv_l)[0]
+        return step(jax.tree_util.tree_map(take, blocks), r, i, take(wins), {}, kv_l)[0]
 
-    if interventions.stacked:
-        raise InputError("Stacked interventions with a traced start layer are not supported; address layers.")
     return jax.lax.fori_loop(start, stop, one, resid), {}, None
 
 
