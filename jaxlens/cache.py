@@ -56,14 +56,14 @@ class ActivationCache(CacheAnalysis):
         return hook_names.decoder_table(self.cfg)
 
     # -- pytree ----------------------------------------------------------------------------------------------
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple, tuple]:
         flat_keys, rels = tuple(self._flat), tuple(self._stacks)
         layers = tuple(self._stacks[r][0] for r in rels)
         children = (tuple(self._flat[k] for k in flat_keys), tuple(self._stacks[r][1] for r in rels), self.params)
         return children, (flat_keys, rels, layers, self.cfg, self.has_batch_dim)
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> "ActivationCache":
         flat_keys, rels, layers, cfg, has_batch_dim = aux
         flat, stacked, params = children
         stacks = {r: (ls, a) for r, ls, a in zip(rels, layers, stacked)}
@@ -113,14 +113,14 @@ class ActivationCache(CacheAnalysis):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def keys(self):
+    def keys(self) -> list[str]:
         """Cached names in forward order (as TransformerLens lists them)."""
         return list(self._keys)
 
-    def values(self):
+    def values(self) -> list[Array]:
         return [self[k] for k in self._keys]
 
-    def items(self):
+    def items(self) -> list[tuple[str, Array]]:
         return [(k, self[k]) for k in self._keys]
 
     @property
@@ -186,6 +186,6 @@ class ActivationCache(CacheAnalysis):
         stacks = {r: (ls, cut(f"blocks.{r}", a, True)) for r, (ls, a) in self._stacks.items()}
         return type(self)(flat, self.cfg, self.params, self.has_batch_dim, stacks=stacks)
 
-    def to(self, device) -> "ActivationCache":
+    def to(self, device: jax.Device | jax.sharding.Sharding) -> "ActivationCache":
         """The cache with every activation placed on `device` (a jax Device or Sharding)."""
         return jax.device_put(self, device)

@@ -13,9 +13,12 @@ from jaxtyping import Array, Float, Int
 from jaxlens.errors import InputError
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.norms import norm
-from jaxlens.shapes import Params
+from jaxlens.shapes import AnyArray, Params
 
 # einsum letters: p=pos h=head_index e=d_head d=d_model m=d_mlp o=output direction
+
+#: A stack of residual-stream components, or (stack, labels) with return_labels.
+Stack = Float[Array, "component *batch_pos d_model"] | tuple[Float[Array, "component *batch_pos d_model"], list[str]]
 
 PosSlice = int | Sequence[int] | tuple | slice | None
 
@@ -83,7 +86,7 @@ class CacheAnalysis:
 
     # -- residual stream -------------------------------------------------------------------------------------
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice: PosSlice = None, mlp_input: bool = False, return_labels: bool = False):
+                          pos_slice: PosSlice = None, mlp_input: bool = False, return_labels: bool = False) -> Stack:
         """The residual stream at the start of each layer up to `layer` (all, plus the final one, if None).
 
         Returns [component batch pos d_model] (and labels "0_pre", "0_mid", ..., "final_post").
@@ -109,7 +112,7 @@ class CacheAnalysis:
 
     def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
                         apply_ln: bool = False, pos_slice: PosSlice = None, incl_embeds: bool = True,
-                        return_labels: bool = False):
+                        return_labels: bool = False) -> Stack:
         """The residual stream entering `layer` split into embeddings and each layer's attn_out and mlp_out.
 
         The components sum to the residual stream (less the biases folded into them). mode: "all", "attn" or
@@ -153,7 +156,7 @@ class CacheAnalysis:
         there is nothing to add; kept so TL code runs unchanged."""
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice: PosSlice = None, apply_ln: bool = False):
+                           pos_slice: PosSlice = None, apply_ln: bool = False) -> Stack:
         """Each head's output for the layers before `layer`: [layer*head *batch pos d_model], labels "L{l}H{h}".
         With incl_remainder, adds the residual stream (resid_post of layer - 1, TL's convention: the final one
         for layer 0) minus the heads' sum."""
@@ -175,7 +178,7 @@ class CacheAnalysis:
 
     # -- neurons ---------------------------------------------------------------------------------------------
     def get_neuron_results(self, layer: int, neuron_slice: PosSlice = None, pos_slice: PosSlice = None,
-                           project_output_onto=None) -> Array:
+                           project_output_onto: AnyArray | None = None) -> Array:
         """Each neuron's contribution to the residual stream at `layer`: post[..., n] * W_out[n]
         ([*batch pos neuron d_model]; with `project_output_onto` [d_model] or [d_model n_out], projected before
         the expansion: [... neuron] or [... neuron n_out])."""
@@ -191,7 +194,7 @@ class CacheAnalysis:
 
     def stack_neuron_results(self, layer: int, pos_slice: PosSlice = None, neuron_slice: PosSlice = None,
                              return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
-                             project_output_onto: Array | None = None, mlp_input: bool = False):
+                             project_output_onto: AnyArray | None = None, mlp_input: bool = False) -> Stack:
         """Every neuron's result for the layers before `layer`: [layer*neuron *batch pos d_model], labels
         "L{l}N{n}". With incl_remainder, adds the residual stream (resid_mid of `layer` with mlp_input, else
         resid_post of layer - 1) minus their sum. `project_output_onto` as in `get_neuron_results`."""
@@ -221,7 +224,7 @@ class CacheAnalysis:
 
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
                                      expand_neurons: bool = True, apply_ln: bool = False,
-                                     pos_slice: PosSlice = None, return_labels: bool = False):
+                                     pos_slice: PosSlice = None, return_labels: bool = False) -> Stack:
         """The residual stream entering `layer` as every head's result, every neuron's (or MLP layer's)
         result, the embeddings and the accumulated biases, in TransformerLens's order; they sum to the
         residual stream."""

@@ -10,11 +10,12 @@ activation, taken through zero `Add` interventions, honouring the layer bounds a
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxlens import hook_names
 from jaxlens.cache import ActivationCache
@@ -23,12 +24,14 @@ from jaxlens.errors import InputError
 from jaxlens.interventions import Add
 from jaxlens.model import runner
 from jaxlens.model.forward import lm_cross_entropy_loss, run
-from jaxlens.shapes import Params
+from jaxlens.shapes import AnyArray, Params
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_names", "start_at_layer", "stop_at_layer", "stacked"))
-def run_jit(params, cfg, tokens, interventions, attention_mask, *, cache_names=(), start_at_layer=None,
-            stop_at_layer=None, stacked=False):
+def run_jit(params: Params, cfg: Config, tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
+            interventions: Mapping[str, Any], attention_mask: Bool[AnyArray, "batch pos"] | None, *,
+            cache_names: tuple[str, ...] = (), start_at_layer: int | None = None, stop_at_layer: int | None = None,
+            stacked: bool = False) -> tuple[Array, Any]:
     """`forward.run` under jit (weights and interventions are arguments, names and bounds static)."""
     out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
                         start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, attention_mask=attention_mask,
@@ -39,13 +42,13 @@ def run_jit(params, cfg, tokens, interventions, attention_mask, *, cache_names=(
 def cached_forward(
     params: Params,
     cfg: Config,
-    tokens: Array,
+    tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
     names: Sequence[str],
     *,
-    interventions=None,
+    interventions: Mapping[str, Any] | None = None,
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
-    attention_mask=None,
+    attention_mask: Bool[AnyArray, "batch pos"] | None = None,
     incl_bwd: bool = False,
     grad_metric: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, ActivationCache]:

@@ -25,7 +25,7 @@ from jaxlens.model.attention import Context, KVState
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.loss import lm_cross_entropy_loss as lm_cross_entropy_loss  # re-exported
 from jaxlens.model.norms import norm
-from jaxlens.shapes import Params
+from jaxlens.shapes import AnyArray, Params
 
 # einsum letters: b=batch p=pos d=d_model v=d_vocab
 
@@ -71,13 +71,13 @@ def forward(
 def run(
     params: Params,
     cfg: Config,
-    tokens,
+    tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
     *,
-    interventions=None,
+    interventions: Mapping[str, Any] | None = None,
     cache_names: Iterable[str] = (),
     start_at_layer: int | None = None,
     stop_at_layer: int | None = None,
-    attention_mask=None,
+    attention_mask: Bool[AnyArray, "batch max_pos"] | Int[AnyArray, "batch max_pos"] | None = None,
     kv_cache: KVState | None = None,
     pos_offset: Int[Array, ""] | int = 0,
     stacked_cache: bool = False,
@@ -144,7 +144,7 @@ def unembed(params: Params, cfg: Config, x: Float[Array, "batch pos d_model"], h
     return logits if hooks is None else hooks("unembed.hook_out", logits)
 
 
-def check_tokens(tokens, cfg: Config, pos_offset: int = 0) -> Int[Array, "batch pos"]:
+def check_tokens(tokens: Any, cfg: Config, pos_offset: int = 0) -> Int[Array, "batch pos"]:
     """Tokens as an int array, checked: rank 2, ids inside the vocabulary, length within n_ctx.
 
     JAX's gather clamps out-of-range ids silently, so concrete tokens are checked before the embedding.
