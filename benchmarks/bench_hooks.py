@@ -11,7 +11,8 @@ and jaxlens (`from_pretrained_no_processing`). The loop, N calls, position `i % 
 (`clean`: the clean run's `blocks.5.hook_resid_pre`, patched into a corrupted run there.) Each call is timed
 to a ready result (`block_until_ready`; `torch.no_grad()`, 2 torch threads), the two libraries interleaved
 call by call. Reported: jaxlens's first call (compile + run), the median and min of its later calls, TL's
-median and min (and its first call), the ratio of medians, the compiles the loop caused (`run_jit`'s cache
+median and min (and its first call), each's median process CPU time (less sensitive to other processes on
+a shared machine), the ratios of medians, the compiles the loop caused (`run_jit`'s cache
 entries) and the largest logit difference from TL. For comparison, the two other designs measured: the hook
 kept static by identity (the previous behaviour: one compile per call) and the calls run without jit
 (`jax.disable_jit()`), a few calls each.
@@ -52,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(workdir: Path, with_tl: bool, threads: int):
     """(jaxlens model, TL bridge or None) on the same random GPT-2-small weights."""
     if not with_tl:
-        testing.write_random_gpt2(workdir, GPT2_SMALL["n_embd"], GPT2_SMALL["n_layer"], GPT2_SMALL["vocab_size"])
+        d, n, v = GPT2_SMALL["n_embd"], GPT2_SMALL["n_layer"], GPT2_SMALL["vocab_size"]
+        testing.write_random_gpt2(workdir, d, n, v)
         return HookedTransformer.from_pretrained_no_processing(workdir), None
     import torch
     import transformers
@@ -71,10 +73,11 @@ def build(workdir: Path, with_tl: bool, threads: int):
     return model, br
 
 
-def timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float, object]:
+    """(wall ms, process CPU ms, result) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return 1e3 * (time.perf_counter() - t0), out
+    return 1e3 * (time.perf_counter() - t0), 1e3 * (time.process_time() - c0), out
 
 
 def jaxlens_call(model, corrupted, clean, pos: int):
@@ -84,7 +87,7 @@ def jaxlens_call(model, corrupted, clean, pos: int):
 
 
 class _StaticHook:
-    """The previous behaviour: a hook that is not a plain function is static, by identity (one compile each)."""
+    """The previous behaviour: a hook that is not a plain function is static, by identity (a compile each)."""
 
     def __init__(self, pos, clean):
         self.pos, self.clean = pos, clean
@@ -104,14 +107,17 @@ def tl_call(br, corrupted, clean, pos: int):
         return br.run_with_hooks(corrupted, fwd_hooks=[(NAME, hook)])
 
 
-def summary(ms: list[float]) -> dict:
-    return {"first_ms": ms[0], "median_ms": statistics.median(ms[1:]), "min_ms": min(ms[1:]), "calls": len(ms)}
+def summary(ms: list[float], cpu: list[float]) -> dict:
+    later = ms[1:]
+    return {"first_ms": ms[0], "median_ms": statistics.median(later), "min_ms": min(later), "calls": len(ms),
+            "first_cpu_ms": cpu[0], "median_cpu_ms": statistics.median(cpu[1:]), "all_ms": ms,
+            "all_cpu_ms": cpu}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=20, help="run_with_hooks calls per library (default 20)")
-    ap.add_argument("--others", type=int, default=3, help="calls of the static and no-jit designs (default 3)")
+    ap.add_argument("--others", type=int, default=3, help="calls of the other two designs (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens (no torch needed)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hooks.json")
@@ -133,30 +139,34 @@ def main(argv=None) -> dict:
         tl_clean, tl_corrupted = tl_cache[NAME].clone(), torch.as_tensor(corrupted_tokens)
 
     entries0 = run_jit._cache_size()
-    jl_ms, tl_ms, max_diff = [], [], 0.0
+    jl_ms, jl_cpu, tl_ms, tl_cpu, max_diff = [], [], [], [], 0.0
     for i in range(args.calls):
         pos = i % N_TOKENS
-        ms, out = timed(lambda: jaxlens_call(model, corrupted, clean, pos))  # noqa: B023
+        ms, cpu, out = timed(lambda: jaxlens_call(model, corrupted, clean, pos))  # noqa: B023
         jl_ms.append(ms)
+        jl_cpu.append(cpu)
         if br is not None:
-            ms, ref = timed(lambda: tl_call(br, tl_corrupted, tl_clean, pos))  # noqa: B023
+            ms, cpu, ref = timed(lambda: tl_call(br, tl_corrupted, tl_clean, pos))  # noqa: B023
             tl_ms.append(ms)
+            tl_cpu.append(cpu)
             max_diff = max(max_diff, float(np.abs(np.asarray(out) - ref.numpy()).max()))
     compiles = run_jit._cache_size() - entries0
 
-    static_ms = [timed(lambda: jax.block_until_ready(model.run_with_hooks(  # noqa: B023
-        corrupted, fwd_hooks=[(NAME, _StaticHook(i, clean))])))[0] for i in range(args.others)]
+    static = lambda i: jax.block_until_ready(  # noqa: E731
+        model.run_with_hooks(corrupted, fwd_hooks=[(NAME, _StaticHook(i, clean))]))
+    static_ms = [timed(lambda: static(i))[0] for i in range(args.others)]  # noqa: B023
     with jax.disable_jit():
-        eager_ms = [timed(lambda: jaxlens_call(model, corrupted, clean, i))[0] for i in range(args.others)]  # noqa: B023
+        eager = lambda i: jaxlens_call(model, corrupted, clean, i)  # noqa: E731
+        eager_ms = [timed(lambda: eager(i))[0] for i in range(args.others)]  # noqa: B023
 
     result = {
         "command": "python benchmarks/bench_hooks.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M+00:00"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M+00:00"),
         "machine": f"{cpu_model()}, nproc {os.cpu_count()}, {platform.system()}",
         "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
         "torch_threads": args.threads, "tokens": N_TOKENS, "hook": NAME,
         "versions": {"jax": jax.__version__},
-        "jaxlens": {**summary(jl_ms), "compiles": compiles, "all_ms": jl_ms},
+        "jaxlens": {**summary(jl_ms, jl_cpu), "compiles": compiles},
         "jaxlens_static_hook_previous": {"calls_ms": static_ms},
         "jaxlens_no_jit": {"calls_ms": eager_ms},
     }
@@ -164,9 +174,9 @@ def main(argv=None) -> dict:
         from importlib.metadata import version
 
         result["versions"] |= {"torch": version("torch"), "transformer_lens": version("transformer-lens")}
-        result["transformer_lens"] = {**summary(tl_ms), "all_ms": tl_ms}
-        result["ratio_tl_over_jaxlens_median"] = result["transformer_lens"]["median_ms"] / result["jaxlens"][
-            "median_ms"]
+        tl = result["transformer_lens"] = summary(tl_ms, tl_cpu)
+        result["ratio_tl_over_jaxlens_median"] = tl["median_ms"] / result["jaxlens"]["median_ms"]
+        result["ratio_tl_over_jaxlens_median_cpu"] = tl["median_cpu_ms"] / result["jaxlens"]["median_cpu_ms"]
         result["max_abs_logit_diff_vs_tl"] = max_diff
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -176,23 +186,30 @@ def main(argv=None) -> dict:
 
 def markdown(r: dict) -> str:
     jl, tl = r["jaxlens"], r.get("transformer_lens")
-    rows = [f"| jaxlens | {jl['first_ms']:.0f} | {jl['median_ms']:.1f} | {jl['min_ms']:.1f} | {jl['compiles']} |"]
-    if tl:
-        rows.append(f"| TransformerLens 4.3 | {tl['first_ms']:.0f} | {tl['median_ms']:.1f} | {tl['min_ms']:.1f} | - |")
+    def row(lib, x, n):
+        return (f"| {lib} | {x['first_ms']:.0f} | {x['median_ms']:.1f} | {x['min_ms']:.1f} | "
+                f"{x['median_cpu_ms']:.1f} | {n} |")
+
+    rows = [row("jaxlens", jl, jl["compiles"])] + ([row("TransformerLens 4.3", tl, "-")] if tl else [])
     fmt = lambda ms: ", ".join(f"{m:.0f}" for m in ms)  # noqa: E731
     lines = [
-        f"- Command: `{r['command']}`", f"- Machine: {r['machine']}; load average {r['load_average_start']:.1f} "
-        f"at start, {r['load_average_end']:.1f} at end; torch threads {r['torch_threads']}", f"- Date: {r['date']}",
+        f"- Command: `{r['command']}`",
+        f"- Machine: {r['machine']}; load average {r['load_average_start']:.1f} at start, "
+        f"{r['load_average_end']:.1f} at end; torch threads {r['torch_threads']}",
+        f"- Date: {r['date']}",
         f"- {jl['calls']} calls, a fresh hook function each (patching position `i % 16` of `{r['hook']}`), "
         f"{r['tokens']} tokens, timed call by call, the libraries interleaved.", "",
-        "| library | first call, ms | later calls, median ms | min ms | compiles in the loop |", "|---|---|---|---|---|",
+        "| library | first call, ms | later calls, median ms | min ms | median CPU ms | compiles in loop |",
+        "|---|---|---|---|---|---|",
         *rows, "",
     ]
     if tl:
-        lines.append(f"Ratio (TransformerLens median / jaxlens median): **{r['ratio_tl_over_jaxlens_median']:.2f}x**; "
-                     f"max |logit difference| from TL: {r['max_abs_logit_diff_vs_tl']:.1e}.")
-    lines.append(f"Other designs, same run: the hook static by identity (the previous behaviour, one compile per "
-                 f"call): {fmt(r['jaxlens_static_hook_previous']['calls_ms'])} ms a call; without jit "
+        lines.append(f"Ratio (TransformerLens median / jaxlens median): "
+                     f"**{r['ratio_tl_over_jaxlens_median']:.2f}x** wall, "
+                     f"{r['ratio_tl_over_jaxlens_median_cpu']:.2f}x process CPU time; max |logit difference| "
+                     f"from TL: {r['max_abs_logit_diff_vs_tl']:.1e}.")
+    lines.append(f"Other designs, same run: the hook static by identity (the previous behaviour, one compile "
+                 f"per call): {fmt(r['jaxlens_static_hook_previous']['calls_ms'])} ms a call; without jit "
                  f"(`jax.disable_jit()`): {fmt(r['jaxlens_no_jit']['calls_ms'])} ms a call.")
     return "\n".join(lines)
 

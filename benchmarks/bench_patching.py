@@ -58,9 +58,9 @@ import numpy as np  # noqa: E402
 
 import jaxlens  # noqa: E402
 from jaxlens import HookedTransformer, patching  # noqa: E402
-
-SW = sys.modules["jaxlens.patching.sweep"]  # `jaxlens.patching.sweep` the attribute is the function
-from jaxlens.patching import compute as CP  # noqa: E402
+from jaxlens.patching import CellStatus  # noqa: E402
+from jaxlens.patching.cost import block_flops, unembed_flops  # noqa: E402
+from jaxlens.patching.plan import default_budget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
@@ -161,18 +161,8 @@ def build_smollm2(args):
 
 
 # -- FLOPs and compiled functions ---------------------------------------------------------------------------
-def block_flops(cfg, S: int, P: int) -> float:
-    """Analytic FLOPs of one block on S query positions attending over P keys (matmuls and attention)."""
-    D, H, G, E, M = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp
-    proj = D * H * E + 2 * D * G * E + H * E * D + (3 if cfg.gated_mlp else 2) * D * M
-    return 2.0 * S * proj + 4.0 * S * P * H * E
-
-
-def naive_cell_flops(cfg, P: int) -> float:
-    """Analytic FLOPs of one full forward with the full unembedding (the naive sweep's cell)."""
-    return cfg.n_layers * block_flops(cfg, P, P) + 2.0 * P * cfg.d_model * cfg.d_vocab
-
-
+# The analytic counts (matmuls and attention) are the package's own (`jaxlens.patching.cost`), which
+# `patching.plan_sweep` reports.
 def cost(compiled) -> float:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -181,8 +171,8 @@ def cost(compiled) -> float:
 
 @dataclasses.dataclass
 class SweepInfo:
-    plan: object
-    specs: dict  # bucket -> dict(window, chunk, lower_s, compile_s, flops, temp_bytes, arg_bytes)
+    plan: patching.SweepPlan
+    specs: dict  # program -> dict(window, chunk, lower_s, compile_s, flops, temp_bytes, arg_bytes)
     prep_compile_s: float
     prep_compile_cpu_s: float
     flops_xla: float  # the whole sweep, loop body x trips
@@ -195,78 +185,62 @@ class SweepInfo:
 
 def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, budget=None, chunk_size=None,
                   compile_prep=True) -> SweepInfo:
-    """Plan the sweep as `patching.sweep` does and compile its functions afresh (timing, cost, memory).
-
-    Uses the sweep's internals (`_prepare`, `make_plan`, `ChunkSpec`, `chunk_values`)."""
+    """Plan the sweep (`patching.plan_sweep`, as `patching.sweep` plans it) and compile its chunk functions
+    afresh (`SweepPlan.lower`): timing, XLA's cost and memory analyses; the analytic FLOPs are the plan's."""
     toks = jnp.asarray(tokens)
-    target = SW.resolve_target(cfg, hook, axes)
-    dev = jax.local_devices()
+    plan = patching.plan_sweep(params, cfg, toks, clean_cache, metric, hook=hook, axes=axes,
+                               prefix_reuse=reuse, memory_budget=budget, chunk_size=chunk_size)
     prep_s = prep_cpu = float("nan")
     if compile_prep:
         k = "blocks.attn.hook_rot_k" if cfg.positional_embedding_type == "rotary" else "blocks.attn.hook_k"
-        names = tuple(dict.fromkeys((target.full_name, f"blocks.{cfg.n_layers - 1}.hook_resid_post",
+        names = tuple(dict.fromkeys((plan.hook, f"blocks.{cfg.n_layers - 1}.hook_resid_post",
                                      "blocks.hook_resid_pre", k, "blocks.attn.hook_v")))
 
         def prep_fn(p, t):  # a fresh function: nothing from jit's cache
             return jaxlens.model.forward.run(p, cfg, t, cache_names=names)[:2]
 
         _, prep_s, prep_cpu = timed(lambda: jax.jit(prep_fn).lower(params, toks).compile())
-    prep = SW._prepare(params, cfg, toks, clean_cache, target, metric, None, reuse)
-    b, P = toks.shape
-    sizes = dict(zip(target.act_axes, prep.target_act.shape[-len(target.act_axes):], strict=True))
-    sizes["layer"] = cfg.n_layers
-    reads = prep.reads
-    n_logits = P * cfg.d_vocab if reads is None else len(reads.positions) * (
-        cfg.d_vocab if reads.vocab is None else len(reads.vocab))
-    itemsize = jnp.dtype(prep.logits.dtype).itemsize
-    budget = budget if budget is not None else SW.default_budget(dev[0])
-    plan = SW.make_plan(target, sizes, prep.diff, P, reuse=reuse, budget=budget, n_devices=len(dev),
-                        cell_bytes=SW.cell_bytes_fn(cfg, b, P, itemsize, n_logits), chunk_size=chunk_size)
-    n_read = 0 if reads is None else n_logits
-    read_flops = 2.0 * n_read * cfg.d_model  # per cell: the logits the metric reads
+    P = plan.n_pos
+    read_flops = unembed_flops(cfg, plan.n_logits)  # per cell: the logits the metric reads
     specs = {}
-    for k_, S in enumerate(plan.windows):
-        spec = CP.ChunkSpec(target, S if reuse else P, P, reuse, metric, reads)
-        C = plan.chunk_sizes[k_]
-        idx = jnp.zeros((C, plan.idx.shape[1]), jnp.int32)
-        fn = jax.jit(functools.partial(CP.chunk_values, spec))
-        low, lower_s, lower_cpu = timed(functools.partial(fn.lower, params, prep.data, np.int32(0), idx))
+    for k_, prog in enumerate(plan.programs):
+        low, lower_s, lower_cpu = timed(functools.partial(plan.lower, k_))
         comp, compile_s, compile_cpu = timed(low.compile)
         ma = comp.memory_analysis()
-        specs[k_] = dict(window=int(S), chunk=int(C), lower_s=lower_s, compile_s=compile_s,
-                         cpu_s=lower_cpu + compile_cpu, flops=cost(comp), point=spec.point,
+        specs[k_] = dict(window=prog.window, chunk=prog.chunk_size, lower_s=lower_s, compile_s=compile_s,
+                         cpu_s=lower_cpu + compile_cpu, flops=cost(comp), point=prog.point,
                          temp_bytes=int(getattr(ma, "temp_size_in_bytes", -1)),
                          arg_bytes=int(getattr(ma, "argument_size_in_bytes", -1)))
-        if spec.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
-            win = CP.ChunkSpec(target, S, P, reuse, metric, reads, point_layer=False)
-            specs[k_]["window_block_flops"] = cost(jax.jit(functools.partial(CP.chunk_values, win)).lower(
-                params, prep.data, np.int32(0), idx).compile()) - C * read_flops
+        if prog.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
+            specs[k_]["window_block_flops"] = cost(plan.lower(k_, point_layer=False).compile()) - \
+                prog.chunk_size * read_flops
     # one block over all P positions per cell, as XLA counts it: a reuse chunk of window P, one cell
-    spec_full = CP.ChunkSpec(target, P, P, True, metric, reads, point_layer=False)
-    comp_full = jax.jit(functools.partial(CP.chunk_values, spec_full)).lower(
-        params, prep.data, np.int32(0), jnp.zeros((1, plan.idx.shape[1]), jnp.int32)).compile()
+    comp_full = plan.lower(window=P, chunk_size=1, point_layer=False, prefix_reuse=True).compile()
     block_xla = cost(comp_full) - read_flops
     fwd = jax.jit(lambda p, t: jaxlens.forward(p, cfg, t)[0]).lower(params, toks).compile()
     fwd_once = cost(fwd)  # embedding + one block (the scanned body) + full unembedding
-    n_cells = int(np.prod(plan.shape))
-    naive_xla = n_cells * (fwd_once + (cfg.n_layers - 1) * block_xla)
-    naive_an = n_cells * naive_cell_flops(cfg, P)
-    flops_xla = flops_an = 0.0
+    naive_xla = plan.n_cells * (fwd_once + (cfg.n_layers - 1) * block_xla)
+    flops_xla = 0.0
     for ch in plan.chunks:
         sp = specs[ch.bucket]
-        S, C = sp["window"], sp["chunk"]
+        C = sp["chunk"]
         trips = cfg.n_layers - ch.layer if reuse else cfg.n_layers
         if reuse and sp["point"]:  # counted once: the one-position block and the loop body (trips - 1 runs)
             flops_xla += sp["flops"] + (trips - 2) * sp["window_block_flops"]
-            flops_an += C * (block_flops(cfg, 1, P) + (trips - 1) * block_flops(cfg, S, P) + read_flops)
-            continue
-        if reuse:
+        elif reuse:
             flops_xla += sp["flops"] * trips
         else:  # the naive chunk scans every layer; XLA counts its body once
             flops_xla += sp["flops"] + C * (cfg.n_layers - 1) * block_xla
-        flops_an += C * (trips * block_flops(cfg, S, P) + read_flops)
-    return SweepInfo(plan, specs, prep_s, prep_cpu, flops_xla, flops_an, naive_xla, naive_an, block_xla,
-                     block_flops(cfg, P, P))
+    return SweepInfo(plan, specs, prep_s, prep_cpu, flops_xla, plan.flops, naive_xla, plan.naive_flops,
+                     block_xla, block_flops(cfg, P, P))
+
+
+def windows(info: SweepInfo) -> list[int]:
+    return [p.window for p in info.plan.programs]
+
+
+def chunk_sizes(info: SweepInfo) -> list[int]:
+    return [p.chunk_size for p in info.plan.programs]
 
 
 def compile_totals(info: SweepInfo) -> tuple[float, float]:
@@ -362,9 +336,9 @@ def bench_gpt2(args, R: dict, log):
     grid, w_cold, _ = timed(exact)
     info = analyse_sweep(model.params, cfg, corrupted, cache, "attn.hook_z", ("layer", "pos", "head"))
     g["cold_first_call_s"] = w_cold
-    g["plan"] = dict(windows=list(info.plan.windows), chunk_sizes=list(info.plan.chunk_sizes),
-                     n_chunks=len(info.plan.chunks), computed=int((info.plan.status == 0).sum()),
-                     noop=int((info.plan.status == 1).sum()))
+    g["plan"] = dict(windows=windows(info), chunk_sizes=chunk_sizes(info), n_chunks=info.plan.n_chunks,
+                     computed=info.plan.counts[CellStatus.COMPUTED], noop=info.plan.counts[CellStatus.NO_OP],
+                     summary=str(info.plan))
     g["chunk_functions"] = list(info.specs.values())
     g["compile_s"], g["compile_cpu_s"] = compile_totals(info)
     log(f"plan {g['plan']}; compile {g['compile_s']:.2f} s (CPU {g['compile_cpu_s']:.2f} s); "
@@ -386,14 +360,14 @@ def bench_gpt2(args, R: dict, log):
     log(f"FLOPs: {json.dumps(g['flops'], indent=None)}")
 
     # memory: the default budget and a small one
-    budget = SW.default_budget(jax.local_devices()[0])
+    budget = default_budget(jax.local_devices()[0])
     small = 64 * 2**20
     info_small = analyse_sweep(model.params, cfg, corrupted, cache, "attn.hook_z", ("layer", "pos", "head"),
                                budget=small, compile_prep=False)
     g["memory"] = dict(
-        default_budget_bytes=budget, default_chunk_sizes=list(info.plan.chunk_sizes),
+        default_budget_bytes=budget, default_chunk_sizes=chunk_sizes(info),
         default_temp_bytes=[s["temp_bytes"] for s in info.specs.values()],
-        small_budget_bytes=small, small_chunk_sizes=list(info_small.plan.chunk_sizes),
+        small_budget_bytes=small, small_chunk_sizes=chunk_sizes(info_small),
         small_temp_bytes=[s["temp_bytes"] for s in info_small.specs.values()],
         argument_bytes=max(s["arg_bytes"] for s in info.specs.values()))
     log(f"memory {g['memory']}")
@@ -491,7 +465,7 @@ def bench_compile_depth(args, R: dict, log):
         total, total_cpu = compile_totals(info)
         out[L] = dict(total_s=total, total_cpu_s=total_cpu, corrupted_forward_s=info.prep_compile_s,
                       chunk_functions_s=[s["lower_s"] + s["compile_s"] for s in info.specs.values()],
-                      windows=list(info.plan.windows))
+                      windows=windows(info))
         log(f"compile at {L} layers: {out[L]}")
         del params, cache
     R["compile"] = dict(layers_12=out[12], layers_30=out[30],
@@ -517,7 +491,7 @@ def bench_smollm2(args, R: dict, log):
                         kv_heads=cfg.n_key_value_heads, d_model=cfg.d_model, wall_s=med(ws), cpu_s=med(cs),
                         wall_per_cell_ms=1e3 * med(ws) / n_cells, cold_first_call_s=w_cold,
                         compile_s=compile_totals(info)[0], compile_cpu_s=compile_totals(info)[1],
-                        windows=list(info.plan.windows), chunk_sizes=list(info.plan.chunk_sizes),
+                        windows=windows(info), chunk_sizes=chunk_sizes(info),
                         flops_reuse_xla=info.flops_xla, flops_naive_xla=info.naive_flops_xla,
                         ratio_reuse_vs_naive_xla=info.flops_xla / info.naive_flops_xla,
                         ratio_reuse_vs_naive_analytic=info.flops_analytic / info.naive_flops_analytic,

@@ -167,7 +167,7 @@ def dequantize_all(
     return gf.metadata, tensors
 
 
-# --- metadata -----------------------------------------------------------------------------------------------
+# --- header parser ------------------------------------------------------------------------------------------
 
 
 # GGUF value type ids (ggml docs/gguf.md, `gguf_type`) -> little-endian numpy dtype; 8 is string, 9 array.

@@ -53,20 +53,31 @@ class Static:
     def __init__(self, value):
         self.value = value
         try:
-            key = (float, repr(value)) if isinstance(value, float) else (
-                (type(value), value) if isinstance(value, _BY_VALUE) else (id(value),))
+            key = _value_key(value)
             hash(key)
         except TypeError:  # an unhashable slice or frozenset element
-            key = (id(value),)
+            key = None
         self._key = key
 
     def __eq__(self, other):
         if not isinstance(other, Static):
             return NotImplemented
-        return self.value is other.value if len(self._key) == 1 else self._key == other._key
+        return self.value is other.value if self._key is None else self._key == other._key
 
     def __hash__(self):
-        return hash(self._key)
+        return hash(id(self.value) if self._key is None else self._key)
+
+
+def _value_key(value):
+    """A hashable key that equal plain values share (floats by repr: -0.0 != 0.0), or None: by identity."""
+    if isinstance(value, float):
+        return (float, repr(value))
+    if isinstance(value, _BY_VALUE):
+        return (type(value), value)
+    if type(value) is tuple:
+        keys = tuple(_value_key(v) for v in value)
+        return None if None in keys else (tuple, keys)
+    return None
 
 
 class FnAux:
@@ -220,8 +231,10 @@ class _Splitter:
             return ("method", sub(v.__func__), sub(v.__self__))
         if isinstance(v, functools.partial):
             return ("partial", sub(v.func), sub(v.args), sub(v.keywords))
-        if type(v) in (tuple, list, set):
+        if type(v) in (tuple, list):
             return (type(v).__name__, tuple(sub(x) for x in v))
+        if type(v) is set:  # elements are hashable, never traced
+            return ("set", tuple(Static(x) for x in v))
         if type(v) is dict:
             return ("dict", tuple(Static(k) for k in v), tuple(sub(x) for x in v.values()))
         children, treedef = jax.tree_util.tree_flatten(v, is_leaf=lambda x: x is not v)
@@ -269,8 +282,10 @@ class _Builder:
         if kind == "tuple":
             return tuple(self.value(c) for c in s[1])
         if kind in ("list", "set", "dict"):
-            out = ({k.value: self.value(c) for k, c in zip(s[1], s[2], strict=True)} if kind == "dict"
-                   else (list if kind == "list" else set)(self.value(c) for c in s[1]))
+            if kind == "dict":
+                out = {k.value: self.value(c) for k, c in zip(s[1], s[2], strict=True)}
+            else:
+                out = [self.value(c) for c in s[1]] if kind == "list" else {e.value for e in s[1]}
             self.containers.append((out, snapshot(out)))
             return out
         if kind == "tree":
@@ -329,8 +344,10 @@ def restore(obj, snap) -> None:
     obj.update(snap) if isinstance(obj, (dict, set)) else obj.extend(snap)
 
 
-def has_tracer(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(list(tree)))
+def has_tracer(box) -> bool:
+    """A list, dict or set holding a tracer, at any depth."""
+    values = list(box.values() if isinstance(box, dict) else box)
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
 
 
 def user_containers(fn, depth: int = 0) -> list:
@@ -383,6 +400,13 @@ def _explain(e: Exception, fn, hook) -> None:
             f"The hook function {_name(fn)} at {hook.name!r} edits the activation in place "
             "(`x[:, :, h] = v`), but JAX arrays are immutable. Return the edited copy: "
             "`return x.at[:, :, h].set(v)` (or pass `Patch(value, mask)` as an intervention).") from e
+    if isinstance(e, (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                      jax.errors.TracerIntegerConversionError)):
+        raise InterventionError(
+            f"The hook function {_name(fn)} at {hook.name!r} reads the activation's values in Python "
+            "(`float(x)`, `x.item()`, `if x.sum() > 0`, `np.asarray(x)`), but under jit the activation is a "
+            "tracer. Compute with jnp (`jnp.where(cond, a, b)`), or read activations with "
+            f"`model.run_with_cache(tokens, names_filter=...)`. ({type(e).__name__})") from e
     if isinstance(e, AttributeError) and "_" in msg and msg.rstrip("'\" ").endswith("_"):
         raise InterventionError(
             f"The hook function {_name(fn)} at {hook.name!r} calls a torch in-place method ({msg}). Return "
@@ -424,7 +448,7 @@ def _codes(spec: tuple):
     if kind == "func":
         yield spec[1]
         children = (*spec[5], *spec[7], spec[8], spec[9])
-    elif kind in ("tuple", "list", "set"):
+    elif kind in ("tuple", "list"):
         children = spec[1]
     elif kind in ("dict", "tree"):
         children = spec[2]

@@ -114,13 +114,9 @@ class WeightMethods:
         if mlp_input and layer == n:
             raise InputAssertionError(f"accumulated_bias(mlp_input=True) needs layer < n_layers={n}: there "
                                       "is no attention bias beyond the final layer.")
-        b_O, b_out = self.params["blocks"]["attn"]["b_O"], self.params["blocks"]["mlp"]["b_out"]
-        total = b_O[:layer].sum(0)
-        if include_mlp_biases:
-            total = total + b_out[:layer].sum(0)
-        if mlp_input:
-            total = total + b_O[layer]
-        return total
+        from jaxlens.cache_analysis import accumulated_bias  # the one sum, shared with the cache's methods
+
+        return accumulated_bias(self.params, int(layer), mlp_input, include_mlp_biases)
 
 
 # -- the views ------------------------------------------------------------------------------------------
@@ -298,7 +294,8 @@ class EmbedView(_View):
 
 class PosEmbedView(_View):
     """`model.pos_embed`: `.W_pos` [n_ctx d_model]; `model.pos_embed(tokens)` -> [batch pos d_model], the
-    embedding of positions 0..pos-1 (as TL's PosEmbed without a KV-cache offset)."""
+    embedding of positions 0..pos-1 (HookedTransformer's PosEmbed, which reads only the tokens' shape; TL
+    4.3's bridge module is Hugging Face's and takes position ids instead)."""
 
     W_pos = property(lambda self: self._get("pos_embed", "W_pos"))
 

@@ -191,8 +191,8 @@ class TokenMethods:
 
 def _one_sequence(input, where: str) -> np.ndarray:
     """Ids [pos] from [pos], [1 pos] or a scalar (TL squeezes the input, then asserts it is 1-D)."""
-    if isinstance(input, jax.Array) or hasattr(input, "__array__"):
-        input = input.detach().cpu() if hasattr(input, "detach") else input
+    if hasattr(input, "detach"):  # a torch tensor
+        input = input.detach().cpu()
     arr = np.asarray(input).squeeze()
     if arr.ndim == 0:
         arr = arr[None]

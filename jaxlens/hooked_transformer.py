@@ -66,7 +66,6 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         if default_padding_side not in ("right", "left", None):
             raise InputAssertionError(
                 f"default_padding_side must be 'right', 'left' or None; found {default_padding_side!r}.")
-
         if hub.is_path_like(source):  # a directory, a .gguf file, a cached HF repo id or a packaged model name
             source = hub.resolve(source)
         cfg, params = converters.load(source, allow_pickle=allow_pickle)

@@ -36,10 +36,10 @@ def test_atomic_path_renames_a_complete_file(tmp_path, durable):
 def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     final = tmp_path / "out.json"
     final.write_text("old")
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(OSError, match="disk full"):
         with _atomic.atomic_path(final) as tmp:
             tmp.write_text("half")
-            1 / 0
+            raise OSError("disk full")
     assert final.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 

@@ -118,7 +118,7 @@ def test_standard_positions_have_no_rotary_dim():
 
 def test_old_names_are_gone():
     cfg = testing.tiny_config()
-    for old in ("n_kv_heads", "rotary_dims", "scale", "use_attn_scale"):
+    for old in ("n_kv_heads", "rotary_dims", "scale"):
         assert not hasattr(cfg, old), old
     with pytest.raises(TypeError, match="use_attn_scale"):
         testing.tiny_config(use_attn_scale=False)  # TransformerLens's flag: attn_scale=1.0 says the same

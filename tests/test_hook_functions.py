@@ -1,6 +1,7 @@
 """Hook functions: TL's loop idiom (a fresh hook function per call) compiles once and gives the values of the
 equivalent Patch interventions and of TransformerLens 4.3; hooks that cannot trace fall back or raise an
-error naming the pure form; `with model.hooks(...)` applies hooks inside the block and leaves nothing after."""
+error naming the pure form; `with model.hooks(...)` applies hooks inside the block and leaves nothing
+after."""
 
 import functools
 import types
@@ -84,9 +85,11 @@ def _nested(pos):
     lambda pos: _Patcher(pos).hook,
     _nested,
     lambda pos: (lambda x, hook, p=pos: x.at[:, p].set(CLEAN[:, p])),
-], ids=["partial", "bound-method", "nested-closure", "default-arg"])
+    lambda pos: (lambda x, hook, d={(0, "p"): pos}: x.at[:, d[0, "p"]].set(CLEAN[:, d[0, "p"]])),
+], ids=["partial", "bound-method", "nested-closure", "default-arg", "tuple-keyed-dict"])
 def test_partials_methods_nested_closures_and_defaults_compile_once(make):
-    n, outs = compiles([lambda p=p: MODEL.run_with_hooks(CORRUPTED, fwd_hooks=[(NAME, make(p))]) for p in range(4)])
+    n, outs = compiles([lambda p=p: MODEL.run_with_hooks(CORRUPTED, fwd_hooks=[(NAME, make(p))])
+                        for p in range(4)])
     assert n == 1
     for p, out in enumerate(outs):
         np.testing.assert_allclose(out, patched(p), atol=1e-5)
@@ -123,13 +126,14 @@ def test_globals_the_hook_reads_are_data_not_stale_constants():
 
 def test_ints_that_must_be_static_fall_back_with_right_values():
     def run(n):
-        return MODEL.run_with_hooks(CORRUPTED, fwd_hooks=[(NAME, lambda x, hook: x.at[:, :n].set(CLEAN[:, :n]))])
+        hook = lambda x, hook: x.at[:, :n].set(CLEAN[:, :n])  # noqa: E731
+        return MODEL.run_with_hooks(CORRUPTED, fwd_hooks=[(NAME, hook)])
 
     def want(n):
         mask = (jnp.arange(TOKENS.shape[1]) < n)[None, :, None]
         return np.asarray(MODEL.forward(CORRUPTED, interventions={NAME: Patch(CLEAN, mask)}))
 
-    _, outs = compiles([lambda n=n: run(n) for n in (1, 2, 3)])  # `x[:, :n]` needs n static: one compile per n
+    _, outs = compiles([lambda n=n: run(n) for n in (1, 2, 3)])  # `x[:, :n]` needs n static: a compile per n
     for n, out in zip((1, 2, 3), outs, strict=True):
         np.testing.assert_allclose(out, want(n), atol=1e-5)
     again, _ = compiles([lambda n=n: run(n) for n in (2, 3)])
@@ -148,18 +152,27 @@ def test_tl_hooks_that_cannot_trace_name_the_pure_form():
         calls += 1
         return x
 
-    acts = []
+    acts, store = [], {}
+
+    class Recorder:
+        def hook(self, z, hook):
+            self.last = z
+            return z
+
     cases = [
         (in_place, r"in place.*return x\.at\[:, :, h\]\.set\(v\).*Patch\(value, mask\)"),
         (counting, r"nonlocal calls.*Count in Python around the call"),
         (lambda z, hook: acts.append(z) or z, r"stores the activation.*run_with_cache"),
+        (lambda z, hook: store.update({hook.name: z}) or z, r"stores the activation"),
+        (Recorder().hook, r"stores the activation"),
         (lambda z, hook: z.zero_(), r"torch in-place method.*x \* 0"),
+        (lambda z, hook: z * float(z.sum()), r"reads the activation's values in Python.*jnp\.where"),
         (lambda z, hook: None, r"returned None.*return the new activation"),
     ]
     for fn, match in cases:
         with pytest.raises(InterventionError, match=r"'blocks\.0\.attn\.hook_z'.*" + match):
             MODEL.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.attn.hook_z", fn)])
-    assert acts == [] and calls == 0  # nothing leaked out of the trace
+    assert acts == [] and store == {} and calls == 0  # nothing leaked out of the trace
 
 
 _CALLS = 0
@@ -202,7 +215,8 @@ def test_hooks_context_applies_inside_the_block_only():
         embed_zero = [("hook_embed", lambda x, hook: x * 0.0)]
         with MODEL.hooks(fwd_hooks=embed_zero):  # nested blocks compose, and with run_with_hooks
             both = np.asarray(MODEL(TOKENS))
-        np.testing.assert_allclose(np.asarray(MODEL.run_with_hooks(TOKENS, fwd_hooks=embed_zero)), both, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(MODEL.run_with_hooks(TOKENS, fwd_hooks=embed_zero)), both,
+                                   atol=1e-6)
         np.testing.assert_allclose(np.asarray(MODEL(TOKENS)), ablated, atol=1e-6)
     assert not np.allclose(both, ablated)
     with pytest.raises(RuntimeError), MODEL.hooks(fwd_hooks=hooks):
@@ -225,6 +239,18 @@ def test_function_with_closure_at_layer_free_key():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+@pytest.mark.xfail(strict=True, reason="needs generate's plan to leave a function's closure arrays alone (it "
+                   "reads array leaves as per-position data)")
+def test_generate_applies_function_with_closure_arrays_at_every_step():
+    big = jnp.ones((2, 5, CFG.d_model))  # prompt-long on the pos axis: not per-position data of the hook
+    kw = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False)
+    prompt = TOKENS[:, :5]
+    plain = MODEL.generate(prompt, interventions={NAME: jaxlens.Fn(lambda x, hook: x * 3.0)}, **kw)
+    hook = lambda x, hook: x * 3.0 + 0.0 * big.mean()  # noqa: E731
+    closing = MODEL.generate(prompt, interventions={NAME: jaxlens.Fn(hook)}, **kw)
+    np.testing.assert_array_equal(np.asarray(closing), np.asarray(plain))
+
+
 @pytest.mark.slow  # boots a TransformerLens bridge (about 10 s on 2 cores)
 def test_loop_matches_transformer_lens(tmp_path):
     torch = pytest.importorskip("torch")
@@ -244,15 +270,15 @@ def test_loop_matches_transformer_lens(tmp_path):
     before = run_jit._cache_size()
     for pos in range(9):
         def tl_patch(x, hook):  # TL's idiom: edit in place
-            x[:, pos] = tl_clean[:, pos]
+            x[:, pos] = tl_clean[:, pos]  # noqa: B023
             return x
 
         def tl_ablate(z, hook):  # in place, returning None
-            z[:, :, pos % 4] = 0.0
+            z[:, :, pos % 4] = 0.0  # noqa: B023
 
         with torch.no_grad():
-            want = br.run_with_hooks(torch.as_tensor(corr_tok), fwd_hooks=[(NAME, tl_patch),
-                                                                            ("blocks.2.attn.hook_z", tl_ablate)])
+            tl_hooks = [(NAME, tl_patch), ("blocks.2.attn.hook_z", tl_ablate)]
+            want = br.run_with_hooks(torch.as_tensor(corr_tok), fwd_hooks=tl_hooks)
         got = model.run_with_hooks(jnp.asarray(corr_tok), fwd_hooks=[
             (NAME, lambda x, hook: x.at[:, pos].set(clean[:, pos])),  # noqa: B023
             ("blocks.2.attn.hook_z", lambda z, hook: z.at[:, :, pos % 4].set(0.0))])  # noqa: B023

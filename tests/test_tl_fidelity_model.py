@@ -1,6 +1,6 @@
-"""HookedTransformer's TransformerLens-shaped helpers against TransformerLens 4.3 on the same weights: the module
-view (`blocks[l].attn.W_O`, `blocks[l].ln1(x)`, `embed`, `pos_embed`, `unembed`, `ln_final`), weights a model
-lacks, `accumulated_bias`, `tokens_to_residual_directions`, the token helpers (`to_tokens` options,
+"""HookedTransformer's TransformerLens-shaped helpers against TransformerLens 4.3 on the same weights: the
+module view (`blocks[l].attn.W_O`, `blocks[l].ln1(x)`, `embed`, `pos_embed`, `unembed`, `ln_final`), weights a
+model lacks, `accumulated_bias`, `tokens_to_residual_directions`, the token helpers (`to_tokens` options,
 `to_str_tokens` on lists, `to_single_str_token`, `input_to_embed`, `set_tokenizer`), the masked loss,
 `refactor_factored_attn_matrices`, the derived config attributes and greedy `generate`; and that where TL
 raises AssertionError / IndexError / AttributeError, jaxlens's error is also one.
@@ -23,7 +23,13 @@ pytestmark = pytest.mark.slow  # four TransformerLens bridges and their jaxlens 
 
 from jaxlens import HookedTransformer, testing  # noqa: E402
 from jaxlens.errors import (  # noqa: E402
-    ConfigError, InputAssertionError, InputError, InputIndexError, MissingWeightError, ReadOnlyError)
+    ConfigError,
+    InputAssertionError,
+    InputError,
+    InputIndexError,
+    MissingWeightError,
+    ReadOnlyError,
+)
 from jaxlens.model.loss import lm_cross_entropy_loss  # noqa: E402
 
 ATOL = 1e-4
@@ -104,13 +110,14 @@ def test_module_view_matches_transformer_lens(which, request):
                 close(getattr(jb.attn, name), getattr(tb.attn, name).repeat_interleave(n_rep, dim=0), name)
             for name in ("W_in", "b_in", "W_out", "b_out"):
                 want, got = getattr(tb.mlp, name), getattr(jb.mlp, name)
-                if getattr(tb.mlp, name) is None:  # TL 4.3: None for a bias the checkpoint lacks (Llama's MLP)
+                if want is None:  # TL 4.3: None for a bias the checkpoint lacks (Llama's MLP)
                     want = np.zeros(got.shape, np.float32)
                 close(got, want, f"blocks[{l}].mlp.{name}")
             if jl.cfg.gated_mlp:
                 close(jb.mlp.W_gate, tb.mlp.W_gate, "W_gate")
             else:
-                assert jb.mlp.W_gate is None and tb.mlp.W_gate is None and jl.W_gate is None and tl.W_gate is None
+                assert jb.mlp.W_gate is None and tb.mlp.W_gate is None
+                assert jl.W_gate is None and tl.W_gate is None
             close(jb.ln1(x), tb.ln1(torch.tensor(x)), f"blocks[{l}].ln1(x)")
             close(jb.ln2(x), tb.ln2(torch.tensor(x)), f"blocks[{l}].ln2(x)")
         close(jl.ln_final(x), tl.ln_final(torch.tensor(x)), "ln_final(x)")
@@ -119,7 +126,7 @@ def test_module_view_matches_transformer_lens(which, request):
         close(jl.embed(tokens), tl.embed(torch.tensor(tokens)), "embed(tokens)")
         close(jl.embed.W_E, tl.embed.W_E, "embed.W_E")
         close(jl.unembed.W_U, tl.unembed.W_U, "unembed.W_U")
-        if jl.cfg.positional_embedding_type == "standard":  # TL 4.3's module takes position ids: 0..pos-1 here
+        if jl.cfg.positional_embedding_type == "standard":  # TL 4.3's module takes position ids: 0..pos-1
             positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
             close(jl.pos_embed(tokens), tl.pos_embed(torch.tensor(positions)), "pos_embed(tokens)")
             close(jl.pos_embed.W_pos, tl.W_pos, "W_pos")
@@ -132,14 +139,14 @@ def test_missing_weights_are_attribute_errors(llama, gpt2):
     tl, jl = llama
     assert not hasattr(tl, "W_pos") and not hasattr(jl, "W_pos")  # TL raises AttributeError, so does jaxlens
     with pytest.raises(MissingWeightError, match="no W_pos: positional_embedding_type is 'rotary'"):
-        jl.W_pos
+        _ = jl.W_pos
     assert not hasattr(jl, "pos_embed") and not hasattr(tl, "pos_embed")
     with pytest.raises(MissingWeightError, match="fold_ln folded its weights"):
-        jl.blocks[0].ln1.w  # processed: RMSPre has no weights
+        _ = jl.blocks[0].ln1.w  # processed: RMSPre has no weights
     with pytest.raises(MissingWeightError, match="no norms after attention and MLP"):
-        jl.blocks[0].ln1_post
+        _ = jl.blocks[0].ln1_post
     with pytest.raises(MissingWeightError, match="RMSNorm has no bias"):
-        HookedTransformer(jl.cfg.replace(normalization_type="RMS"), {**jl.params, "ln_final": {
+        _ = HookedTransformer(jl.cfg.replace(normalization_type="RMS"), {**jl.params, "ln_final": {
             "w": jnp.ones(jl.cfg.d_model)}}).ln_final.b
     assert gpt2[1].W_gate is None and gpt2[0].W_gate is None
 
@@ -201,8 +208,8 @@ def test_tokens_to_residual_directions_matches_transformer_lens(gpt2):
     square = np.asarray([[3, 17], [250, 4]])  # batch == k: a transpose would pass silently
     with torch.no_grad():
         for tokens in (batch, square, batch[0], np.asarray([[7]]), np.asarray([7])):
-            close(jl.tokens_to_residual_directions(tokens), tl.tokens_to_residual_directions(torch.tensor(tokens)),
-                  f"tokens {tokens.shape}")
+            want = tl.tokens_to_residual_directions(torch.tensor(tokens))
+            close(jl.tokens_to_residual_directions(tokens), want, f"tokens {tokens.shape}")
         close(jl.tokens_to_residual_directions(7), tl.tokens_to_residual_directions(7), "int")
         tid = jl.to_single_token(" Mary")
         close(jl.tokens_to_residual_directions(" Mary"), tl.tokens_to_residual_directions(tid), "str")
@@ -252,8 +259,8 @@ def test_to_tokens_options_match_transformer_lens(gpt2):
     tl, jl = gpt2
     for kw in ({}, dict(padding_side="left"), dict(padding_side="right"), dict(prepend_bos=False),
                dict(move_to_device=False), dict(truncate=False)):
-        np.testing.assert_array_equal(np.asarray(jl.to_tokens(TEXTS, **kw)), tl.to_tokens(TEXTS, **kw).numpy(),
-                                      err_msg=str(kw))
+        want = tl.to_tokens(TEXTS, **kw).numpy()
+        np.testing.assert_array_equal(np.asarray(jl.to_tokens(TEXTS, **kw)), want, err_msg=str(kw))
     truncated, whole = jl.to_tokens(LONG), jl.to_tokens(LONG, truncate=False)
     np.testing.assert_array_equal(np.asarray(truncated), tl.to_tokens(LONG).numpy())  # TL cuts to n_ctx
     np.testing.assert_array_equal(np.asarray(whole), tl.to_tokens(LONG, truncate=False).numpy())
@@ -336,7 +343,8 @@ def test_loss_function_is_nan_safe_and_checks_shapes():
     logits[1, 0] = np.nan  # a NaN logit at a padded position must not reach the mean
     for per_token in (False, True):
         got = lm_cross_entropy_loss(jnp.asarray(logits), tokens, mask, per_token)
-        want = tl_lm.lm_cross_entropy_loss(torch.tensor(logits), torch.tensor(tokens), torch.tensor(mask), per_token)
+        want = tl_lm.lm_cross_entropy_loss(torch.tensor(logits), torch.tensor(tokens), torch.tensor(mask),
+                                           per_token)
         assert np.isfinite(np.asarray(got)).all()
         close(got, want, f"per_token={per_token}")
     got = lm_cross_entropy_loss(jnp.asarray(logits), tokens, mask.astype(np.int32))  # int masks, as TL

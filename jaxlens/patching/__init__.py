@@ -2,9 +2,13 @@
 
     from jaxlens import patching
     grid = patching.get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric)
-    res = patching.sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric,
-                         hook="attn.hook_z", axes=("layer", "pos", "head"))
+    kw = dict(hook="attn.hook_z", axes=("layer", "pos", "head"))
+    print(patching.plan_sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, **kw))
+    res = patching.sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, **kw)   # PatchResult
     est = patching.attribution_patch(model, corrupted_tokens, clean_cache, metric, "attn_head_out_by_pos")
+
+Modules: `sweeping` (sweep, plan_sweep), `activation` (TransformerLens's names), `attribution`, `result`
+(PatchResult), `plan` (cells, windows, chunks, CellStatus), `prepare`, `compute`, `cost`, `logit_reads`.
 """
 
 from jaxlens.patching.activation import generic_activation_patch as generic_activation_patch
@@ -50,6 +54,10 @@ from jaxlens.patching.attribution import attribution_patch as attribution_patch
 from jaxlens.patching.attribution import attribution_sweep as attribution_sweep
 from jaxlens.patching.attribution import attribution_sweeps as attribution_sweeps
 from jaxlens.patching.attribution import compare as compare
+from jaxlens.patching.plan import CellStatus as CellStatus
 from jaxlens.patching.result import PatchingResult as PatchingResult
-from jaxlens.patching.sweep import SweepResult as SweepResult
-from jaxlens.patching.sweep import sweep as sweep
+from jaxlens.patching.result import PatchResult as PatchResult
+from jaxlens.patching.sweeping import Program as Program
+from jaxlens.patching.sweeping import SweepPlan as SweepPlan
+from jaxlens.patching.sweeping import plan_sweep as plan_sweep
+from jaxlens.patching.sweeping import sweep as sweep

@@ -12,14 +12,16 @@ with zeros to n_heads); the pattern sweeps are indexed (layer, head_index, dest_
 
 TransformerLens 4.3's calling conventions hold too (`tl_sweep`): `reduce="mean"|"none"` with a per-example
 metric, `baseline=True`, a mapping of metrics (a leading metric axis) and `index_df` rows; under `reduce="none"`,
-`baseline=True` or a mapping the result is a `PatchingResult` with its statistics.
+`baseline=True` or a mapping the result is a `PatchResult` laid out as TransformerLens's `PatchingResult`
+(`[metric?, *axes | row, example?]`), with its statistics; otherwise that result's values, as a jax array.
 
 `get_act_patch_direct_path` is path patching of one source head into later heads' query, key or value inputs;
 `get_act_patch_direct_path_all_sources` does it from every source head.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -30,8 +32,9 @@ from tqdm import tqdm
 
 from jaxlens.errors import InputError
 from jaxlens.model.forward import check_tokens
-from jaxlens.patching.result import PatchingResult
-from jaxlens.patching.sweep import cached_run, sweep
+from jaxlens.patching.prepare import cached_run
+from jaxlens.patching.result import PatchResult
+from jaxlens.patching.sweeping import sweep
 
 # (hook, axes) of each TransformerLens sweep, by the suffix of its name.
 SPECS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -71,30 +74,18 @@ _EVERY_AXES = {"attn_head_all_pos_every": ("layer", "head"), "attn_head_by_pos_e
 _REDUCE = ("scalar", "mean", "none")
 
 
-def stack_every(kind: str, parts: list, n_heads: int):
-    """Stack the sweeps of a `*_every` helper on a leading patch_type axis as TransformerLens does: each part's
-    swept axes put in the helper's order (the by-position pattern grid [layer head pos] becomes [layer pos
-    head]), k/v zero-padded to n_heads; arrays stay arrays, PatchingResults (metric axis first, batch axis
-    last) become one PatchingResult carrying the first part's baseline."""
+def stack_patch_types(kind: str, parts: Sequence[PatchResult], n_heads: int) -> PatchResult:
+    """The parts of a `*_every` helper on a leading "patch_type" axis (after "metric"), as TransformerLens
+    lays them out: each part's axes renamed and ordered as the helper's (the by-position pattern grid [layer
+    head_index dest_pos] becomes [layer pos head]), k/v padded with zeros to n_heads; the first part's
+    baseline."""
     order = _EVERY_AXES[kind]
-    typed = isinstance(parts[0], PatchingResult)
-    out = []
-    for name, part in zip(EVERY[kind], parts, strict=True):
-        v = np.asarray(part.values if typed else part)
-        lead = 1 if typed and part.has_metric_axis else 0
-        names = [_RENAMES.get(a, a) for a in SPECS[name][1]]
-        perm = list(range(lead)) + [lead + names.index(a) for a in order]
-        v = np.transpose(v, perm + list(range(lead + len(names), v.ndim)))
-        if "head" in order:
-            ax = lead + order.index("head")
-            pad = np.zeros(v.shape[:ax] + (n_heads - v.shape[ax],) + v.shape[ax + 1:], v.dtype)
-            v = np.concatenate([v, pad], axis=ax)
-        out.append(v)
-    if not typed:
-        return jnp.asarray(np.stack(out))
-    first = parts[0]
-    return dataclasses.replace(first, values=np.stack(out, axis=1 if first.has_metric_axis else 0),
-                               axis_names=["patch_type", *order], patch_type_names=list(_TYPE_NAMES[kind]))
+    aligned = []
+    for part in parts:
+        p = part.rename(**{a: b for a, b in _RENAMES.items() if a in part.axes})
+        p = p.transpose(*["metric"] * p.has_metric_axis, *order, *["example"] * (not p.reduced))
+        aligned.append(p.pad(head=n_heads) if "head" in order else p)
+    return PatchResult.stack(aligned, "patch_type", _TYPE_NAMES[kind], position=int(parts[0].has_metric_axis))
 
 
 def _sweep_function(kind: str, summary: str) -> Callable:
@@ -110,9 +101,10 @@ def _sweep_function(kind: str, summary: str) -> Callable:
                 if opts.get("checkpoint_dir") is not None:
                     opts["checkpoint_dir"] = Path(opts["checkpoint_dir"]) / part
                 hook, axes = SPECS[part]
-                parts.append(tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook, axes,
-                                      reduce=reduce, baseline=baseline, **opts))
-            return stack_every(kind, parts, model.cfg.n_heads)
+                parts.append(tl_result(model, corrupted_tokens, clean_cache, patching_metric, hook, axes,
+                                       reduce=reduce, baseline=baseline, **opts))
+            res = stack_patch_types(kind, parts, model.cfg.n_heads)
+            return res if _typed(patching_metric, reduce, baseline) else jnp.asarray(res)
         hook, axes = SPECS[kind]
         return tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook, axes, index_df=index_df,
                         return_index_df=return_index_df, reduce=reduce, baseline=baseline, **options)
@@ -134,8 +126,8 @@ def _sweep_function(kind: str, summary: str) -> Callable:
             on_chunk).
 
     Returns:
-        The metric for each patch, shape {shape}; a PatchingResult under reduce="none", baseline=True or a
-        mapping of metrics.
+        The metric for each patch, shape {shape} (a jax array); a PatchResult in TransformerLens's layout
+        under reduce="none", baseline=True or a mapping of metrics.
     """
     return patch
 
@@ -155,71 +147,97 @@ def tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, hook: str, a
             `.to_numpy()`, columns named as `axes`); the output then has one flat row axis. The full grid
             over the layers it names is computed and the rows gathered from it.
         return_index_df: also return the index DataFrame (array results only; needs pandas).
-        reduce: "scalar", "mean" (average the per-example metric) or "none" (keep it: a PatchingResult).
-        baseline: also return the unpatched corrupted run's metric (a PatchingResult).
+        reduce: "scalar", "mean" (average the per-example metric) or "none" (keep it: an "example" axis).
+        baseline: also return the unpatched corrupted run's metric.
         **options: `sweep` options.
 
     Returns:
-        The grid [*axes] (or [n_rows]) as a jax array, with the index DataFrame if asked; a PatchingResult
-        [metric?, *axes | n_rows, batch?] under reduce="none", baseline=True or a mapping of metrics.
+        The grid [*axes] (or [n_rows]) as a jax array, with the index DataFrame if asked; under reduce="none",
+        baseline=True or a mapping of metrics, the PatchResult itself (`tl_result`).
     """
+    typed = _typed(patching_metric, reduce, baseline)
+    if typed and return_index_df:
+        raise InputError("return_index_df applies to the array result only; a PatchResult (reduce='none', "
+                         "baseline=True or a mapping of metrics) carries its cells as .index_df.")
+    res = tl_result(model, corrupted_tokens, clean_cache, patching_metric, hook, axes, index_df=index_df,
+                    reduce=reduce, baseline=baseline, **options)
+    if typed:
+        return res
+    return (jnp.asarray(res), res.index_df) if return_index_df else jnp.asarray(res)
+
+
+def tl_result(model, corrupted_tokens, clean_cache, patching_metric, hook: str, axes, *, index_df=None,
+              reduce: str = "scalar", baseline: bool = False, **options) -> PatchResult:
+    """`tl_sweep`'s result as a PatchResult whatever the options, in TransformerLens's layout: axes
+    ("metric"?, *axes | "row", "example"?), the metric axis only for a mapping of metrics, "example" only
+    under reduce="none", and a baseline when `baseline=True`."""
     if reduce not in _REDUCE:
         raise InputError(f"reduce must be one of {_REDUCE}; found {reduce!r}.")
     metrics = dict(patching_metric) if isinstance(patching_metric, Mapping) else {"metric": patching_metric}
     if not metrics:
         raise InputError("The mapping of patching metrics is empty: give at least one {name: function}.")
-    typed = isinstance(patching_metric, Mapping) or reduce == "none" or baseline
-    if typed and return_index_df:
-        raise InputError("return_index_df applies to the array result only; a PatchingResult (reduce='none', "
-                         "baseline=True or a mapping of metrics) carries its cells as .index_df.")
     axes = tuple(axes)
     rows = _rows(index_df, axes, model.cfg) if index_df is not None else None
     if rows is not None and "layer" in axes:
         options.setdefault("layers", sorted(set(rows[:, axes.index("layer")].tolist())))
     batch = int(np.shape(corrupted_tokens)[0])
     per_example = reduce != "scalar"
-    if not typed and not per_example:
+    if not per_example and not isinstance(patching_metric, Mapping):  # the user's metric itself: one compile
         res = sweep(model.params, model.cfg, corrupted_tokens, clean_cache, patching_metric, hook=hook,
                     axes=axes, **options)
-        values = res.values
-    else:
-        metric, names = _stacked_metric(metrics, batch, per_example)
-        res = sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, hook=hook, axes=axes,
-                    metric_names=names, **options)
-        m_shape = (len(metrics),) + ((batch,) if per_example else ())
-        values = res.values.reshape(res.values.shape[:-1] + m_shape)
-        values = np.moveaxis(values, len(axes), 0)  # [metric, *axes, batch?]
-        base = np.asarray(res.baseline).reshape(m_shape)
-        if reduce == "mean":
-            values, base = values.mean(-1), base.mean(-1)
-    if rows is not None:
-        lead = 1 if (typed or per_example) else 0  # the metric axis
-        grid = np.asarray(values.shape[lead:lead + len(axes)])
-        outside = (rows >= grid).any(1)
-        if outside.any():
-            bad = int(np.nonzero(outside)[0][0])
-            raise InputError(f"index_df row {bad} {dict(zip(axes, rows[bad].tolist(), strict=True))} is outside "
-                             f"the grid {dict(zip(axes, grid.tolist(), strict=True))}.")
-        values = values[(slice(None),) * lead + tuple(rows.T)]
-    if not typed:
-        out = jnp.asarray(values[0] if per_example else values)
-        if return_index_df:
-            cells = rows if rows is not None else np.indices(out.shape).reshape(len(axes), -1).T
-            return out, _dataframe(cells, axes)
-        return out
-    has_m = isinstance(patching_metric, Mapping)
-    return PatchingResult(values=np.asarray(values if has_m else values[0]),
-                          axis_names=[] if rows is not None else list(axes), metric_names=list(metrics),
-                          reduced=reduce != "none", has_metric_axis=has_m,
-                          baseline=np.asarray(base if has_m else base[0]) if baseline else None,
-                          rows=rows, row_names=list(axes) if rows is not None else None)
+        res = res if baseline else dataclasses.replace(res, baseline=None)
+        return res if rows is None else _take_rows(res, rows, axes)
+    metric, names = _stacked_metric(tuple(metrics.items()), batch, per_example)
+    flat = sweep(model.params, model.cfg, corrupted_tokens, clean_cache, metric, hook=hook, axes=axes,
+                 metric_names=names, **options)
+    m_shape = (len(metrics),) + ((batch,) if per_example else ())
+    values = flat.values.reshape(flat.shape[:-1] + m_shape)
+    values = np.moveaxis(values, len(axes), 0)  # [metric, *axes, batch?]
+    base = flat.baseline.reshape(m_shape)
+    if reduce == "mean":
+        values, base = values.mean(-1), base.mean(-1)
+    res = PatchResult(values, ("metric",) + axes + ("example",) * (reduce == "none"),
+                      (tuple(metrics),) + flat.labels[:-1] + (None,) * (reduce == "none"),
+                      base if baseline else None)
+    if not isinstance(patching_metric, Mapping):
+        res = res.select(metric="metric")
+    return res if rows is None else _take_rows(res, rows, axes)
 
 
-def _stacked_metric(metrics: dict, batch: int, per_example: bool):
-    """One vector metric of every metric (each [batch] when per-example), flattened, and its labels."""
+def _typed(patching_metric, reduce: str, baseline: bool) -> bool:
+    """TransformerLens returns its typed result (not a tensor) for these options."""
+    return isinstance(patching_metric, Mapping) or reduce == "none" or baseline
+
+
+def _take_rows(res: PatchResult, rows: np.ndarray, axes: tuple) -> PatchResult:
+    """The cells named by `rows` [n_rows, len(axes)] on one "row" axis in place of the grid axes `axes`."""
+    first = res.axes.index(axes[0])
+    grid = np.asarray(res.shape[first:first + len(axes)])
+    outside = (rows >= grid).any(1)
+    if outside.any():
+        bad = int(np.nonzero(outside)[0][0])
+        raise InputError(f"index_df row {bad} {dict(zip(axes, rows[bad].tolist(), strict=True))} is outside "
+                         f"the grid {dict(zip(axes, grid.tolist(), strict=True))}.")
+    values = res.values[(slice(None),) * first + tuple(rows.T)]
+    new_axes = res.axes[:first] + ("row",) + res.axes[first + len(axes):]
+    labels = res.labels[:first] + (tuple(map(tuple, rows.tolist())),) + res.labels[first + len(axes):]
+    return PatchResult(values, new_axes, labels, res.baseline, name=res.name, row_axes=axes)
+
+
+def _stacked_metric(metrics: tuple, batch: int, per_example: bool):
+    """One vector metric of every (name, metric) (each [batch] when per-example), flattened, and its labels.
+    Cached, so that the same metrics give the same function and the sweep's compiled chunks are reused."""
+    try:
+        return _stack_metrics(metrics, batch, per_example)
+    except TypeError:  # an unhashable metric: a new function (and compile) per call
+        return _stack_metrics.__wrapped__(metrics, batch, per_example)
+
+
+@functools.lru_cache(maxsize=64)
+def _stack_metrics(metrics: tuple, batch: int, per_example: bool):
     def metric(logits):
         outs = []
-        for name, fn in metrics.items():
+        for name, fn in metrics:
             out = jnp.asarray(fn(logits))
             want = (batch,) if per_example else ()
             if out.shape != want:
@@ -231,7 +249,8 @@ def _stacked_metric(metrics: dict, batch: int, per_example: bool):
             outs.append(out.reshape(-1).astype(jnp.float32))
         return jnp.concatenate(outs)
 
-    names = [f"{m}[{b}]" if per_example else m for m in metrics for b in range(batch if per_example else 1)]
+    per = range(batch if per_example else 1)
+    names = tuple(f"{m}[{b}]" if per_example else m for m, _ in metrics for b in per)
     return metric, names
 
 
@@ -252,14 +271,6 @@ def _rows(index_df, axes: tuple, cfg) -> np.ndarray:
         raise InputError(f"index_df names layer {rows[:, axes.index('layer')].max()}; the model has "
                          f"{cfg.n_layers} layers.")
     return rows
-
-
-def _dataframe(rows: np.ndarray, axes: tuple):
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise ImportError("return_index_df needs pandas: pip install pandas.") from e
-    return pd.DataFrame(rows, columns=list(axes))
 
 
 get_act_patch_resid_pre = _sweep_function(
@@ -393,7 +404,7 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
     options.setdefault("progress", verbose)
     return jnp.asarray(sweep(params, cfg, tokens, source, patching_metric, hook=f"hook_{component}_input",
                              axes=("layer", "head"), layers=range(src_layer + 1, cfg.n_layers), fill=0.0,
-                             **options).values)
+                             **options))
 
 
 def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,

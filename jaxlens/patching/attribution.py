@@ -24,23 +24,24 @@ from jaxtyping import Array, Float
 from jaxlens.errors import InputError
 from jaxlens.interventions import Add
 from jaxlens.model.forward import check_tokens, run
-from jaxlens.patching.activation import EVERY, SPECS, stack_every
+from jaxlens.patching.activation import EVERY, SPECS, stack_patch_types
 from jaxlens.patching.plan import Target, resolve_target
-from jaxlens.patching.sweep import SweepResult, _check_metric, _source
+from jaxlens.patching.prepare import check_metric, source_activation
+from jaxlens.patching.result import PatchResult
 
 
 def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *, hook: str, axes: Sequence[str],
-                      metric_names: Sequence[str] | None = None) -> SweepResult:
+                      metric_names: Sequence[str] | None = None) -> PatchResult:
     """The gradient estimate of `sweep(...)` with the same arguments: estimated metric values per cell.
 
     Returns:
-        SweepResult like `sweep`'s, values = metric(corrupted) + estimated change.
+        PatchResult like `sweep`'s, values = metric(corrupted) + estimated change.
     """
     return attribution_sweeps(params, cfg, corrupted_tokens, clean, metric, [(hook, axes)], metric_names)[0]
 
 
 def attribution_sweeps(params, cfg, corrupted_tokens, clean, metric: Callable, specs, metric_names=None
-                       ) -> list[SweepResult]:
+                       ) -> list[PatchResult]:
     """Several grids [(hook, axes), ...] from one corrupted forward and one backward pass (per metric entry)."""
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     targets = [resolve_target(cfg, h, a) for h, a in specs]
@@ -48,16 +49,13 @@ def attribution_sweeps(params, cfg, corrupted_tokens, clean, metric: Callable, s
     acts, grads, base = _grads(params, cfg, tokens, metric, names, metric_names)
     out = []
     for t in targets:
-        src = _source(params, cfg, clean, t, acts[t.full_name].shape)
+        src = source_activation(params, cfg, clean, t, acts[t.full_name].shape)
         d = (src - acts[t.full_name]).astype(jnp.float32)
         est = _reduce(t, d[None] * grads[t.full_name])  # [metric, *grid]
         est = np.moveaxis(np.asarray(est), 0, -1) + base
-        if metric_names is None:
-            est = est[..., 0]
-        axes = t.axes + (("metric",) if metric_names is not None else ())
-        labels = tuple(tuple(range(n)) for n in est.shape[:len(t.axes)])
-        labels += ((tuple(metric_names),) if metric_names is not None else ())
-        out.append(SweepResult(est.astype(np.float32), axes, labels))
+        names = {"metric": metric_names or ("metric",)}
+        res = PatchResult(est.astype(np.float32), t.axes + ("metric",), names, np.asarray(base, np.float32))
+        out.append(res.select(metric="metric") if metric_names is None else res)
     return out
 
 
@@ -71,8 +69,8 @@ def attribution_patch(model, corrupted_tokens, clean_cache, patching_metric: Cal
     res = attribution_sweeps(model.params, model.cfg, corrupted_tokens, clean_cache, patching_metric,
                              [SPECS[p] for p in parts])
     if kind in EVERY:
-        return stack_every(kind, [r.values for r in res], model.cfg.n_heads)
-    return jnp.asarray(res[0].values)
+        return jnp.asarray(stack_patch_types(kind, res, model.cfg.n_heads))
+    return jnp.asarray(res[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +120,7 @@ def _grads_jit(params, cfg, tokens, names, metric, n_metrics):
 
 def _grads(params, cfg, tokens, metric, names, metric_names):
     logits_shape = jax.eval_shape(lambda: run(params, cfg, tokens)[0])
-    _check_metric(metric, jnp.zeros(logits_shape.shape, logits_shape.dtype), metric_names)
+    check_metric(metric, jnp.zeros(logits_shape.shape, logits_shape.dtype), metric_names)
     n = 1 if metric_names is None else len(metric_names)
     acts, grads, value = _grads_jit(params, cfg, tokens, names, metric, n)
     return acts, grads, np.asarray(value)

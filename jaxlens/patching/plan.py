@@ -12,9 +12,13 @@ host, before anything compiles:
 - Windows: cells run only positions [P - S, P) for a few static lengths S (chosen to minimise the positions
   computed, weighted by the layers each cell runs), reusing the target run's keys and values before that.
 - Chunks: cells of one (window, layer) group, as many as fit the memory budget, a multiple of the device count.
+
+Every cell ends with a `CellStatus`: computed, a no-op, or outside the layers asked for. `sweeping.plan_sweep`
+reports a plan without running it.
 """
 
 import dataclasses
+import enum
 import os
 
 import numpy as np
@@ -25,6 +29,20 @@ from jaxlens.errors import InputError, UnknownHookError
 
 POS_AXES = ("pos", "query_pos")  # axes along which a causal patch propagates forwards only
 _ALIASES = {"dest_pos": "query_pos", "src_pos": "key_pos", "neuron": "d_mlp"}
+
+
+class CellStatus(enum.IntEnum):
+    """What a sweep does with one cell.
+
+    COMPUTED: a patched forward runs.
+    NO_OP: the clean value equals the corrupted one everywhere the cell patches (within rounding, see
+        `prepare.differs`), so the patch changes nothing: the value is the unpatched corrupted run's metric.
+    OUTSIDE_LAYERS: the cell's layer is not among `layers=`: the value is `fill`.
+    """
+
+    COMPUTED = 0
+    NO_OP = 1
+    OUTSIDE_LAYERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +137,7 @@ class Plan:
         shape: the result grid (one size per swept axis).
         idx: [n_cells, n_axes] index of every cell.
         layer: [n_cells] layer of each cell (0 for hooks outside the blocks).
-        status: [n_cells] 0 computed, 1 no-op (value = target metric), 2 skipped (layer not asked for).
+        status: [n_cells] the CellStatus of each cell.
         windows: static window lengths S; bucket k runs positions [P - S_k, P).
         chunk_sizes: cells per chunk for each bucket (a multiple of the device count).
         chunks: the chunks, in order.
@@ -160,15 +178,16 @@ def make_plan(target: Target, sizes: dict, diff: np.ndarray | None, n_pos: int, 
     n = idx.shape[0]
     li = target.act_of_axis.index("layer") if "layer" in target.act_of_axis else None
     layer = idx[:, li] if li is not None else np.zeros(n, np.int32)
-    status = np.zeros(n, np.int8)
+    status = np.full(n, CellStatus.COMPUTED, np.int8)
     if layers is not None:
-        status[~np.isin(layer, np.asarray(list(layers)))] = 2
+        status[~np.isin(layer, np.asarray(list(layers)))] = CellStatus.OUTSIDE_LAYERS
     p_start = _p_start(target, idx, diff, n_pos) if reuse else np.zeros(n, np.int64)
     causal = target.cfg.attention_dir == "causal" and target.kind != "post"
-    status[(status == 0) & (p_start >= n_pos)] = 1 if reuse else 0
+    if reuse:
+        status[(status == CellStatus.COMPUTED) & (p_start >= n_pos)] = CellStatus.NO_OP
     if not (reuse and causal):
         p_start = np.zeros(n, np.int64)
-    live = np.nonzero(status == 0)[0]
+    live = np.nonzero(status == CellStatus.COMPUTED)[0]
     n_layers = target.cfg.n_layers
     weight = (n_layers - layer[live] if target.kind == "block" else np.full(len(live), n_layers)) + 1
     windows = _choose_windows(n_pos - p_start[live], weight, max_buckets) if len(live) else (n_pos,)
@@ -255,22 +274,6 @@ def _best_chunk(group_sizes: list[int], cap: int, overhead: int = 8) -> int:
         if best_cost is None or cost < best_cost or (cost == best_cost and c > best):
             best, best_cost = c, cost
     return best
-
-
-def cell_bytes_fn(cfg: Config, batch: int, n_pos: int, itemsize: int, n_logits: int):
-    """Estimated peak bytes of one patched forward over a window of S positions (activations, not weights).
-
-    n_logits: logits computed per batch row (positions x vocabulary entries the metric reads).
-    """
-    D, M, H, G, E = cfg.d_model, cfg.d_mlp, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
-
-    def f(S: int) -> int:
-        per_tok = 8 * D + (4 if cfg.gated_mlp else 3) * M + 4 * H * E
-        keys = 4 * n_pos * H * E + 2 * n_pos * G * E
-        scores = 3 * H * S * n_pos * max(4 // itemsize, 1)
-        elems = batch * (S * per_tok + keys + scores + 2 * n_logits)
-        return int(1.5 * elems * itemsize) + 4096
-    return f
 
 
 def default_budget(device) -> int:

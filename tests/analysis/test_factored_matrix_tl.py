@@ -19,7 +19,8 @@ ATOL = 1e-4
 
 
 def pair(a=A, b=B):
-    return FactoredMatrix(jnp.asarray(a), jnp.asarray(b)), tl_fm.FactoredMatrix(torch.tensor(a), torch.tensor(b))
+    theirs = tl_fm.FactoredMatrix(torch.tensor(a), torch.tensor(b))
+    return FactoredMatrix(jnp.asarray(a), jnp.asarray(b)), theirs
 
 
 def same(ours, theirs, what=""):
@@ -52,7 +53,7 @@ def test_bad_indices_raise_what_transformer_lens_raises():
         theirs[0, 1, 2, 3, 4]
     with pytest.raises(InputIndexError, match=r"5 entries, too many .* shape \(2, 3, 9, 7\)") as e:
         ours[0, 1, 2, 3, 4]
-    assert isinstance(e.value, ValueError) and isinstance(e.value, IndexError)  # TL's ValueError, numpy's IndexError
+    assert isinstance(e.value, ValueError) and isinstance(e.value, IndexError)  # TL's ValueError, numpy's
     with pytest.raises(IndexError):
         theirs[..., 0, ...]
     with pytest.raises(InputIndexError, match="only one ellipsis"):
@@ -67,6 +68,8 @@ def test_has_leading_dims_matches_transformer_lens():
 
 def test_operands_that_are_not_jax_arrays():
     ours, theirs = pair()
+    same(FactoredMatrix(torch.tensor(A), torch.tensor(B, requires_grad=True)), theirs, "torch factors")
+    same(FactoredMatrix(A, B), theirs, "numpy factors")
     right = RNG.normal(size=(7, 5)).astype(np.float32)
     left = RNG.normal(size=(6, 9)).astype(np.float32)
     want_r, want_l = theirs @ torch.tensor(right), torch.tensor(left) @ theirs
@@ -90,9 +93,9 @@ def test_shape_errors_are_assertion_errors_as_in_transformer_lens():
         FactoredMatrix(a, b)
     ours, theirs = pair()
     with pytest.raises(AssertionError):
-        theirs.BA
+        _ = theirs.BA
     with pytest.raises(InputAssertionError, match="ldim == rdim"):
-        ours.BA
+        _ = ours.BA
     with pytest.raises(AssertionError):
         theirs @ torch.ones(5, 2)
     with pytest.raises(InputAssertionError, match="inner dimensions 7 != 5"):

@@ -93,6 +93,12 @@ def llama():
     return Setup(llama_gqa_like(), seed=2)
 
 
+@pytest.fixture(scope="session")
+def one_layer():
+    """A one-layer GPT-2-like model (hand counts of a sweep's plan)."""
+    return Setup(tiny_config(n_layers=1), seed=3)
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def setup(request):
     return request.getfixturevalue(request.param)

@@ -189,7 +189,7 @@ def test_bad_input_errors(gpt2):
         patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="resid_pre", axes=("layer", "pos"),
                        labels={"pos": ["a", "b"]}, **kw)
     with pytest.raises(InputError, match=r"rank\(by=...\) must be 'abs', 'max' or 'min'; found 'median'"):
-        patching.SweepResult(np.zeros((2,)), ("pos",), ((0, 1),)).rank("median")
+        patching.PatchResult(np.zeros((2,)), ("pos",), ((0, 1),)).rank("median")
 
 
 def test_embedding_hook_without_layer_axis(gpt2):

@@ -1,5 +1,5 @@
 """TransformerLens 4.3's calling conventions on the patching functions: `reduce`, `baseline`, a mapping of
-metrics, `index_df` rows, and the statistics of `PatchingResult`, against the plain one-forward-per-cell
+metrics, `index_df` rows, and the statistics of `PatchResult`, against the plain one-forward-per-cell
 reference and hand computations (test_tl_reference.py checks the same against TransformerLens itself)."""
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 
 from jaxlens import patching
 from jaxlens.errors import InputError
-from jaxlens.patching import PatchingResult
+from jaxlens.patching import PatchResult
 
 N_POS = 7  # tests/patching/conftest.py prompts
 
@@ -49,8 +49,7 @@ def test_statistics_by_hand():
     rng = np.random.default_rng(0)
     v = rng.normal(size=(3, 4, 5)).astype(np.float32)
     base = np.float32(0.25) * np.ones(5, np.float32)
-    r = PatchingResult(values=v, axis_names=["layer", "pos"], metric_names=["m"], reduced=False,
-                       baseline=base)
+    r = PatchResult(v, ("layer", "pos", "example"), baseline=base, name="m")
     np.testing.assert_allclose(r.stderr(), v.std(-1, ddof=1) / np.sqrt(5), rtol=1e-6)
     np.testing.assert_allclose(r.effect(), v - 0.25, rtol=1e-6)
     np.testing.assert_allclose(r.normalized(np.full(5, 1.25, np.float32)), v - 0.25, rtol=1e-5, atol=1e-6)
@@ -62,14 +61,13 @@ def test_statistics_by_hand():
     assert low.shape == (3, 4) and (low <= v.mean(-1) + 1e-6).all() and (v.mean(-1) <= high + 1e-6).all()
     np.testing.assert_array_equal(r.bootstrap_ci(seed=3)[0], low)  # seeded: reproducible
     # a constant sample resamples to itself: the interval is a point
-    const = PatchingResult(values=np.full((2, 6), 0.5, np.float32), axis_names=["layer"], metric_names=["m"],
-                           reduced=False)
+    const = PatchResult(np.full((2, 6), 0.5, np.float32), ("layer", "example"), name="m")
     lo, hi = const.bootstrap_ci()
     np.testing.assert_allclose(lo, 0.5)
     np.testing.assert_allclose(hi, 0.5)
     # Monte Carlo (n > 12): all-equal positive effects are extreme (2 of 2**20 patterns tie), symmetric ones are not
-    big = PatchingResult(values=np.stack([np.ones(20), np.tile([1.0, -1.0], 10)]).astype(np.float32),
-                         axis_names=["layer"], metric_names=["m"], reduced=False, baseline=np.zeros(20, np.float32))
+    big = PatchResult(np.stack([np.ones(20), np.tile([1.0, -1.0], 10)]).astype(np.float32), ("layer", "example"),
+                      baseline=np.zeros(20, np.float32), name="m")
     p = big.permutation_pvalue(n_permutations=999)
     assert p[0] == pytest.approx(1 / 1000) and p[1] == pytest.approx(1.0)
     assert list(r.index_df.itertuples(index=False, name=None))[:3] == [(0, 0), (0, 1), (0, 2)]
