@@ -2,11 +2,12 @@
 
     python benchmarks/bench_demo.py [--small] [--model smollm2-135m] [--repeat 1]
 
-Each run is a fresh child process (`python -m jaxlens.cli demo --quiet --out TMP`), so the time includes Python
-and JAX start-up, loading the model (from the dequantisation cache when it is warm), compilation and writing the
-report. Peak RSS is the child's `ru_maxrss` (RUSAGE_CHILDREN, read after each child exits; the parent imports
-nothing heavy, so its own peak does not mask the child's). The per-stage timings are the demo's own (results.json).
-Prints a Markdown table with the command, the machine (cores, CPU model, load average at the start) and the date.
+Each run is a fresh child process (`python -m jaxlens.cli demo --quiet --out TMP`), so the time includes
+Python and JAX start-up, loading the model (from the dequantisation cache when it is warm), compilation and
+writing the report. Peak RSS is the child's `ru_maxrss` (RUSAGE_CHILDREN, read after each child exits; the
+parent imports nothing heavy, so its own peak does not mask the child's). The per-stage timings are the demo's
+own (results.json). Prints a Markdown table with the command, the machine (cores, CPU model, load average at
+the start) and the date.
 """
 
 import argparse
@@ -34,7 +35,8 @@ def cpu_model() -> str:
 
 
 def run_once(model: str, small: bool) -> dict:
-    """One `jaxlens demo` in a child process: wall seconds, the child's peak RSS (MiB), the demo's stage timings."""
+    """One `jaxlens demo` in a child process: wall seconds, the child's peak RSS (MiB), the demo's stage
+    timings."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "jaxlens.cli", "demo", "--quiet", "--model", model, "--out", str(out)]
@@ -57,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--small", action="store_true", help="the demo's --small settings")
-    ap.add_argument("--repeat", type=int, default=1, help="runs (the first may fill the dequantisation cache)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs (the first may fill the dequantisation cache)")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     runs = [run_once(args.model, args.small) for _ in range(args.repeat)]
@@ -65,7 +68,8 @@ def main() -> None:
         f" --model {args.model}" if args.model != "smollm2-135m" else "")
     print(f"Command: `{command}` (child process, --quiet, fresh output folder)")
     print(f"Machine: {os.cpu_count()} cores, {cpu_model()}, load average {load:.1f} at start; "
-          f"Python {platform.python_version()}; date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n")
+          f"Python {platform.python_version()}; "
+          f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n")
     stages = list(runs[0]["timings"])
     print("| run | total wall (s) | peak RSS (MiB) | " + " | ".join(f"{s} (s)" for s in stages) + " |")
     print("|---|---|---|" + "---|" * len(stages))

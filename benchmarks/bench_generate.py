@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
             print("jaxlens:", repr(tok.decode(out_jl[0].tolist())), file=sys.stderr)
 
     cmd = "python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes")
     versions = dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__)
     prompt = PROMPT if (jl.tokenizer is not None or tok is not None) else "16 random ids"
     result = dict(command=cmd.strip(), date=date, machine=start_machine, model=what,

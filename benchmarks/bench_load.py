@@ -8,18 +8,18 @@ with the unembedding tied, as transformers saves it) is written with numpy into 
 measurement runs in a fresh child process that imports its library (jaxlens, or torch + transformers), starts
 the backend, reads its baseline peak RSS, loads the directory one way, waits for every array, and reports the
 load time and the growth of the peak RSS over the baseline. The peak is the kernel's VmHWM of the child
-(/proc/self/status). `resource.getrusage(...).ru_maxrss` is saved beside it in the JSON but not used: Linux starts
-a spawned child's ru_maxrss at the parent's peak (here the parent that wrote the checkpoint), so its growth
-understates the load's.
+(/proc/self/status). `resource.getrusage(...).ru_maxrss` is saved beside it in the JSON but not used: Linux
+starts a spawned child's ru_maxrss at the parent's peak (here the parent that wrote the checkpoint), so its
+growth understates the load's.
 
 Ways measured:
 - jaxlens `converters.load` (numpy params, float32), `HookedTransformer.from_pretrained_no_processing`,
   `HookedTransformer.from_pretrained` (TransformerLens weight processing, float32 and bfloat16);
 - transformers `GPT2LMHeadModel.from_pretrained` (float32; safetensors memory-mapped).
 
-Ratios are to the library's own float32 params (jaxlens stores the tied unembedding as its own [d_model, d_vocab]
-array, so its model is larger than the file; transformers shares it) and to the safetensors file. Writes
-benchmarks/results/load.json and prints a markdown table.
+Ratios are to the library's own float32 params (jaxlens stores the tied unembedding as its own [d_model,
+d_vocab] array, so its model is larger than the file; transformers shares it) and to the safetensors file.
+Writes benchmarks/results/load.json and prints a markdown table.
 """
 
 import argparse
@@ -79,7 +79,8 @@ WAYS = {
 
 
 def make_checkpoint(path: Path, d_model: int, layers: int, vocab: int, n_ctx: int = 1024) -> int:
-    """Write a random GPT-2 (safetensors + config.json, tied unembedding) into `path`; returns the file's bytes."""
+    """Write a random GPT-2 (safetensors + config.json, tied unembedding) into `path`; returns the file's
+    bytes."""
     from jaxlens import testing
 
     testing.write_random_gpt2(path, d_model, layers, vocab, n_ctx, tie_word_embeddings=True)
@@ -89,7 +90,8 @@ def make_checkpoint(path: Path, d_model: int, layers: int, vocab: int, n_ctx: in
 def measure(path: Path, how: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True,
+                         env=env)
     if out.returncode:
         raise RuntimeError(f"{how} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -119,13 +121,15 @@ def table(result: dict) -> str:
         f"### Loading a checkpoint ({result['date']})",
         "",
         f"- Command: `{result['command']}`",
-        f"- Machine: {m['cpu']}, nproc {m['nproc']}, {m['system']}, load average {m['load_average']:.1f} at start",
+        f"- Machine: {m['cpu']}, nproc {m['nproc']}, {m['system']}, "
+        f"load average {m['load_average']:.1f} at start",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
         f"- Checkpoint: random GPT-2, d_model {c['d_model']}, {c['layers']} layers, vocab {c['vocab']}, "
         f"{c['file_mib']:.0f} MiB safetensors (tied unembedding); float32 params "
-        f"{c['params_mib']:.0f} MiB in jaxlens (W_U stored apart), {c['hf_params_mib']:.0f} MiB in transformers",
-        f"- Each row: {result['repeats']} fresh processes; time = median (min), peak RSS growth = median, over "
-        "the child's baseline after imports",
+        f"{c['params_mib']:.0f} MiB in jaxlens (W_U stored apart), "
+        f"{c['hf_params_mib']:.0f} MiB in transformers",
+        f"- Each row: {result['repeats']} fresh processes; time = median (min), peak RSS growth = median, "
+        "over the child's baseline after imports",
         "",
         "| how | load time s | peak RSS growth MiB | x own fp32 params | x file |",
         "|---|---|---|---|---|",
@@ -133,10 +137,10 @@ def table(result: dict) -> str:
     for how, r in result["rows"].items():
         lines.append(f"| {WAYS[how]} | {r['seconds']:.2f} ({r['seconds_min']:.2f}) | {r['growth_mib']:.0f} | "
                      f"{r['x_params']:.2f} | {r['x_file']:.2f} |")
-    lines += ["", "transformers memory-maps the safetensors file and keeps float32 weights as views of the map: "
-              "pages become resident when first read (a forward pass), so its load-time growth undercounts what "
-              "the model costs once used. jaxlens copies every tensor out of the file (and stores W_U apart from "
-              "W_E), so its growth is the whole model plus the loading overhead."]
+    lines += ["", "transformers memory-maps the safetensors file and keeps float32 weights as views of the "
+              "map: pages become resident when first read (a forward pass), so its load-time growth "
+              "undercounts what the model costs once used. jaxlens copies every tensor out of the file (and "
+              "stores W_U apart from W_E), so its growth is the whole model plus the loading overhead."]
     return "\n".join(lines)
 
 
@@ -149,7 +153,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
     args = ap.parse_args()
     result = {"command": "python benchmarks/bench_load.py " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(), "repeats": args.repeats, "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
@@ -169,8 +173,9 @@ def main() -> None:
         growth = statistics.median(r["growth_mib"] for r in rs)
         own = rs[0]["params_mib"] if how == "transformers" else fp32_params  # the library's fp32 model
         result["rows"][how] = {
-            "seconds": statistics.median(r["seconds"] for r in rs), "seconds_min": min(r["seconds"] for r in rs),
-            "growth_mib": growth, "ru_maxrss_growth_mib": statistics.median(r["ru_maxrss_growth_mib"] for r in rs),
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "seconds_min": min(r["seconds"] for r in rs), "growth_mib": growth,
+            "ru_maxrss_growth_mib": statistics.median(r["ru_maxrss_growth_mib"] for r in rs),
             "x_params": growth / own, "x_file": growth / (file_bytes / 2**20), "runs": rs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

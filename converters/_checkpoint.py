@@ -26,8 +26,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
     """Lazy readers for every tensor of one safetensors file: {name: () -> float32/int np.ndarray}.
 
     Each tensor is read from the file when asked for, into one fresh array: only tensors that are read cost
-    memory, once. (No memory map: mapped pages count toward resident memory for as long as the map lives, which
-    would add the whole file to the peak while a model loads.) BF16 is widened to float32.
+    memory, once. (No memory map: mapped pages count toward resident memory for as long as the map lives,
+    which would add the whole file to the peak while a model loads.) BF16 is widened to float32.
 
     Raises:
         CheckpointError: the file is truncated, its header is corrupt, or a dtype is unknown.
@@ -38,19 +38,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte "
-                                  f"header length every safetensors file starts with. {again}")
+            raise CheckpointError(f"{path} is not a safetensors file: it has {size} bytes, fewer than the "
+                                  f"8-byte header length every safetensors file starts with. {again}")
         n = int.from_bytes(head, "little")
         if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: its first 8 bytes announce a {n}-byte safetensors header, which does "
-                                  f"not fit in the {size}-byte file (truncated, or not safetensors). {again}")
+            raise CheckpointError(f"{path}: its first 8 bytes announce a {n}-byte safetensors header, which "
+                                  f"does not fit in the {size}-byte file (truncated, or not safetensors). "
+                                  f"{again}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header, not valid JSON ({e}). {again}") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header, not valid JSON ({e}). "
+                                  f"{again}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object "
-                              f"of tensors. {again}")
+        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an "
+                              f"object of tensors. {again}")
     header.pop("__metadata__", None)
     data_start = 8 + n
     out = {}
@@ -59,20 +61,20 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
             dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r} (needs "
-                                  f"dtype, shape and data_offsets [begin, end]). {again}") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r} "
+                                  f"(needs dtype, shape and data_offsets [begin, end]). {again}") from None
         if dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which jaxlens cannot read "
                                   f"(it reads {', '.join(_DTYPES)}). Convert the checkpoint to one of them.")
         want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
         if not 0 <= begin <= end or end - begin != want:
             raise CheckpointError(
-                f"{path}: corrupt safetensors header: tensor {name!r} ({dtype}, shape {list(shape)}) needs {want} "
-                f"bytes, its data_offsets [{begin}, {end}] give {end - begin}. {again}")
+                f"{path}: corrupt safetensors header: tensor {name!r} ({dtype}, shape {list(shape)}) needs "
+                f"{want} bytes, its data_offsets [{begin}, {end}] give {end - begin}. {again}")
         if data_start + end > size:
             raise CheckpointError(
-                f"{path} is truncated: tensor {name!r} needs bytes up to {data_start + end}, the file has {size}. "
-                f"{again}"
+                f"{path} is truncated: tensor {name!r} needs bytes up to {data_start + end}, the file has "
+                f"{size}. {again}"
             )
         out[name] = _reader(path, data_start + begin, data_start + end, dtype, shape)
     return out
@@ -80,7 +82,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
 
 def _reader(path: Path, begin: int, end: int, dtype: str, shape: tuple) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        arr = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=begin).view(_DTYPES[dtype]).reshape(shape)
+        raw = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=begin)
+        arr = raw.view(_DTYPES[dtype]).reshape(shape)
         if dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
@@ -124,7 +127,8 @@ class TensorSource:
         origin: where the tensors came from (for messages).
     """
 
-    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray] | np.ndarray], origin: str = "checkpoint"):
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray] | np.ndarray],
+                 origin: str = "checkpoint"):
         self._readers, self.origin = dict(readers), origin
         self._taken: set[str] = set()
 
@@ -152,8 +156,8 @@ class TensorSource:
             arr = arr.astype(np.float32)
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise CheckpointError(
-                f"{self.origin}: tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)} from the "
-                "config. The config and the weights disagree: check config.json belongs to these weights."
+                f"{self.origin}: tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)} from "
+                "the config. The config and the weights disagree: check config.json belongs to these weights."
             )
         self._taken.add(name)
         return arr
@@ -204,8 +208,8 @@ def load_dir_tensors(path: Path, *, allow_pickle: bool = False) -> TensorSource:
         if not allow_pickle:
             raise UnsafeCheckpointError(
                 f"{path} holds only pickled weights ({', '.join(p.name for p in pickles)}); loading a pickle "
-                "can execute arbitrary code. Convert it to safetensors, or pass allow_pickle=True if you trust "
-                "its source (this needs torch)."
+                "can execute arbitrary code. Convert it to safetensors, or pass allow_pickle=True if you "
+                "trust its source (this needs torch)."
             )
         return TensorSource(_load_pickles(pickles), origin=str(path))
     raise CheckpointError(f"No weights (*.safetensors or *.bin) found in {path}.")

@@ -1,12 +1,13 @@
-"""BERT encoders (HF `BertModel`, `BertForMaskedLM`) -> jaxlens Config and encoder params (Devlin et al. 2019).
+"""BERT encoders (HF `BertModel`, `BertForMaskedLM`) -> jaxlens Config and encoder params (Devlin et al.
+2019).
 
     cfg, params = load("path/to/all-MiniLM-L6-v2")          # BertModel: pooler kept as params["pooler"]
     out, cache = jaxlens.encoder.encoder_forward(params, cfg, tokens, attention_mask=mask)
 
-Encoders are not decoders: `HookedTransformer` refuses them and `jaxlens.encoder.HookedEncoder` loads them. The
-params tree is the decoder's for the blocks (W_Q [layer head d_model d_head], ...; ln1 / ln2 are the post-attention
-and post-MLP LayerNorms) plus `embed.ln`, `token_type_embed.W_token_type`, and the heads the checkpoint has:
-`mlm_head` + `unembed` (BertForMaskedLM) or `pooler` (BertModel saved with its pooling layer).
+Encoders are not decoders: `HookedTransformer` refuses them and `jaxlens.encoder.HookedEncoder` loads them.
+The params tree is the decoder's for the blocks (W_Q [layer head d_model d_head], ...; ln1 / ln2 are the
+post-attention and post-MLP LayerNorms) plus `embed.ln`, `token_type_embed.W_token_type`, and the heads the
+checkpoint has: `mlm_head` + `unembed` (BertForMaskedLM) or `pooler` (BertModel saved with its pooling layer).
 """
 
 import json
@@ -24,8 +25,9 @@ from jaxlens.errors import CheckpointError
 
 ARCHITECTURES = ("BertModel", "BertForMaskedLM")
 HANDLED = frozenset({
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "position_embedding_type", "is_decoder",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "position_embedding_type",
+    "is_decoder",
 })
 IGNORED = frozenset({
     "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "gradient_checkpointing",
@@ -105,7 +107,8 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
                                 "layer (head d_head) -> layer head d_head", head=H)
 
     def ln(prefix: str, layers: bool = True):
-        get = (lambda n: t.take_layers(prefix + n, L, (D,))) if layers else (lambda n: t.take(prefix + n, (D,)))
+        get = ((lambda n: t.take_layers(prefix + n, L, (D,))) if layers
+               else (lambda n: t.take(prefix + n, (D,))))
         return {"w": get("LayerNorm.weight"), "b": get("LayerNorm.bias")}
 
     W_O = einops.rearrange(t.take_layers(lay + "attention.output.dense.weight", L, (D, D)),
@@ -129,14 +132,16 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
         },
     }
     if t.has("pooler.dense.weight"):  # BertModel's pooling layer: kept, run only when its hook is asked for
-        params["pooler"] = {"W": t.take("pooler.dense.weight", (D, D)).T, "b": t.take("pooler.dense.bias", (D,))}
+        params["pooler"] = {"W": t.take("pooler.dense.weight", (D, D)).T,
+                            "b": t.take("pooler.dense.bias", (D,))}
     if t.has("cls.predictions.transform.dense.weight"):
         p = "cls.predictions."
         b_U = t.maybe_take(p + "bias", (cfg.d_vocab,))
         dec_b = t.maybe_take(p + "decoder.bias", (cfg.d_vocab,))  # tied to `bias` in HF; either may be saved
         dec_w = t.maybe_take(p + "decoder.weight", (cfg.d_vocab, D))
         params["mlm_head"] = {"W": t.take(p + "transform.dense.weight", (D, D)).T,
-                              "b": t.take(p + "transform.dense.bias", (D,)), "ln": ln(p + "transform.", False)}
+                              "b": t.take(p + "transform.dense.bias", (D,)),
+                              "ln": ln(p + "transform.", False)}
         params["unembed"] = {"W_U": (W_E if dec_w is None else dec_w).T,
                              "b_U": b_U if b_U is not None else (dec_b if dec_b is not None
                                                                  else np.zeros(cfg.d_vocab, np.float32))}
@@ -154,7 +159,8 @@ def _f32(tree):
 def _check_shapes(params: dict, table: dict, path: str = "") -> None:
     """Raise CheckpointError unless `params` has exactly the names and shapes of `table`."""
     if set(params) != set(table):
-        raise CheckpointError(f"BERT params{path}: keys {sorted(params)} differ from the expected {sorted(table)}.")
+        raise CheckpointError(f"BERT params{path}: keys {sorted(params)} differ from the expected "
+                              f"{sorted(table)}.")
     for k, v in table.items():
         if isinstance(v, dict):
             _check_shapes(params[k], v, f"{path}[{k!r}]")

@@ -1,15 +1,15 @@
 """jaxlens: mechanistic interpretability for transformer language models, in JAX.
 
-The model is a pure function, `forward(params, cfg, tokens, interventions=..., cache_names=...)`, returning logits
-and a cache of activations under TransformerLens's hook names. Interventions are data, so a whole patching
-sweep is one compiled computation.
+The model is a pure function, `forward(params, cfg, tokens, interventions=..., cache_names=...)`, returning
+logits and a cache of activations under TransformerLens's hook names. Interventions are data, so a whole
+patching sweep is one compiled computation.
 """
 
 from jaxlens import hook_names as hook_names
 from jaxlens import interventions as interventions
+from jaxlens.cache import ActivationCache as ActivationCache
 from jaxlens.config import Config as Config
 from jaxlens.errors import JaxlensError as JaxlensError
-from jaxlens.cache import ActivationCache as ActivationCache
 from jaxlens.hook_names import get_act_name as get_act_name
 from jaxlens.hooked_transformer import HookedTransformer as HookedTransformer
 from jaxlens.interventions import Add as Add

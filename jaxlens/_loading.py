@@ -1,12 +1,12 @@
 """Loading without extra full copies of the model: numpy -> jax leaf by leaf, and a params -> params transform
 (weight processing, the dtype cast) applied one output tensor at a time.
 
-A pure transform such as `process_weights` builds a whole new params tree while the old one is alive: old + new
-+ XLA's temporaries is two to three models at once. `stream_transform` instead traces the transform once, finds
-which input tensors each output tensor depends on (a walk over the jaxpr), and computes the outputs a few at a
-time, small ones first, each batch (no bigger than the largest tensor) in its own jitted computation. An input is
-donated (its buffer reused or freed) to the last batch that needs it, so the peak stays near one model plus the
-largest tensor's temporaries.
+A pure transform such as `process_weights` builds a whole new params tree while the old one is alive: old +
+new + XLA's temporaries is two to three models at once. `stream_transform` instead traces the transform once,
+finds which input tensors each output tensor depends on (a walk over the jaxpr), and computes the outputs a
+few at a time, small ones first, each batch (no bigger than the largest tensor) in its own jitted computation.
+An input is donated (its buffer reused or freed) to the last batch that needs it, so the peak stays near one
+model plus the largest tensor's temporaries.
 """
 
 import ctypes
@@ -22,8 +22,9 @@ import numpy as np
 
 
 def numpy_to_jax(tree: dict, seen: set | None = None) -> dict:
-    """Replace each numpy leaf of a fresh converter dict by a jax array, in place and one at a time, so the numpy
-    copy of the model shrinks while the jax copy grows (peak: one model plus one tensor, not two models).
+    """Replace each numpy leaf of a fresh converter dict by a jax array, in place and one at a time, so the
+    numpy copy of the model shrinks while the jax copy grows (peak: one model plus one tensor, not two
+    models).
 
     `jax.device_put` copies once; `jnp.asarray` stages through a second host copy. A leaf that is the same
     object as an earlier one is copied again, so that no buffer appears twice (donation needs that).
@@ -54,8 +55,8 @@ def stream_transform(fn: Callable[[Any], Any], params: Any) -> Any:
     _empty(params)  # the caller's containers must not keep the inputs alive past their last step
     del params
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
-    closed = jax.make_jaxpr(lambda *xs: jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs))))(
-        *avals)
+    leaves_of = lambda *xs: jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs)))
+    closed = jax.make_jaxpr(leaves_of)(*avals)
     out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, jax.tree_util.tree_unflatten(in_tree, avals)))
     deps, passthrough = _dependencies(closed.jaxpr)
     groups = _group_steps([i for i in range(len(deps)) if i not in passthrough],
@@ -101,7 +102,8 @@ def _empty(tree) -> None:
 
 def _group_steps(outputs: list[int], nbytes: list[int]) -> list[list[int]]:
     """Outputs batched into steps, small ones first, each step's outputs together no bigger than the largest
-    output: few compilations (one per step), and no step's memory beyond what the largest output alone needs."""
+    output: few compilations (one per step), and no step's memory beyond what the largest output alone
+    needs."""
     budget = max((nbytes[i] for i in outputs), default=0)
     groups: list[list[int]] = []
     size = 0
@@ -118,7 +120,8 @@ def _group_steps(outputs: list[int], nbytes: list[int]) -> list[list[int]]:
 def _outputs(fn, in_tree, avals, indices: list[int]):
     def some(donated: dict, other: dict):
         given = {**donated, **other}
-        xs = [given[j] if j in given else jnp.zeros(a.shape, a.dtype) for j, a in enumerate(avals)]  # unused: DCE'd
+        # inputs not given are unused by these outputs: their zeros are DCE'd
+        xs = [given[j] if j in given else jnp.zeros(a.shape, a.dtype) for j, a in enumerate(avals)]
         leaves = jax.tree_util.tree_leaves(fn(jax.tree_util.tree_unflatten(in_tree, xs)))
         return [leaves[i] for i in indices]
 
@@ -126,8 +129,9 @@ def _outputs(fn, in_tree, avals, indices: list[int]):
 
 
 def _dependencies(jaxpr) -> tuple[list[set[int]], dict[int, int]]:
-    """For each output of `jaxpr`: the indices of the inputs it depends on; and {output: input} for outputs that
-    are an input unchanged. An equation's outputs depend on all of its inputs (conservative for sub-jaxprs)."""
+    """For each output of `jaxpr`: the indices of the inputs it depends on; and {output: input} for outputs
+    that are an input unchanged. An equation's outputs depend on all of its inputs (conservative for
+    sub-jaxprs)."""
     index = {v: j for j, v in enumerate(jaxpr.invars)}
     deps: dict = {v: {j} for v, j in index.items()}
     for eqn in jaxpr.eqns:
@@ -140,8 +144,8 @@ def _dependencies(jaxpr) -> tuple[list[set[int]], dict[int, int]]:
 
 
 def _release_freed_memory() -> None:
-    """Ask glibc to return freed heap memory to the OS now (it otherwise keeps freed tensor-sized blocks, which
-    then count in the peak while the next tensor is built). A no-op where there is no glibc."""
+    """Ask glibc to return freed heap memory to the OS now (it otherwise keeps freed tensor-sized blocks,
+    which then count in the peak while the next tensor is built). A no-op where there is no glibc."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

@@ -6,10 +6,11 @@
     dla = cache.logit_attrs(cache.apply_ln_to_stack(resid_stack, layer=-1, pos_slice=-1), tokens=answer)
 
 Block activations are held stacked over layers (one array per hook, as the scanned forward produces them) and
-sliced on access, so a run that caches every layer has one output per hook and compiles in a time flat in depth.
-Keys iterate in forward order, as TransformerLens's do. The cache passes through jit and vmap (the activations
-and the weights it needs are its leaves; names and the config are static). Methods that need weights
-(`stack_head_results`, `logit_attrs`, ...) read them from the params it holds (`jaxlens.cache_analysis`).
+sliced on access, so a run that caches every layer has one output per hook and compiles in a time flat in
+depth. Keys iterate in forward order, as TransformerLens's do. The cache passes through jit and vmap (the
+activations and the weights it needs are its leaves; names and the config are static). Methods that need
+weights (`stack_head_results`, `logit_attrs`, ...) read them from the params it holds
+(`jaxlens.cache_analysis`).
 """
 
 from collections.abc import Iterator, Mapping
@@ -59,20 +60,21 @@ class ActivationCache(CacheAnalysis):
     def tree_flatten(self) -> tuple[tuple, tuple]:
         flat_keys, rels = tuple(self._flat), tuple(self._stacks)
         layers = tuple(self._stacks[r][0] for r in rels)
-        children = (tuple(self._flat[k] for k in flat_keys), tuple(self._stacks[r][1] for r in rels), self.params)
+        children = (tuple(self._flat[k] for k in flat_keys), tuple(self._stacks[r][1] for r in rels),
+                    self.params)
         return children, (flat_keys, rels, layers, self.cfg, self.has_batch_dim)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple, children: tuple) -> "ActivationCache":
         flat_keys, rels, layers, cfg, has_batch_dim = aux
         flat, stacked, params = children
-        stacks = {r: (ls, a) for r, ls, a in zip(rels, layers, stacked)}
-        return cls(dict(zip(flat_keys, flat)), cfg, params, has_batch_dim, stacks=stacks)
+        stacks = {r: (ls, a) for r, ls, a in zip(rels, layers, stacked, strict=True)}
+        return cls(dict(zip(flat_keys, flat, strict=True)), cfg, params, has_batch_dim, stacks=stacks)
 
     # -- mapping ---------------------------------------------------------------------------------------------
     def __getitem__(self, key) -> Array:
-        """`cache["blocks.0.hook_resid_pre"]`, `cache["resid_pre", 0]`, `cache["scale", 2, "ln1"]`, negative layers;
-        `cache["blocks.hook_resid_pre"]` gives the stack over every cached layer."""
+        """`cache["blocks.0.hook_resid_pre"]`, `cache["resid_pre", 0]`, `cache["scale", 2, "ln1"]`, negative
+        layers; `cache["blocks.hook_resid_pre"]` gives the stack over every cached layer."""
         name = self._name(key)
         if name in self._flat:
             return self._flat[name]
@@ -125,7 +127,8 @@ class ActivationCache(CacheAnalysis):
 
     @property
     def cache_dict(self) -> dict[str, Array]:
-        """{name: activation} for every cached name, in forward order (TL's attribute; a new dict each time)."""
+        """{name: activation} for every cached name, in forward order (TL's attribute; a new dict each
+        time)."""
         return dict(self.items())
 
     def __repr__(self) -> str:
@@ -151,9 +154,10 @@ class ActivationCache(CacheAnalysis):
             return self
         size = self.batch_size() if batch_size is None else batch_size
         if size != 1:
-            raise InputError(f"remove_batch_dim needs a batch of 1; found batch size {size}. Select one prompt "
-                             "first with cache.apply_slice_to_batch_dim(i).")
-        self._set({k: v[0] for k, v in self._flat.items()}, {r: (ls, a[:, 0]) for r, (ls, a) in self._stacks.items()})
+            raise InputError(f"remove_batch_dim needs a batch of 1; found batch size {size}. Select one "
+                             "prompt first with cache.apply_slice_to_batch_dim(i).")
+        self._set({k: v[0] for k, v in self._flat.items()},
+                  {r: (ls, a[:, 0]) for r, (ls, a) in self._stacks.items()})
         self.has_batch_dim = False
         return self
 
@@ -173,7 +177,8 @@ class ActivationCache(CacheAnalysis):
 
     def slice_positions(self, pos_slice: PosSlice) -> "ActivationCache":
         """A new cache with TL's Slice applied to every activation's position axis (`pos`, or `query_pos` for
-        patterns and scores; an int keeps a length-1 axis, as TL's run_with_cache does): `run_with_cache(pos_slice=)`."""
+        patterns and scores; an int keeps a length-1 axis, as TL's run_with_cache does):
+        `run_with_cache(pos_slice=)`."""
         table, lead = self.hook_table(), 0 if self.has_batch_dim else 1
         pos_slice = [pos_slice] if isinstance(pos_slice, int) else pos_slice
 

@@ -1,5 +1,5 @@
-"""ActivationCache's analysis methods, as TransformerLens 4.3 has them: residual-stream decompositions, per-head
-and per-neuron results, and the linear part of the norms.
+"""ActivationCache's analysis methods, as TransformerLens 4.3 has them: residual-stream decompositions,
+per-head and per-neuron results, and the linear part of the norms.
 
 Mixed into `jaxlens.cache.ActivationCache`, which supplies indexing (`self["resid_pre", 3]`), `cfg`, `params`
 and `has_batch_dim`. Stacks have the component axis first: [component *batch pos d_model].
@@ -18,7 +18,8 @@ from jaxlens.shapes import AnyArray, Params
 # einsum letters: p=pos h=head_index e=d_head d=d_model m=d_mlp o=output direction
 
 #: A stack of residual-stream components, or (stack, labels) with return_labels.
-Stack = Float[Array, "component *batch_pos d_model"] | tuple[Float[Array, "component *batch_pos d_model"], list[str]]
+Stack = (Float[Array, "component *batch_pos d_model"]
+         | tuple[Float[Array, "component *batch_pos d_model"], list[str]])
 
 PosSlice = int | Sequence[int] | tuple | slice | None
 
@@ -69,7 +70,8 @@ class CacheAnalysis:
 
     def _weights(self, top: bool = False) -> Params:
         if self.params is None:
-            raise InputError("This cache holds no weights; build it with ActivationCache(..., params=params).")
+            raise InputError("This cache holds no weights; "
+                             "build it with ActivationCache(..., params=params).")
         return self.params if top else self.params["blocks"]
 
     def _empty(self, pos_slice: PosSlice, width: int | None = None) -> Array:
@@ -77,16 +79,18 @@ class CacheAnalysis:
         shape = src.shape if width is None else src.shape[:-1] + (width,)
         return jnp.zeros((0, *shape), src.dtype)
 
-    def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> Array:
+    def stack_activation(self, activation_name: str, layer: int = -1,
+                         sublayer_type: str | None = None) -> Array:
         """One activation of every layer before `layer` (all if -1 / None) stacked on a leading axis
         ("resid_pre", "z", ("scale", sublayer_type="ln1"), ...)."""
         layer = self._final_layer(layer)
-        return jnp.stack([self[activation_name, l, sublayer_type] if sublayer_type else self[activation_name, l]
-                          for l in range(layer)])
+        return jnp.stack([self[activation_name, l, sublayer_type] if sublayer_type
+                          else self[activation_name, l] for l in range(layer)])
 
     # -- residual stream -------------------------------------------------------------------------------------
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice: PosSlice = None, mlp_input: bool = False, return_labels: bool = False) -> Stack:
+                          pos_slice: PosSlice = None, mlp_input: bool = False,
+                          return_labels: bool = False) -> Stack:
         """The residual stream at the start of each layer up to `layer` (all, plus the final one, if None).
 
         Returns [component batch pos d_model] (and labels "0_pre", "0_mid", ..., "final_post").
@@ -105,7 +109,8 @@ class CacheAnalysis:
                 comps.append(self["resid_mid", l])
                 labels.append(f"{l}_mid")
         stack = jnp.stack([pos_slice_of(c, pos_slice) for c in comps])
-        if apply_ln:  # at the final layer each component gets its own norm statistics: the logit lens (TL 3.x)
+        # at the final layer each component gets its own norm statistics: the logit lens (TL 3.x)
+        if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
                                            has_batch_dim=self.has_batch_dim, recompute_ln=layer == n)
         return (stack, labels) if return_labels else stack
@@ -145,7 +150,8 @@ class CacheAnalysis:
 
     # -- heads -----------------------------------------------------------------------------------------------
     def head_results(self, layer: int) -> Float[Array, "*batch pos head_index d_model"]:
-        """Each head's output z @ W_O (without b_O) at `layer`: the cached `attn.hook_result`, else computed."""
+        """Each head's output z @ W_O (without b_O) at `layer`: the cached `attn.hook_result`, else
+        computed."""
         key = f"blocks.{layer}.attn.hook_result"
         if key in self:
             return self[key]
@@ -157,9 +163,9 @@ class CacheAnalysis:
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
                            pos_slice: PosSlice = None, apply_ln: bool = False) -> Stack:
-        """Each head's output for the layers before `layer`: [layer*head *batch pos d_model], labels "L{l}H{h}".
-        With incl_remainder, adds the residual stream (resid_post of layer - 1, TL's convention: the final one
-        for layer 0) minus the heads' sum."""
+        """Each head's output for the layers before `layer`: [layer*head *batch pos d_model], labels
+        "L{l}H{h}". With incl_remainder, adds the residual stream (resid_post of layer - 1, TL's convention:
+        the final one for layer 0) minus the heads' sum."""
         layer = self._final_layer(layer)
         comps, labels = [], []
         for l in range(layer):
@@ -180,8 +186,8 @@ class CacheAnalysis:
     def get_neuron_results(self, layer: int, neuron_slice: PosSlice = None, pos_slice: PosSlice = None,
                            project_output_onto: AnyArray | None = None) -> Array:
         """Each neuron's contribution to the residual stream at `layer`: post[..., n] * W_out[n]
-        ([*batch pos neuron d_model]; with `project_output_onto` [d_model] or [d_model n_out], projected before
-        the expansion: [... neuron] or [... neuron n_out])."""
+        ([*batch pos neuron d_model]; with `project_output_onto` [d_model] or [d_model n_out], projected
+        before the expansion: [... neuron] or [... neuron n_out])."""
         acts = pos_slice_of(self["post", layer], pos_slice)
         W_out = self._weights()["mlp"]["W_out"][layer]
         if neuron_slice is not None:
@@ -193,8 +199,9 @@ class CacheAnalysis:
         return acts * projected if projected.ndim == 1 else acts[..., None] * projected
 
     def stack_neuron_results(self, layer: int, pos_slice: PosSlice = None, neuron_slice: PosSlice = None,
-                             return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
-                             project_output_onto: AnyArray | None = None, mlp_input: bool = False) -> Stack:
+                             return_labels: bool = False, incl_remainder: bool = False,
+                             apply_ln: bool = False, project_output_onto: AnyArray | None = None,
+                             mlp_input: bool = False) -> Stack:
         """Every neuron's result for the layers before `layer`: [layer*neuron *batch pos d_model], labels
         "L{l}N{n}". With incl_remainder, adds the residual stream (resid_mid of `layer` with mlp_input, else
         resid_post of layer - 1) minus their sum. `project_output_onto` as in `get_neuron_results`."""
@@ -207,11 +214,13 @@ class CacheAnalysis:
         width = None if proj2 is None else proj2.shape[-1]
         per = [self.get_neuron_results(l, list(neurons), pos_slice, proj2) for l in range(layer)]
         stack = (jnp.moveaxis(jnp.concatenate(per, axis=-2), -2, 0) if per else self._empty(pos_slice, width))
-        if apply_ln and proj2 is not None:  # the norm's linear part commutes with the projection only per vector
+        # the norm's linear part commutes with the projection only per vector
+        if apply_ln and proj2 is not None:
             raise InputError("stack_neuron_results(apply_ln=True, project_output_onto=...) is not supported: "
                              "apply_ln_to_stack the unprojected stack, then project.")
         if incl_remainder:
-            target = self["resid_mid", layer] if mlp_input else self["resid_post", (layer - 1) % self.cfg.n_layers]
+            target = (self["resid_mid", layer] if mlp_input
+                      else self["resid_post", (layer - 1) % self.cfg.n_layers])
             target = pos_slice_of(target, pos_slice)
             target = target if proj2 is None else target @ proj2
             stack = jnp.concatenate([stack, (target - stack.sum(0))[None]])
@@ -257,8 +266,8 @@ class CacheAnalysis:
                           mlp_input: bool = False, pos_slice: PosSlice = None,
                           batch_slice: PosSlice = None, has_batch_dim: bool = True,
                           recompute_ln: bool = False) -> Array:
-        """Divide each component by the cached norm scale of the final residual (layer None / -1 / n_layers) or
-        of ln1 (ln2 with mlp_input) at `layer`, centring first for LayerNorm: the linear part of the norm.
+        """Divide each component by the cached norm scale of the final residual (layer None / -1 / n_layers)
+        or of ln1 (ln2 with mlp_input) at `layer`, centring first for LayerNorm: the linear part of the norm.
         Weights are not applied (fold them with `fold_ln` first, as TL assumes).
 
         With recompute_ln and the final layer, each component instead goes through ln_final with statistics of
@@ -270,7 +279,8 @@ class CacheAnalysis:
         if kind is None:
             return residual_stack
         if recompute_ln and final:
-            return norm(self._weights(top=True).get("ln_final", {}), residual_stack, self.cfg, Hooks(), "ln_final")
+            return norm(self._weights(top=True).get("ln_final", {}), residual_stack, self.cfg, Hooks(),
+                        "ln_final")
         if kind in ("LN", "LNPre"):
             residual_stack = residual_stack - residual_stack.mean(-1, keepdims=True)
         if final:

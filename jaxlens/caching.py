@@ -4,9 +4,9 @@
                                    grad_metric=lambda logits: logits[0, -1, 7])
 
 One jitted program per (config, names, layer bounds): block activations come out stacked over layers (one
-output per hook, so compile time is flat in depth; `ActivationCache` slices them on access). With `incl_bwd`, the
-cache also holds `<name>_grad`, the gradient of the loss (or `grad_metric(output)`) with respect to each cached
-activation, taken through zero `Add` interventions, honouring the layer bounds and the attention mask.
+output per hook, so compile time is flat in depth; `ActivationCache` slices them on access). With `incl_bwd`,
+the cache also holds `<name>_grad`, the gradient of the loss (or `grad_metric(output)`) with respect to each
+cached activation, taken through zero `Add` interventions, honouring the layer bounds and the attention mask.
 """
 
 import functools
@@ -67,8 +67,8 @@ def cached_forward(
                                        stacked=True, **kw)
         return out, ActivationCache(flat, cfg, params, stacks={r: (layers[r], a) for r, a in stacked.items()})
     if grad_metric is None and (start_at_layer is not None or stop_at_layer is not None):
-        raise InputError("run_with_cache(incl_bwd=True) with start_at_layer/stop_at_layer needs grad_metric: the "
-                         "default loss needs token ids and logits. Pass grad_metric=lambda out: ...")
+        raise InputError("run_with_cache(incl_bwd=True) with start_at_layer/stop_at_layer needs grad_metric: "
+                         "the default loss needs token ids and logits. Pass grad_metric=lambda out: ...")
     out, flat, stacked, flat_g, stacked_g = _grads_jit(params, cfg, tokens, interventions or {}, attention_mask,
                                                       grad_metric, cache_names=names, **kw)
     flat.update({f"{n}_grad": g for n, g in flat_g.items()})

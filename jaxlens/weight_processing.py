@@ -1,10 +1,11 @@
 """Weight processing with TransformerLens's semantics, as pure functions (cfg, params) -> (cfg, params).
 
-- fold_ln: fold each norm's weight (and LN bias) into the linear maps that read it; LN -> LNPre, RMS -> RMSPre.
-  With LN, the reading weights are also centred over d_model (the normalised input has zero mean).
-- center_writing_weights: remove the mean over d_model of every weight writing to the residual stream (LN only:
-  the next LN removes it anyway).
-- center_unembed: remove the mean over d_vocab of W_U and b_U (log-probs unchanged, logits shift per position).
+- fold_ln: fold each norm's weight (and LN bias) into the linear maps that read it; LN -> LNPre, RMS ->
+  RMSPre. With LN, the reading weights are also centred over d_model (the normalised input has zero mean).
+- center_writing_weights: remove the mean over d_model of every weight writing to the residual stream (LN
+  only: the next LN removes it anyway).
+- center_unembed: remove the mean over d_vocab of W_U and b_U (log-probs unchanged, logits shift per
+  position).
 - fold_value_biases: move b_V into b_O (the pattern sums to 1, so b_V @ W_O is a constant per layer).
 
 Each leaves the model's log-probs unchanged (to float error); see Elhage et al. 2021 and TL's
@@ -114,8 +115,9 @@ def process_weights(
 ) -> tuple[Config, Params]:
     """TransformerLens's `process_weights_` with its defaults, in its order.
 
-    As in TransformerLens, center_unembed is skipped when the logits are softcapped (Gemma 2): tanh softcapping
-    does not commute with subtracting a per-position constant, so centring would change the log-probs.
+    As in TransformerLens, center_unembed is skipped when the logits are softcapped (Gemma 2): tanh
+    softcapping does not commute with subtracting a per-position constant, so centring would change the
+    log-probs.
     """
     if cfg.output_logits_soft_cap is not None:
         center_unembed = False

@@ -1,5 +1,6 @@
-"""`interventions.ablate_heads`: zero-ablating heads' outputs (`attn.hook_z`) is the same model as one whose W_O
-rows for those heads are zero (attn_out = sum over heads of z_h W_O[h] + b_O), and bad heads are errors."""
+"""`interventions.ablate_heads`: zero-ablating heads' outputs (`attn.hook_z`) is the same model as one whose
+W_O rows for those heads are zero (attn_out = sum over heads of z_h W_O[h] + b_O), and bad heads are
+errors."""
 
 import jax
 import numpy as np

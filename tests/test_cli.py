@@ -1,6 +1,6 @@
-"""The `jaxlens` command: argument errors, `sweep` and `convert` end to end on a tiny random GPT-2 (checked against
-the Hugging Face model patched by hand), and the demo pipeline on the tiny model (outputs exist, numbers agree
-with each other and with induction scores recomputed from Hugging Face attentions)."""
+"""The `jaxlens` command: argument errors, `sweep` and `convert` end to end on a tiny random GPT-2 (checked
+against the Hugging Face model patched by hand), and the demo pipeline on the tiny model (outputs exist,
+numbers agree with each other and with induction scores recomputed from Hugging Face attentions)."""
 
 import json
 
@@ -29,7 +29,7 @@ def _ids(tok, text: str) -> list[int]:
     return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
 
 
-# -- argument errors ----------------------------------------------------------------------------------------------
+# -- argument errors -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["sweep", "--model", "m"], "the following arguments are required"),
     (["sweep", "--model", "m", "--clean", "a", "--corrupt", "b", "--answer", "x", "--wrong", "y", "--kind", "nope",
@@ -69,7 +69,7 @@ def test_missing_model_exits_1(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-# -- sweep ----------------------------------------------------------------------------------------------------------
+# -- sweep ---------------------------------------------------------------------------------------------------
 def test_sweep_matches_hand_patched_hf_model(tiny, tmp_path):
     import torch
 
@@ -111,7 +111,7 @@ def test_sweep_matches_hand_patched_hf_model(tiny, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-# -- convert ----------------------------------------------------------------------------------------------------------
+# -- convert -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["folder", "model.safetensors"])
 def test_convert_round_trips_the_checkpoint(tiny, tmp_path, target):
     path, _, _ = tiny
@@ -148,7 +148,7 @@ def test_load_converted_rejects_other_files(tiny, tmp_path):
         converters.load_converted(tiny[0])
 
 
-# -- demo on a tiny model -----------------------------------------------------------------------------------------
+# -- demo on a tiny model ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_out(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "jaxlens_out"

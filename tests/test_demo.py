@@ -1,8 +1,8 @@
-"""The demo on the real SmolLM2-135M (slow): its induction heads are the heads that, computed independently from
-`transformers` loading the same GGUF file (eager attention, output_attentions), attend most from each token of a
-repeated random sequence to the token after its previous occurrence; and `jaxlens demo --small` writes every file
-with numbers that show the two mechanisms (loss falls on the repeat; the IOI answer is preferred and patching the
-clean residual stream at the last layer restores it)."""
+"""The demo on the real SmolLM2-135M (slow): its induction heads are the heads that, computed independently
+from `transformers` loading the same GGUF file (eager attention, output_attentions), attend most from each
+token of a repeated random sequence to the token after its previous occurrence; and `jaxlens demo --small`
+writes every file with numbers that show the two mechanisms (loss falls on the repeat; the IOI answer is
+preferred and patching the clean residual stream at the last layer restores it)."""
 
 import json
 

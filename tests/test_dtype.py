@@ -1,10 +1,10 @@
 """dtype chosen at load: bfloat16 params and compute stay bfloat16 everywhere, and stay close to float32.
 
 Tolerances: bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation). Through a few
-layers the logit error stays a few percent of the logits' spread (measured: max |bf16 - fp32| < 0.05 std on these
-models), so the logits correlate above 0.999 with fp32, and the top-1 token can only change where fp32's top two
-logits are closer than the error: we require agreement wherever the fp32 margin exceeds 0.25 std, and on at
-least 95% of all positions.
+layers the logit error stays a few percent of the logits' spread (measured: max |bf16 - fp32| < 0.05 std on
+these models), so the logits correlate above 0.999 with fp32, and the top-1 token can only change where fp32's
+top two logits are closer than the error: we require agreement wherever the fp32 margin exceeds 0.25 std, and
+on at least 95% of all positions.
 """
 
 import jax
@@ -71,7 +71,7 @@ def test_processing_runs_in_float32_before_the_cast(gpt2_dir):
     """bf16 after processing equals processing in fp32 and then casting (not processing in bf16)."""
     p32 = HookedTransformer.from_pretrained(gpt2_dir).params
     p16 = HookedTransformer.from_pretrained(gpt2_dir, dtype=jnp.bfloat16).params
-    for x32, x16 in zip(jax.tree_util.tree_leaves(p32), jax.tree_util.tree_leaves(p16)):
+    for x32, x16 in zip(jax.tree_util.tree_leaves(p32), jax.tree_util.tree_leaves(p16), strict=True):
         np.testing.assert_array_equal(np.asarray(x32.astype(jnp.bfloat16), np.float32), np.asarray(x16, np.float32))
 
 

@@ -8,8 +8,8 @@ import torch
 from jaxlens import Patch, testing, zero_ablate
 from jaxlens.converters import bert
 from jaxlens.encoder import HookedEncoder, encoder_forward
-from jaxlens.hook_names import encoder_table
 from jaxlens.errors import InputError, UnknownHookError
+from jaxlens.hook_names import encoder_table
 
 CONF = dict(hidden_size=40, num_hidden_layers=3, num_attention_heads=5, intermediate_size=72, vocab_size=120,
             max_position_embeddings=32, type_vocab_size=3)

@@ -1,4 +1,5 @@
-"""Name resolution: local paths, a fake offline Hugging Face cache, packaged models, and the not-found messages."""
+"""Name resolution: local paths, a fake offline Hugging Face cache, packaged models, and the not-found
+messages."""
 
 import importlib.metadata
 
@@ -18,7 +19,8 @@ def gpt2(tmp_path_factory):
 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch, gpt2):
-    """A cache in the hub layout: models--org--name/{refs/main, snapshots/<rev>/}, with an older snapshot too."""
+    """A cache in the hub layout: models--org--name/{refs/main, snapshots/<rev>/}, with an older snapshot
+    too."""
     hf, _ = gpt2
     root = tmp_path / "hub"
     repo = root / "models--testorg--tiny-gpt2"

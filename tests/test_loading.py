@@ -1,16 +1,17 @@
 """Loading streams tensors: the peak memory of a load stays near one copy of the model.
 
-A random GPT-2-shaped checkpoint (~160 MB of safetensors, ~205 MB of float32 params once the tied unembedding is
-its own [d_model, d_vocab] array) is written with numpy, then loaded in a fresh subprocess that imports jaxlens,
-starts the JAX backend, records its peak RSS and loads. The growth of the peak over that baseline, divided by the
-bytes of the params it ends with, is the ratio checked here. The peak is the kernel's VmHWM (/proc/self/status),
-which is what `resource.getrusage(...).ru_maxrss` reports too, except that ru_maxrss starts from the parent's
-peak when a big process (pytest, with torch imported) spawns the child, which would hide the growth.
+A random GPT-2-shaped checkpoint (~160 MB of safetensors, ~205 MB of float32 params once the tied unembedding
+is its own [d_model, d_vocab] array) is written with numpy, then loaded in a fresh subprocess that imports
+jaxlens, starts the JAX backend, records its peak RSS and loads. The growth of the peak over that baseline,
+divided by the bytes of the params it ends with, is the ratio checked here. The peak is the kernel's VmHWM
+(/proc/self/status), which is what `resource.getrusage(...).ru_maxrss` reports too, except that ru_maxrss
+starts from the parent's peak when a big process (pytest, with torch imported) spawns the child, which would
+hide the growth.
 
 Measured on the CI-like 2-core machine: from_pretrained_no_processing 1.23x (the numpy copy shrinks while the
-jax copy grows, so the peak is one model plus its largest tensor); from_pretrained with TransformerLens's weight
-processing 1.74x (one model, ~45 MB of XLA runtime, and the temporaries of the step that folds ln_final into and
-centres the [768, 16000] unembedding: two tensors of that size). Without streaming these were 2-3x.
+jax copy grows, so the peak is one model plus its largest tensor); from_pretrained with TransformerLens's
+weight processing 1.74x (one model, ~45 MB of XLA runtime, and the temporaries of the step that folds ln_final
+into and centres the [768, 16000] unembedding: two tensors of that size). Without streaming these were 2-3x.
 """
 
 import json

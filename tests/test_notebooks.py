@@ -1,5 +1,6 @@
-"""Every notebook in notebooks/ runs top to bottom in small settings (JAXLENS_NB_SMALL=1) without a cell error,
-and holds narrative and calls only (no function or class definitions: library code lives in the package)."""
+"""Every notebook in notebooks/ runs top to bottom in small settings (JAXLENS_NB_SMALL=1) without a cell
+error, and holds narrative and calls only (no function or class definitions: library code lives in the
+package)."""
 
 import ast
 from pathlib import Path

@@ -60,8 +60,8 @@ def test_tour_runs_and_computes_what_it_says(tmp_path, monkeypatch):
     removed = np.einsum("bpe,ed->bpd", np.asarray(plain["blocks.5.attn.hook_z"])[:, :, 2], w_o)
     np.testing.assert_allclose(ablated, attn_out - removed, atol=1e-4)
 
-    # The TL-named grid and the general sweep have TL's shapes and agree where they overlap: patching the whole
-    # residual stream at layer 0 and every position restores the clean metric.
+    # The TL-named grid and the general sweep have TL's shapes and agree where they overlap: patching the
+    # whole residual stream at layer 0 and every position restores the clean metric.
     P = clean.shape[1]
     assert np.asarray(ns["grid"]).shape == (cfg.n_layers, P)
     res = ns["result"]

@@ -1,6 +1,6 @@
-"""run_with_cache and ActivationCache against TransformerLens 4.3 on the same weights: what runs is cached (layer
-bounds), keys in forward order, in-place remove_batch_dim, batch and position slices, neuron results, the full
-residual decomposition, the split q/k/v inputs, the unembedding's hooks, the optional-hook flags."""
+"""run_with_cache and ActivationCache against TransformerLens 4.3 on the same weights: what runs is cached
+(layer bounds), keys in forward order, in-place remove_batch_dim, batch and position slices, neuron results,
+the full residual decomposition, the split q/k/v inputs, the unembedding's hooks, the optional-hook flags."""
 
 import re
 

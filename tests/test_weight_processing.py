@@ -1,4 +1,5 @@
-"""Weight processing (TransformerLens semantics): each step keeps the model's log-probs, and does what it says."""
+"""Weight processing (TransformerLens semantics): each step keeps the model's log-probs, and does what it
+says."""
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,9 @@ from jaxlens.analysis.heads import duplicate_token_pattern as duplicate_token_pa
 from jaxlens.analysis.heads import (
     get_duplicate_token_head_detection_pattern as get_duplicate_token_head_detection_pattern,
 )
-from jaxlens.analysis.heads import get_induction_head_detection_pattern as get_induction_head_detection_pattern
+from jaxlens.analysis.heads import (
+    get_induction_head_detection_pattern as get_induction_head_detection_pattern,
+)
 from jaxlens.analysis.heads import (
     get_previous_token_head_detection_pattern as get_previous_token_head_detection_pattern,
 )

@@ -58,7 +58,8 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
         InputError: left.rdim != right.ldim.
     """
     if left.rdim != right.ldim:
-        raise InputError(f"Composition needs left.rdim == right.ldim; shapes were {left.shape} and {right.shape}.")
+        raise InputError(f"Composition needs left.rdim == right.ldim; shapes were {left.shape} and "
+                         f"{right.shape}.")
     new_left, new_right = left.collapse_l(), right.collapse_r()  # [.. m_l rdim], [.. ldim m_r]
     if broadcast_dims:
         nl, nr = left.ndim - 2, right.ndim - 2

@@ -1,8 +1,9 @@
 """Direct logit attribution: how much each head, layer or neuron writes directly into a logit (difference).
 
 The final logit is linear in the residual stream once the final norm's scale is frozen at its cached value, so
-the residual stream's decomposition into embeddings, heads (+ b_O), MLP layers (+ b_out) and neurons splits the
-logit into additive parts (Elhage et al. 2021; Wang et al. 2022, "Interpretability in the Wild", section 3.1):
+the residual stream's decomposition into embeddings, heads (+ b_O), MLP layers (+ b_out) and neurons splits
+the logit into additive parts (Elhage et al. 2021; Wang et al. 2022, "Interpretability in the Wild",
+section 3.1):
 
     logit[t] - logit[t'] = sum_c  norm_linear(c) . (w_final * (W_U[:, t] - W_U[:, t'])) + constant
 
@@ -11,9 +12,9 @@ norm's weight (1 after fold_ln) and the constant collects the final norm's bias 
 (Gemma 2) is not linear and is ignored.
 
     _, cache = model.run_with_cache(tokens)
-    per_head = head_dla(cache, answer, wrong)                 # [layer head_index batch]
-    attrs, labels = layer_dla(cache, answer, wrong)           # embed, pos_embed, 0_attn_out, 0_mlp_out, ..., bias
-    per_neuron = neuron_dla(cache, answer, wrong)             # [layer batch d_mlp]
+    per_head = head_dla(cache, answer, wrong)         # [layer head_index batch]
+    attrs, labels = layer_dla(cache, answer, wrong)   # embed, pos_embed, 0_attn_out, 0_mlp_out, ..., bias
+    per_neuron = neuron_dla(cache, answer, wrong)     # [layer batch d_mlp]
 """
 
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ def head_dla(
     incorrect_tokens: TokenSpec | None = None,
     pos_slice: PosSlice = -1,
 ) -> Float[Array, "layer head_index ..."]:
-    """Each head's direct contribution (z @ W_O, without b_O) to the logit of `tokens` (minus `incorrect_tokens`).
+    """Each head's direct contribution (z @ W_O, without b_O) to the logit of `tokens` (minus
+    `incorrect_tokens`).
 
     Args:
         cache: from run_with_cache with the params (needs attn.hook_z of every layer and ln_final.hook_scale).
@@ -49,8 +51,10 @@ def head_dla(
     _need_params(cache)
     direction, _ = _directions(cache, tokens, incorrect_tokens, pos_slice)  # [b p d]
     z = _sel(_stacked(cache, "attn.hook_z"), pos_slice, axis=2)  # [l b p h e]
-    w_o_dir = jnp.einsum("lhed,bpd->lbphe", cache.params["blocks"]["attn"]["W_O"].astype(jnp.float32), direction)
-    out = jnp.einsum("lbphe,lbphe->lhbp", z.astype(jnp.float32), w_o_dir) / _scale(cache, pos_slice)[None, None]
+    W_O = cache.params["blocks"]["attn"]["W_O"].astype(jnp.float32)
+    w_o_dir = jnp.einsum("lhed,bpd->lbphe", W_O, direction)
+    out = jnp.einsum("lbphe,lbphe->lhbp", z.astype(jnp.float32), w_o_dir)
+    out = out / _scale(cache, pos_slice)[None, None]
     return _finish(cache, out, pos_slice)
 
 
@@ -62,8 +66,8 @@ def layer_dla(
 ) -> tuple[Float[Array, "component ..."], list[str]]:
     """Direct contributions of the embeddings, each layer's attention and MLP output, and the constant.
 
-    The components sum exactly to the logit (difference): labels "embed", "pos_embed" (learned positions only),
-    "{l}_attn_out", "{l}_mlp_out" for every layer, and "bias" (final norm bias and b_U).
+    The components sum exactly to the logit (difference): labels "embed", "pos_embed" (learned positions
+    only), "{l}_attn_out", "{l}_mlp_out" for every layer, and "bias" (final norm bias and b_U).
 
     Returns:
         ([component batch] for an int pos_slice, else [component batch pos]; labels).
@@ -123,7 +127,7 @@ def logit_direction(
     return direction, const
 
 
-# -- helpers ---------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 def _directions(cache, tokens, incorrect_tokens, pos_slice):
     """Direction [b p d] (centred for LayerNorm) and constant [b p], aligned with the selected positions."""
@@ -179,9 +183,11 @@ def _finish(cache, out: Array, pos_slice) -> Array:
 def _ids(tokens, d_vocab: int, what: str) -> Array:
     t = jnp.asarray(tokens)
     if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise InputError(f"{what} must be integer token ids; found dtype {t.dtype}. Use model.to_single_token.")
+        raise InputError(f"{what} must be integer token ids; found dtype {t.dtype}. "
+                         "Use model.to_single_token.")
     if t.size and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
-        raise InputError(f"{what} holds an id outside the vocabulary [0, {d_vocab}): {np.unique(t).tolist()[:5]}.")
+        raise InputError(f"{what} holds an id outside the vocabulary [0, {d_vocab}): "
+                         f"{np.unique(t).tolist()[:5]}.")
     return t
 
 

@@ -1,9 +1,9 @@
 """Head detectors: score every attention head by how well its pattern matches a detection pattern.
 
-A previous-token head attends from each token to the one before; a duplicate-token head to earlier copies of the
-current token; an induction head to the token after an earlier copy of the current token (Olsson et al. 2022,
-"In-context Learning and Induction Heads"). Scores follow TransformerLens's `detect_head`, computed for all
-layers and heads at once from the stacked patterns:
+A previous-token head attends from each token to the one before; a duplicate-token head to earlier copies of
+the current token; an induction head to the token after an earlier copy of the current token (Olsson et al.
+2022, "In-context Learning and Induction Heads"). Scores follow TransformerLens's `detect_head`, computed for
+all layers and heads at once from the stacked patterns:
 
     "mul": sum(pattern * detection) / sum(pattern)   (the share of attention on the detected pairs)
     "abs": 1 - round(sum(|pattern - detection|) / seq_len, 3)
@@ -56,8 +56,9 @@ def _tl_pattern(fn, tokens) -> Float[Array, "pos pos"]:
     if t.ndim == 2 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 1:
-        raise InputError(f"TransformerLens's detection patterns take one prompt ([1, pos] or [pos]); found tokens "
-                         f"of shape {t.shape}. For a batch use jaxlens.analysis.{fn.__name__} ([batch pos pos]).")
+        raise InputError("TransformerLens's detection patterns take one prompt ([1, pos] or [pos]); found "
+                         f"tokens of shape {t.shape}. For a batch use jaxlens.analysis.{fn.__name__} "
+                         "([batch pos pos]).")
     return fn(t)
 
 
@@ -148,14 +149,17 @@ def detect_head(
     if error_measure not in ("mul", "abs"):
         raise InputError(f"error_measure must be 'mul' or 'abs'; found {error_measure!r}.")
     if isinstance(detection_pattern, str) and detection_pattern not in HEAD_NAMES:
-        raise InputError(f"detection_pattern must be an array or one of {HEAD_NAMES}; found {detection_pattern!r}.")
+        raise InputError(f"detection_pattern must be an array or one of {HEAD_NAMES}; "
+                         f"found {detection_pattern!r}.")
     mask = _head_mask(cfg, heads)
     if isinstance(seq, list) and len(seq) > 1 and isinstance(seq[0], str):
         if cache is not None:
             raise InputError("A cache holds one input; pass a single prompt (or token batch) with cache=.")
         if not isinstance(detection_pattern, str):
-            raise InputError("A detection pattern array fits one sequence length; pass one prompt or token ids.")
-        kw = dict(exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, error_measure=error_measure)
+            raise InputError("A detection pattern array fits one sequence length; "
+                             "pass one prompt or token ids.")
+        kw = dict(exclude_bos=exclude_bos, exclude_current_token=exclude_current_token,
+                  error_measure=error_measure)
         scores = jnp.stack([detect_head(model, s, detection_pattern, None, **kw) for s in seq]).mean(0)
         return jnp.where(mask, scores, -1.0)
     tokens = model.to_tokens(seq) if isinstance(seq, (str, list)) else jnp.atleast_2d(jnp.asarray(seq))
@@ -207,8 +211,8 @@ def _check_det(det, tokens_shape) -> Array:
     det = jnp.asarray(det, jnp.float32)
     n = tokens_shape[-1]
     if det.shape[-2:] != (n, n) or det.ndim not in (2, 3):
-        raise InputError(f"The detection pattern must be [pos pos] = ({n}, {n}) (or [batch pos pos]) for this "
-                         f"sequence of {n} tokens; found shape {det.shape}.")
+        raise InputError(f"The detection pattern must be [pos pos] = ({n}, {n}) (or [batch pos pos]) for "
+                         f"this sequence of {n} tokens; found shape {det.shape}.")
     if bool(jnp.any(jnp.triu(det, k=1) != 0)):
         raise InputError("The detection pattern must be lower triangular: a causal head cannot attend ahead.")
     return det

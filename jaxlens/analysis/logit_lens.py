@@ -73,7 +73,8 @@ def logit_lens(
         if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise InputError(f"tokens must be an id or a 1-D list of ids; found {np.asarray(tokens)!r}.")
         if int(ids.min()) < 0 or int(ids.max()) >= cache.cfg.d_vocab:
-            raise InputError(f"tokens {ids.tolist()} has ids outside the vocabulary [0, {cache.cfg.d_vocab}).")
+            raise InputError(f"tokens {ids.tolist()} has ids outside the vocabulary "
+                             f"[0, {cache.cfg.d_vocab}).")
     scale = None
     if not recompute_norm and cache.cfg.normalization_type is not None:
         scale = cache["ln_final.hook_scale"]

@@ -88,12 +88,12 @@ def test_prompt(
     prompt_ids = np.asarray(model.to_tokens(prompt, prepend_bos=prepend_bos))[0]
     answer_ids = [np.asarray(model.to_tokens(a, prepend_bos=False))[0] for a in answers]
     if len(answers) > 1:
-        long = {a: len(i) for a, i in zip(answers, answer_ids) if len(i) != 1}
+        long = {a: len(i) for a, i in zip(answers, answer_ids, strict=True) if len(i) != 1}
         if long:
             raise InputError(
                 f"Several answers are compared as the next token, so each must be one token; these are not: "
-                f"{ {a: model.to_str_tokens(a, prepend_bos=False) for a in long} }. Pass a single (multi-token) "
-                "answer, or one-token alternatives.")
+                f"{ {a: model.to_str_tokens(a, prepend_bos=False) for a in long} }. Pass a single "
+                "(multi-token) answer, or one-token alternatives.")
     answer_ids = np.stack(answer_ids)  # [n_answers answer_len]
     n_p, n_a = len(prompt_ids), answer_ids.shape[1]
     if n_p + n_a > model.cfg.n_ctx:

@@ -1,4 +1,5 @@
-"""SVD interpreter: read the singular directions of a head's OV circuit or an MLP's weights in vocabulary space.
+"""SVD interpreter: read the singular directions of a head's OV circuit or an MLP's weights in vocabulary
+space.
 
 The top right singular vectors of a weight matrix are the directions it writes (or reads) most strongly;
 projecting them onto the unembedding shows which tokens each direction promotes (Millidge & Black 2022, "The
@@ -9,8 +10,9 @@ TransformerLens's `SVDInterpreter.get_singular_vectors`:
     w_in  W_in[l]^T (times ln2's weight if not folded): right singular vectors (what the MLP reads).
     w_out W_out[l]: right singular vectors (what the MLP writes).
 
-    vecs = get_singular_vectors(params, cfg, "OV", layer_index=5, head_index=1, num_vectors=4)   # [d_vocab 1 4]
-    ids = top_tokens(params, cfg, "OV", layer_index=5, head_index=1, num_vectors=4, k=10)          # [4 10]
+    vecs = get_singular_vectors(params, cfg, "OV", layer_index=5, head_index=1,
+                                num_vectors=4)                                          # [d_vocab 1 4]
+    ids = top_tokens(params, cfg, "OV", layer_index=5, head_index=1, num_vectors=4, k=10)   # [4 10]
 
 A singular vector's sign is arbitrary: look at both ends (`bottom=True`).
 """
@@ -36,7 +38,8 @@ def singular_directions(
     """(right singular vectors as rows [n d_model], singular values [n]) of the chosen weight, largest first.
 
     Raises:
-        InputError: an unknown vector_type, a layer or head index out of range, or a head index missing for OV.
+        InputError: an unknown vector_type, a layer or head index out of range, or a head index missing
+            for OV.
     """
     _check_index("layer_index", layer_index, cfg.n_layers)
     blocks = params["blocks"]

@@ -5,7 +5,6 @@ Parallel:   resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre)) 
 With `use_normalization_before_and_after` (Gemma 2) the sublayer outputs pass through ln1_post / ln2_post.
 """
 
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxlens.config import Config

@@ -1,4 +1,5 @@
-"""BERT's pieces (Devlin et al. 2019) with TransformerLens's `HookedEncoder` hooks: embedding, post-LN block, heads.
+"""BERT's pieces (Devlin et al. 2019) with TransformerLens's `HookedEncoder` hooks: embedding, post-LN block,
+heads.
 
     resid = embed.ln(W_E[tokens] + W_pos[pos] + W_token_type[token_type_ids])          -> hook_full_embed
     block:  resid_mid = resid_pre + attn(resid_pre)                  (bidirectional, no norm before attention)
@@ -8,8 +9,8 @@
     mlm_head: ln(act(x W + b)) then the unembedding (BertForMaskedLM); pooler: tanh(x[:, 0] W + b) (BertModel).
 
 Unlike a decoder block the norms come *after* each sublayer (post-LN), so `fold_ln` does not apply, as in TL.
-The attention and the MLP are the decoder's own functions (`attention.attention_sublayer`, `mlp.mlp`); the block
-only arranges them. Hook names and axes are in `jaxlens.hook_names.encoder_table`.
+The attention and the MLP are the decoder's own functions (`attention.attention_sublayer`, `mlp.mlp`); the
+block only arranges them. Hook names and axes are in `jaxlens.hook_names.encoder_table`.
 """
 
 import jax
@@ -32,14 +33,15 @@ def heads_of(params: Params) -> tuple[str, ...]:
 
 
 def encoder_param_shapes(cfg: Config, n_token_types: int, heads: tuple[str, ...] = ()) -> dict:
-    """Every encoder weight's (axis string, shape): decoder block weights plus token types, embed.ln and heads.
+    """Every encoder weight's (axis string, shape): decoder block weights plus token types, embed.ln and
+    heads.
 
     mlm_head.W and pooler.W are [d_model_in, d_model_out] (applied as `x @ W`, as every other jaxlens weight).
     """
     from jaxlens.params import param_shapes
 
     base = param_shapes(cfg.replace(normalization_type="LN"))
-    D, V = cfg.d_model, cfg.d_vocab
+    D = cfg.d_model
     ln = {"w": ("d_model", (D,)), "b": ("d_model", (D,))}
     out = {
         "embed": {"W_E": base["embed"]["W_E"], "ln": ln},

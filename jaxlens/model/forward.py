@@ -1,12 +1,14 @@
-"""forward(params, cfg, tokens, *, interventions, cache_names) -> (logits, cache): the model as a pure function.
+"""forward(params, cfg, tokens, *, interventions, cache_names) -> (logits, cache): the model as a pure
+function.
 
     logits, cache = forward(params, cfg, tokens,
                             interventions={"blocks.3.attn.hook_z": zero_ablate(mask)},
                             cache_names=("blocks.5.hook_resid_post", "blocks.attn.hook_pattern"))
 
-Blocks run under `jax.lax.scan` over the stacked `layer` axis: compile time does not grow with depth. Per-layer
-differences (attention windows) and stacked interventions are scanned data; an intervention addressed to one
-layer is applied where the scanned layer index equals it. Nothing is mutated and no hook is registered.
+Blocks run under `jax.lax.scan` over the stacked `layer` axis: compile time does not grow with depth.
+Per-layer differences (attention windows) and stacked interventions are scanned data; an intervention
+addressed to one layer is applied where the scanned layer index equals it. Nothing is mutated and no hook is
+registered.
 """
 
 from collections.abc import Iterable, Mapping
@@ -85,8 +87,8 @@ def run(
     """`forward`, plus incremental decoding: with `kv_cache` (KVState with a leading layer axis, max_pos long)
     the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third.
 
-    With `kv_cache`, `attention_mask` covers every cache slot ([batch max_pos]): keys are masked over the whole
-    cache and positions count the valid slots up to each query (left-padded batched decoding).
+    With `kv_cache`, `attention_mask` covers every cache slot ([batch max_pos]): keys are masked over the
+    whole cache and positions count the valid slots up to each query (left-padded batched decoding).
 
     With `stacked_cache` the second output is `runner.stacks`'s pair (global and stacked names, {relative
     block name: (layers, stacked activations)}): one output per hook, for `ActivationCache`."""
@@ -160,16 +162,16 @@ def check_tokens(tokens: Any, cfg: Config, pos_offset: int = 0) -> Int[Array, "b
         raise InputError(f"tokens must be integer ids; found dtype {arr.dtype}.")
     if pos_offset + arr.shape[1] > cfg.n_ctx:
         raise InputError(
-            f"Sequence of {arr.shape[1]} tokens (from position {pos_offset}) is longer than the model's context "
-            f"n_ctx={cfg.n_ctx}. Shorten the input or split it."
+            f"Sequence of {arr.shape[1]} tokens (from position {pos_offset}) is longer than the model's "
+            f"context n_ctx={cfg.n_ctx}. Shorten the input or split it."
         )
     if concrete is not None and concrete.size:
         lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi >= cfg.d_vocab:
             bad = lo if lo < 0 else hi
             raise InputError(
-                f"Token id {bad} is outside the vocabulary [0, {cfg.d_vocab}). Check the tokenizer matches the "
-                "model (jaxlens would otherwise read a clamped embedding silently)."
+                f"Token id {bad} is outside the vocabulary [0, {cfg.d_vocab}). Check the tokenizer matches "
+                "the model (jaxlens would otherwise read a clamped embedding silently)."
             )
     return arr
 

@@ -1,7 +1,7 @@
 """LayerNorm and RMSNorm with TransformerLens's hooks (`hook_scale`, `hook_normalized`).
 
-hook_normalized holds (x - mean) / scale (LN) or x / scale (RMS), before the weights, as in TransformerLens 3.x.
-LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
+hook_normalized holds (x - mean) / scale (LN) or x / scale (RMS), before the weights, as in TransformerLens
+3.x. LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
 Statistics are computed in float32 and cast back.
 """
 

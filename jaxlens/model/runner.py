@@ -5,13 +5,13 @@ patching).
     resid, stacked_cache, kv = run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=start, stop=stop,
                                           cache=frozenset({"attn.hook_z"}))
 
-With Python-int bounds the blocks run under one `jax.lax.scan` over the stacked `layer` axis (compile time flat
-in depth), with the per-layer weights, attention windows, stacked interventions and key/value states as scanned
-data, and the recorded activations come back stacked. With a traced `start` (a patching program whose layer is
-data) the same block body runs in a `fori_loop` whose bounds are data, reading each layer's weights by dynamic
-index. Either way an intervention addressed to one layer applies where the layer index equals it, so new block
-behaviour (a spliced dictionary, a frozen pattern, an edge mask) is written once, as an intervention or a block
-function, and reaches every program.
+With Python-int bounds the blocks run under one `jax.lax.scan` over the stacked `layer` axis (compile time
+flat in depth), with the per-layer weights, attention windows, stacked interventions and key/value states as
+scanned data, and the recorded activations come back stacked. With a traced `start` (a patching program whose
+layer is data) the same block body runs in a `fori_loop` whose bounds are data, reading each layer's weights
+by dynamic index. Either way an intervention addressed to one layer applies where the layer index equals it,
+so new block behaviour (a spliced dictionary, a frozen pattern, an edge mask) is written once, as an
+intervention or a block function, and reaches every program.
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -77,9 +77,9 @@ def split_interventions(table: HookTable, interventions: Mapping[str, Any] | Non
                 for leaf in jax.tree_util.tree_leaves(one):
                     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != table.n_layers:
                         raise InterventionError(
-                            f"Intervention at {name!r} addresses every layer, so each array in it needs a leading "
-                            f"layer axis of size n_layers={table.n_layers}; found shape {jnp.shape(leaf)}. Address "
-                            f"one layer with 'blocks.<layer>.{rel}', or stack the values over layers."
+                            f"Intervention at {name!r} addresses every layer, so each array in it needs a "
+                            f"leading layer axis of size n_layers={table.n_layers}; found shape "
+                            f"{jnp.shape(leaf)}. Address one layer with 'blocks.<layer>.{rel}', or stack the values over layers."
                         )
                 stacked.setdefault(rel, []).append(jax.tree_util.tree_map(lambda x: x[start:stop], one))
         elif start <= layer < stop:
@@ -157,8 +157,8 @@ def run_blocks(
         return resid, stacked, new_kv
 
     if cache or interventions.stacked:
-        raise InputError("Blocks run from a traced start layer can neither record activations nor take stacked "
-                         "(`blocks.x`) interventions; use int bounds, or address layers (`blocks.3.x`).")
+        raise InputError("Blocks run from a traced start layer can neither record activations nor take "
+                         "stacked (`blocks.x`) interventions; use int bounds, or address layers (`blocks.3.x`).")
 
     def one(i, r):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
@@ -213,7 +213,8 @@ def stacks(table: HookTable, names: Iterable[str], top: Mapping[str, Array], sta
            start: int, stop: int) -> tuple[dict[str, Array], dict[str, Array]]:
     """Like `collect`, but block activations stay stacked: ({global or stacked name: array},
     {relative name: [len(layers), ...]} over the layers `stack_layers` lists), each hook's layers gathered
-    once, so a program records one output per hook, not one per layer (its compile time stays flat in depth)."""
+    once, so a program records one output per hook, not one per layer (its compile time stays flat in
+    depth)."""
     names = tuple(names)
     glob_names = [n for n in names if table.parse(n)[0] in (None, "all")]
     flat = collect(table, glob_names, top, stacked, start, stop)

@@ -7,8 +7,8 @@
     ])
     Path(out / "index.html").write_text(page)
 
-Images and links are relative paths to files beside the page; the page itself loads nothing else (no scripts, no
-fonts, no network). Every piece of text is HTML-escaped.
+Images and links are relative paths to files beside the page; the page itself loads nothing else (no scripts,
+no fonts, no network). Every piece of text is HTML-escaped.
 """
 
 import dataclasses

@@ -1,5 +1,6 @@
-"""Small random models shared by the analysis tests: a GPT-2-like LayerNorm model with learned positions, and a
-Llama-like one (RMSNorm, rotary, grouped-query attention, gated MLP). Weights come from numpy (no compile)."""
+"""Small random models shared by the analysis tests: a GPT-2-like LayerNorm model with learned positions, and
+a Llama-like one (RMSNorm, rotary, grouped-query attention, gated MLP). Weights come from numpy (no
+compile)."""
 
 import jax
 import jax.numpy as jnp

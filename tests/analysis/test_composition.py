@@ -1,4 +1,5 @@
-"""OV / QK circuits and composition scores against the dense formula, and TransformerLens's where installed."""
+"""OV / QK circuits and composition scores against the dense formula, and TransformerLens's where
+installed."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""Head detectors: detection patterns equal the definitions (and TransformerLens's), scores equal a per-head loop
-over the cached patterns (by hand, and TL's `compute_head_attention_similarity_score`)."""
+"""Head detectors: detection patterns equal the definitions (and TransformerLens's), scores equal a per-head
+loop over the cached patterns (by hand, and TL's `compute_head_attention_similarity_score`)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from jaxlens import HookedTransformer
-from jaxlens.analysis import (detect_head, duplicate_token_pattern, induction_pattern, previous_token_pattern,
-                              repeated_random_tokens)
+from jaxlens.analysis import (
+    detect_head,
+    duplicate_token_pattern,
+    induction_pattern,
+    previous_token_pattern,
+    repeated_random_tokens,
+)
 from jaxlens.errors import InputError
 
 TOKENS = repeated_random_tokens(jax.random.key(0), 97, seq_len=6, batch=3, bos=0, low=1)  # [3 13]

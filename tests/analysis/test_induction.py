@@ -1,5 +1,6 @@
-"""Induction scoring (jaxlens.analysis.induction) and `top_heads`: scores of hand-made attention patterns worked
-out by hand, the repeated distinct tokens, and `find_induction_heads` on a small model against its own cache."""
+"""Induction scoring (jaxlens.analysis.induction) and `top_heads`: scores of hand-made attention patterns
+worked out by hand, the repeated distinct tokens, and `find_induction_heads` on a small model against its own
+cache."""
 
 import jax.numpy as jnp
 import numpy as np

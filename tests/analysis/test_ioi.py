@@ -1,5 +1,6 @@
-"""IOI prompts, position labels, the logit-difference metric and normalisation (jaxlens.analysis.ioi, .metrics),
-against prompts, labels and numbers written out by hand on a tokenizer whose template words are single tokens."""
+"""IOI prompts, position labels, the logit-difference metric and normalisation (jaxlens.analysis.ioi,
+.metrics), against prompts, labels and numbers written out by hand on a tokenizer whose template words are
+single tokens."""
 
 import jax
 import jax.numpy as jnp

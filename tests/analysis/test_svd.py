@@ -1,5 +1,5 @@
-"""SVD interpreter: singular directions of OV / W_in / W_out equal numpy's SVD of the dense matrix (up to sign),
-projected on W_U."""
+"""SVD interpreter: singular directions of OV / W_in / W_out equal numpy's SVD of the dense matrix (up to
+sign), projected on W_U."""
 
 import numpy as np
 import pytest

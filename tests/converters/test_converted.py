@@ -1,6 +1,7 @@
-"""The `jaxlens convert` checkpoint format (jaxlens.converters._converted): written by the command, loaded back by
-`HookedTransformer.from_pretrained(path)` as exactly the same model (bit-equal logits, processed or not), the
-config round-tripped field by field, and every way a file can be wrong reported as a CheckpointError."""
+"""The `jaxlens convert` checkpoint format (jaxlens.converters._converted): written by the command, loaded
+back by `HookedTransformer.from_pretrained(path)` as exactly the same model (bit-equal logits, processed or
+not), the config round-tripped field by field, and every way a file can be wrong reported as a
+CheckpointError."""
 
 import dataclasses
 import json

@@ -1,5 +1,5 @@
-"""GGUF reading, dequantisation, cache and tokenizer (jaxlens.converters._gguf_header, _gguf_quant, _gguf_cache,
-_gguf_tokenizer).
+"""GGUF reading, dequantisation, cache and tokenizer (jaxlens.converters._gguf_header, _gguf_quant,
+_gguf_cache, _gguf_tokenizer).
 
 Every dequantiser is checked bit for bit against a plain-loop decoder written here from ggml's
 `ggml-quants.c` (`dequantize_row_q8_0`, `..._q4_0`, `..._q4_1`, `..._q4_K` with `get_scale_min_k4`,

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxlens.converters import _gguf, _gguf_cache, _gguf_map, convert
 
 from jaxlens import HookedTransformer, testing
+from jaxlens.converters import _gguf, _gguf_cache, _gguf_map, convert
 from jaxlens.errors import CheckpointError
 
 T = 20

@@ -1,5 +1,5 @@
-"""The block runner and the hook tables: one layer loop whose two forms (scan with int bounds, a loop whose start
-is data) agree, and one table per model kind that names, parses and orders every hook."""
+"""The block runner and the hook tables: one layer loop whose two forms (scan with int bounds, a loop whose
+start is data) agree, and one table per model kind that names, parses and orders every hook."""
 
 import jax
 import jax.numpy as jnp
