@@ -2,44 +2,27 @@
 (layer bounds), keys in forward order, in-place remove_batch_dim, batch and position slices, neuron results,
 the full residual decomposition, the split q/k/v inputs, the unembedding's hooks, the optional-hook flags."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
+pytest.importorskip("transformer_lens.model_bridge")
 pytestmark = pytest.mark.slow
 
 from jaxlens import HookedTransformer, Patch, Scale, testing  # noqa: E402
 from jaxlens.errors import InputError, InterventionError  # noqa: E402
+from tl_reference import boot, close, legacy  # noqa: E402
 
 HF_CONFIG = dict(n_embd=48, n_layer=3, n_head=4, n_inner=88, vocab_size=300, n_positions=40, bos_token_id=0,
                  eos_token_id=0)
-ATOL = 1e-4
-_BRIDGE_ONLY = re.compile(r"(^|\.)(hook_in|hook_out|hook_hidden_states|hook_unembed)$|\.(q|k|v|o|in|out)\.hook_")
-
-
-def legacy(names) -> list[str]:
-    return [n for n in names if not _BRIDGE_ONLY.search(n)]
-
-
-def close(got, want, what: str):
-    got = np.asarray(got)
-    want = want.detach().float().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != TransformerLens {want.shape}"
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=what)
-
-
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2_cache")
     hf = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", seed=5, **HF_CONFIG)
     testing.save_hf_model(hf, path, testing.train_tiny_tokenizer(path))
-    br = bridge_mod.TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    br.enable_compatibility_mode(disable_warnings=True)
+    br = boot(path)
     tokens = np.random.RandomState(2).randint(0, HF_CONFIG["vocab_size"], (2, 9))
     return br, HookedTransformer.from_pretrained(path), tokens
 
@@ -121,7 +104,8 @@ def test_neuron_results_and_full_decomposition(both):
     direction = np.random.RandomState(0).randn(48).astype(np.float32)
     close(jc.get_neuron_results(2, project_output_onto=direction),
           tc.get_neuron_results(2, project_output_onto=torch.tensor(direction)), "projected neuron results")
-    for kw in [dict(layer=2, pos_slice=-1, return_labels=True), dict(layer=1, incl_remainder=True, return_labels=True),
+    for kw in [dict(layer=2, pos_slice=-1, return_labels=True),
+               dict(layer=1, incl_remainder=True, return_labels=True),
                dict(layer=0, incl_remainder=True, return_labels=True),
                dict(layer=3, neuron_slice=(0, 10), apply_ln=True, return_labels=True)]:
         (got, got_l), (want, want_l) = jc.stack_neuron_results(**kw), tc.stack_neuron_results(**kw)
@@ -129,7 +113,8 @@ def test_neuron_results_and_full_decomposition(both):
         close(got, want, f"stack_neuron_results {kw}")
     for kw in [dict(), dict(layer=2, mlp_input=True, pos_slice=-1), dict(expand_neurons=False, apply_ln=True),
                dict(layer=0)]:
-        (got, got_l), (want, want_l) = (c.get_full_resid_decomposition(return_labels=True, **kw) for c in (jc, tc))
+        (got, got_l), (want, want_l) = (c.get_full_resid_decomposition(return_labels=True, **kw)
+                                        for c in (jc, tc))
         assert got_l == want_l, kw
         close(got, want, f"get_full_resid_decomposition {kw}")
     whole = jc.get_full_resid_decomposition(layer=2).sum(0)
@@ -182,7 +167,8 @@ def test_patched_q_input_changes_only_that_heads_query(both):
     q0, q1 = np.asarray(base["blocks.1.attn.hook_q"]), np.asarray(got["blocks.1.attn.hook_q"])
     assert np.abs(q1[:, :, 2] - q0[:, :, 2]).max() > 1e-3
     np.testing.assert_array_equal(q1[:, :, [0, 1, 3]], q0[:, :, [0, 1, 3]])
-    np.testing.assert_array_equal(np.asarray(got["blocks.1.attn.hook_k"]), np.asarray(base["blocks.1.attn.hook_k"]))
+    np.testing.assert_array_equal(np.asarray(got["blocks.1.attn.hook_k"]),
+                                  np.asarray(base["blocks.1.attn.hook_k"]))
     # the same patch in TransformerLens, through its split-input hook
     value = torch.as_tensor(np.array(src["blocks.1.hook_q_input"]))
 
@@ -206,7 +192,8 @@ def test_backward_cache_honours_bounds_and_mask(both):
     _, jl, tokens = both
     mask = np.ones(tokens.shape, bool)
     mask[0, :3] = False
-    _, jc = jl.run_with_cache(tokens, incl_bwd=True, attention_mask=mask, names_filter=["blocks.1.hook_resid_pre"])
+    _, jc = jl.run_with_cache(tokens, incl_bwd=True, attention_mask=mask,
+                              names_filter=["blocks.1.hook_resid_pre"])
     name = "blocks.1.hook_resid_pre"
 
     def loss_from(resid):  # the same loss by hand: the model from layer 1, masked cross-entropy

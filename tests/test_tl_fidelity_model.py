@@ -31,8 +31,8 @@ from jaxlens.errors import (  # noqa: E402
     ReadOnlyError,
 )
 from jaxlens.model.loss import lm_cross_entropy_loss  # noqa: E402
+from tl_reference import ATOL, boot, close, np_  # noqa: E402
 
-ATOL = 1e-4
 GPT2 = dict(n_embd=72, n_layer=3, n_head=4, n_inner=200, vocab_size=300, n_positions=40, bos_token_id=0,
             eos_token_id=0)
 LLAMA = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
@@ -41,22 +41,6 @@ LLAMA = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key
 TEXTS = ["When Mary and John went to the store", "The capital of France is Paris."]
 PADDED = ["When Mary and John went to the store", "The"]  # rows of different lengths
 LONG = "The quick brown fox jumps over the lazy dog. " * 6  # > n_ctx = 40 tokens
-
-
-def np_(x) -> np.ndarray:
-    return x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def close(got, want, what: str = "", atol: float = ATOL):
-    got, want = np_(got), np_(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != TransformerLens {want.shape}"
-    np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=what)
-
-
-def boot(path, **compat):
-    br = bridge_mod.TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    br.enable_compatibility_mode(disable_warnings=True, **compat)
-    return br
 
 
 @pytest.fixture(scope="module")

@@ -12,45 +12,25 @@ ActivationCache analysis methods; tokenization. Bridge-only hook points (`*.hook
 counterpart and are ignored.
 """
 
-import re
-
 import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
+pytest.importorskip("transformer_lens.model_bridge")
 pytestmark = pytest.mark.slow  # about 40-60 s on 2 cores (two bridges, several jaxlens compiles)
 
 from jaxlens import HookedTransformer, hook_names, testing  # noqa: E402
+from tl_reference import ATOL, close, legacy, np_  # noqa: E402
+from tl_reference import boot as tl_boot  # noqa: E402
 
 # Unequal sizes: d_model 72, 4 heads of 18, d_mlp 200, 3 layers, vocab 300 (the tiny tokenizer's size).
 HF_CONFIG = dict(n_embd=72, n_layer=3, n_head=4, n_inner=200, vocab_size=300, n_positions=40, bos_token_id=0,
                  eos_token_id=0)
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-ATOL = 1e-4  # TransformerLens's own policy: fp32 differences from 1e-4 up are suspect
 WEIGHTS = ["W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "b_in", "W_out",
            "b_out", "W_U", "b_U"]
-_BRIDGE_ONLY = re.compile(
-    r"(^|\.)(hook_in|hook_out|hook_hidden_states|hook_unembed)$"  # bridge component boundaries
-    r"|\.(q|k|v|o|in|out)\.hook_"  # hooks on the bridge's sub-modules (attn.q.hook_out, mlp.in.hook_in, ...)
-)
-
-
-def legacy(names) -> set[str]:
-    """The TransformerLens (HookedTransformer) names among a bridge cache's names."""
-    return {n for n in names if not _BRIDGE_ONLY.search(n)}
-
-
-def np_(x) -> np.ndarray:
-    return x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def close(got, want, what: str, atol: float = ATOL):
-    got, want = np_(got), np_(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != TransformerLens {want.shape}"
-    np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=what)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +41,7 @@ def model_dir(tmp_path_factory):
 
 
 def boot(path, processing: bool):
-    br = bridge_mod.TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
-    if processing:
-        br.enable_compatibility_mode(disable_warnings=True)
-    else:
-        br.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    return br
+    return tl_boot(path) if processing else tl_boot(path, no_processing=True)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["processed", "unprocessed"])
@@ -98,7 +73,7 @@ def test_legacy_hooks_names_shapes_and_values(pair):
     with torch.no_grad():
         tl_logits, tl_cache = tl.run_with_cache(torch.as_tensor(tokens))
     jl_logits, jl_cache = jl.run_with_cache(tokens)
-    tl_names = legacy(tl_cache.keys())
+    tl_names = set(legacy(tl_cache.keys()))
     assert len(tl_names) > 20, f"too few legacy names found in the bridge cache: {sorted(tl_names)}"
     missing = tl_names - set(jl_cache.keys())
     assert not missing, f"TransformerLens hook names missing from jaxlens: {sorted(missing)}"
