@@ -1,5 +1,5 @@
-"""BERT encoders (HF `BertModel`, `BertForMaskedLM`) -> jaxlens Config and encoder params (Devlin et al.
-2019).
+"""BERT encoders (HF `BertModel`, `BertForMaskedLM`) -> jaxlens Config and encoder params
+(Devlin et al. 2019).
 
     cfg, params = load("path/to/all-MiniLM-L6-v2")          # BertModel: pooler kept as params["pooler"]
     out, cache = jaxlens.encoder.encoder_forward(params, cfg, tokens, attention_mask=mask)

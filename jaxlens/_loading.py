@@ -130,8 +130,8 @@ def _outputs(fn, in_tree, avals, indices: list[int]):
 
 def _dependencies(jaxpr) -> tuple[list[set[int]], dict[int, int]]:
     """For each output of `jaxpr`: the indices of the inputs it depends on; and {output: input} for outputs
-    that are an input unchanged. An equation's outputs depend on all of its inputs (conservative for
-    sub-jaxprs)."""
+    that are an input unchanged. An equation's outputs depend on all of its inputs
+    (conservative for sub-jaxprs)."""
     index = {v: j for j, v in enumerate(jaxpr.invars)}
     deps: dict = {v: {j} for v, j in index.items()}
     for eqn in jaxpr.eqns:

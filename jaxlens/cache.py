@@ -127,8 +127,8 @@ class ActivationCache(CacheAnalysis):
 
     @property
     def cache_dict(self) -> dict[str, Array]:
-        """{name: activation} for every cached name, in forward order (TL's attribute; a new dict each
-        time)."""
+        """{name: activation} for every cached name, in forward order
+        (TL's attribute; a new dict each time)."""
         return dict(self.items())
 
     def __repr__(self) -> str:

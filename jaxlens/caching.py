@@ -27,15 +27,17 @@ from jaxlens.model.forward import lm_cross_entropy_loss, run
 from jaxlens.shapes import AnyArray, Params
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_names", "start_at_layer", "stop_at_layer", "stacked"))
-def run_jit(params: Params, cfg: Config, tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "cache_names", "start_at_layer", "stop_at_layer", "stacked"))
+def run_jit(params: Params, cfg: Config,
+            tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
             interventions: Mapping[str, Any], attention_mask: Bool[AnyArray, "batch pos"] | None, *,
-            cache_names: tuple[str, ...] = (), start_at_layer: int | None = None, stop_at_layer: int | None = None,
-            stacked: bool = False) -> tuple[Array, Any]:
+            cache_names: tuple[str, ...] = (), start_at_layer: int | None = None,
+            stop_at_layer: int | None = None, stacked: bool = False) -> tuple[Array, Any]:
     """`forward.run` under jit (weights and interventions are arguments, names and bounds static)."""
     out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
-                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, attention_mask=attention_mask,
-                        stacked_cache=stacked)
+                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
+                        attention_mask=attention_mask, stacked_cache=stacked)
     return out, cache
 
 
@@ -63,21 +65,22 @@ def cached_forward(
     layers = runner.stack_layers(hook_names.decoder_table(cfg), names, start, stop)
     kw = dict(start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
     if not incl_bwd:
-        out, (flat, stacked) = run_jit(params, cfg, tokens, interventions or {}, attention_mask, cache_names=names,
-                                       stacked=True, **kw)
+        out, (flat, stacked) = run_jit(params, cfg, tokens, interventions or {}, attention_mask,
+                                       cache_names=names, stacked=True, **kw)
         return out, ActivationCache(flat, cfg, params, stacks={r: (layers[r], a) for r, a in stacked.items()})
     if grad_metric is None and (start_at_layer is not None or stop_at_layer is not None):
         raise InputError("run_with_cache(incl_bwd=True) with start_at_layer/stop_at_layer needs grad_metric: "
                          "the default loss needs token ids and logits. Pass grad_metric=lambda out: ...")
-    out, flat, stacked, flat_g, stacked_g = _grads_jit(params, cfg, tokens, interventions or {}, attention_mask,
-                                                      grad_metric, cache_names=names, **kw)
+    out, flat, stacked, flat_g, stacked_g = _grads_jit(params, cfg, tokens, interventions or {},
+                                                      attention_mask, grad_metric, cache_names=names, **kw)
     flat.update({f"{n}_grad": g for n, g in flat_g.items()})
     stacks = {r: (layers[r], a) for r, a in stacked.items()}
     stacks.update({f"{r}_grad": (layers[r], g) for r, g in stacked_g.items()})
     return out, ActivationCache(flat, cfg, params, stacks=stacks)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "metric", "cache_names", "start_at_layer", "stop_at_layer"))
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "metric", "cache_names", "start_at_layer", "stop_at_layer"))
 def _grads_jit(params, cfg, tokens, interventions, attention_mask, metric, *, cache_names, start_at_layer,
                stop_at_layer):
     """Activations and their gradients: one zero `Add` per global name, one stacked over every layer per block
@@ -89,7 +92,8 @@ def _grads_jit(params, cfg, tokens, interventions, attention_mask, metric, *, ca
     flat_s, stacked_s = jax.eval_shape(lambda: run(params, cfg, tokens, interventions=interventions, **kw)[1])
     layers = runner.stack_layers(table, cache_names, start, stop)
     full = lambda s: jnp.zeros((cfg.n_layers,) + s.shape[1:], s.dtype)
-    d_flat = {n: full(s) if table.parse(n)[0] == "all" else jnp.zeros(s.shape, s.dtype) for n, s in flat_s.items()}
+    d_flat = {n: full(s) if table.parse(n)[0] == "all" else jnp.zeros(s.shape, s.dtype)
+              for n, s in flat_s.items()}
     d_stacked = {f"blocks.{r}": full(s) for r, s in stacked_s.items()}
 
     def f(deltas):

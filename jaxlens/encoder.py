@@ -2,7 +2,8 @@
 
     out, cache = encoder_forward(params, cfg, tokens, attention_mask=mask,
                                  interventions={"blocks.2.attn.hook_z": zero_ablate(head_mask)},
-                                 cache_names=("blocks.5.hook_normalized_resid_post", "blocks.attn.hook_pattern"))
+                                 cache_names=("blocks.5.hook_normalized_resid_post",
+                                              "blocks.attn.hook_pattern"))
     model = HookedEncoder.from_pretrained("all-minilm-l6-v2")
     hidden, cache = model.run_with_cache(["A sentence.", "Another, longer sentence."])
 
@@ -142,13 +143,15 @@ class HookedEncoder:
         the tokenizer adds [CLS]/[SEP] and pads a batch on the right."""
         if self.tokenizer is None:
             raise InputError("This encoder has no tokenizer; pass token ids, or give one to HookedEncoder.")
-        enc = self.tokenizer(input, padding=True, truncation=True, max_length=self.cfg.n_ctx, return_tensors="np")
+        enc = self.tokenizer(input, padding=True, truncation=True, max_length=self.cfg.n_ctx,
+                             return_tensors="np")
         tt = enc.get("token_type_ids")
         tt = jnp.zeros_like(enc["input_ids"]) if tt is None else tt
         return (jnp.asarray(enc["input_ids"], jnp.int32), jnp.asarray(tt, jnp.int32),
                 jnp.asarray(enc["attention_mask"], jnp.int32))
 
-    def forward(self, input, token_type_ids=None, one_zero_attention_mask=None, *, interventions=None) -> Array:
+    def forward(self, input, token_type_ids=None, one_zero_attention_mask=None, *,
+                interventions=None) -> Array:
         """MLM logits (BertForMaskedLM) or the last hidden state (BertModel) for text or token ids."""
         return self._run(input, token_type_ids, one_zero_attention_mask, interventions, ())[0]
 
@@ -171,7 +174,8 @@ class HookedEncoder:
                 ivs.setdefault(n, []).append(Fn(fn))
         return self.forward(input, token_type_ids, one_zero_attention_mask, interventions=ivs)
 
-    def encoder_output(self, tokens, token_type_ids=None, one_zero_attention_mask=None) -> Float[Array, "batch pos d_model"]:
+    def encoder_output(self, tokens, token_type_ids=None,
+                       one_zero_attention_mask=None) -> Float[Array, "batch pos d_model"]:
         """The last block's output (before any MLM head), as TL's `encoder_output`."""
         name = f"blocks.{self.cfg.n_layers - 1}.hook_normalized_resid_post"
         return self._run(tokens, token_type_ids, one_zero_attention_mask, None, (name,))[1][name]

@@ -18,7 +18,8 @@ class UnknownHookError(JaxlensError, KeyError):
     def __init__(self, name: str, known: Sequence[str]):
         close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        super().__init__(f"No hook point named {name!r}.{hint} List them with `jaxlens.hook_names.all_names(cfg)`.")
+        super().__init__(f"No hook point named {name!r}.{hint} "
+                         "List them with `jaxlens.hook_names.all_names(cfg)`.")
 
     __str__ = Exception.__str__  # KeyError would wrap the message in quotes
 

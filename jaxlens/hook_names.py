@@ -28,7 +28,8 @@ from jaxlens.errors import UnknownHookError
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 #: Block hooks that TL switches on with flags (split q/k/v inputs, per-head results, mlp_in).
-OPTIONAL_BLOCK = frozenset({"hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "hook_mlp_in"})
+OPTIONAL_BLOCK = frozenset({"hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result",
+                            "hook_mlp_in"})
 #: Hooks outside the blocks that only TransformerLens 4.x's bridge has (the unembedding's input and output).
 OPTIONAL_GLOBAL = frozenset({"unembed.hook_in", "unembed.hook_out"})
 
@@ -70,7 +71,8 @@ class HookTable:
         names = self.all_names()
         order = {n: i for i, n in enumerate(names)}
         # stacked names sort with the first layer of their hook
-        order.update({f"blocks.{rel}": order[f"blocks.0.{rel}"] for rel in self.block_axes} if self.n_layers else {})
+        if self.n_layers:
+            order.update({f"blocks.{rel}": order[f"blocks.0.{rel}"] for rel in self.block_axes})
         return order
 
     def all_names(self) -> list[str]:
@@ -211,7 +213,8 @@ def decoder_table(cfg: Config) -> HookTable:
 # -- encoder -------------------------------------------------------------------------------------------------
 #: Output heads an encoder's params may carry, and the hook points each adds.
 ENCODER_HEADS = {
-    "mlm_head": (("mlm_head.ln.hook_scale", "batch pos 1"), ("mlm_head.ln.hook_normalized", "batch pos d_model")),
+    "mlm_head": (("mlm_head.ln.hook_scale", "batch pos 1"),
+                 ("mlm_head.ln.hook_normalized", "batch pos d_model")),
     "pooler": (("pooler.hook_pooler_out", "batch d_model"),),
 }
 

@@ -22,8 +22,8 @@ from jaxlens._module_view import WeightMethods
 from jaxlens._token_methods import TokenMethods
 from jaxlens.caching import cached_forward, run_jit
 from jaxlens.config import Config
-from jaxlens.hook_names import HookTable
 from jaxlens.errors import InputAssertionError, InputError, JaxlensError
+from jaxlens.hook_names import HookTable
 from jaxlens.interventions import Fn
 from jaxlens.model.forward import check_tokens, lm_cross_entropy_loss
 from jaxlens.params import cast_params
@@ -66,13 +66,14 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         if default_padding_side not in ("right", "left", None):
             raise InputAssertionError(
                 f"default_padding_side must be 'right', 'left' or None; found {default_padding_side!r}.")
-        if hub.is_path_like(source):  # a directory, a .gguf file, a cached HF repo id or a packaged model name
+        # a directory, a .gguf file, a cached HF repo id or a packaged model name
+        if hub.is_path_like(source):
             source = hub.resolve(source)
         cfg, params = converters.load(source, allow_pickle=allow_pickle)
         if tokenizer is None and isinstance(source, Path):
             tokenizer = converters.load_tokenizer(source)
-        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-                     fold_value_biases=fold_value_biases)
+        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         new_cfg = processed_config(cfg, **flags)
         if refactor_factored_attn_matrices:
             check_refactorable(new_cfg)
@@ -100,18 +101,22 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
                 prepend_bos: bool | None = None, start_at_layer: int | None = None,
                 stop_at_layer: int | None = None, attention_mask=None, *, interventions=None):
         """Logits, loss, both (logits, loss) or None; with stop_at_layer, the residual stream there."""
-        out, _ = self._run(input, prepend_bos, interventions, (), start_at_layer, stop_at_layer, attention_mask)
-        return self._output(out, input, return_type, loss_per_token, stop_at_layer, prepend_bos, attention_mask)
+        out, _ = self._run(input, prepend_bos, interventions, (), start_at_layer, stop_at_layer,
+                           attention_mask)
+        return self._output(out, input, return_type, loss_per_token, stop_at_layer, prepend_bos,
+                            attention_mask)
 
     __call__ = forward
 
-    def run_with_cache(self, input, names_filter: hook_names.NamesFilter = None, remove_batch_dim: bool = False,
-                       incl_bwd: bool = False, return_type: str | None = "logits", prepend_bos: bool | None = None,
+    def run_with_cache(self, input, names_filter: hook_names.NamesFilter = None,
+                       remove_batch_dim: bool = False, incl_bwd: bool = False,
+                       return_type: str | None = "logits", prepend_bos: bool | None = None,
                        start_at_layer: int | None = None, stop_at_layer: int | None = None,
-                       loss_per_token: bool = False, attention_mask=None, pos_slice=None, *, interventions=None,
-                       grad_metric: Callable | None = None):
-        """(output, ActivationCache) with the activations `names_filter` selects: by default every hook of what
-        runs (from `start_at_layer`, to `stop_at_layer`), less the optional ones not switched on (`set_use_*`).
+                       loss_per_token: bool = False, attention_mask=None, pos_slice=None, *,
+                       interventions=None, grad_metric: Callable | None = None):
+        """(output, ActivationCache) with the activations `names_filter` selects: by default every hook of
+        what runs (from `start_at_layer`, to `stop_at_layer`), less the optional ones not switched on
+        (`set_use_*`).
 
         With incl_bwd, the cache also holds `<name>_grad`: the gradient of the loss (or of
         `grad_metric(output)`, needed with layer bounds) with respect to each cached activation (TL's backward
@@ -129,10 +134,11 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
             cache = cache.slice_positions(pos_slice)
         if remove_batch_dim:
             cache.remove_batch_dim()
-        out = self._output(out, input, return_type, loss_per_token, stop_at_layer, prepend_bos, attention_mask)
+        out = self._output(out, input, return_type, loss_per_token, stop_at_layer, prepend_bos,
+                           attention_mask)
         return out, cache
 
-    # -- optional hook points (TL's use_attn_result, use_split_qkv_input, use_hook_mlp_in flags) --------------
+    # -- optional hook points (TL's use_attn_result, use_split_qkv_input, use_hook_mlp_in flags) -------------
     def hook_table(self) -> HookTable:
         """The hook table of this model (names, axes, parsing)."""
         return hook_names.decoder_table(self.cfg)
@@ -142,7 +148,8 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         self._enable({"attn.hook_result"}, use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """TL's flag: whether `run_with_cache` records `hook_q_input`/`hook_k_input`/`hook_v_input` by default."""
+        """TL's flag: whether `run_with_cache` records `hook_q_input`/`hook_k_input`/`hook_v_input`
+        by default."""
         self._enable({"hook_q_input", "hook_k_input", "hook_v_input"}, use_split_qkv_input)
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
@@ -158,27 +165,30 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         self._enabled_hooks = (self.enabled_hooks | names) if on else (self.enabled_hooks - names)
 
     def run_with_hooks(self, input, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
-                       bwd_hooks: Sequence = (), return_type: str | None = "logits", prepend_bos: bool | None = None,
-                       start_at_layer: int | None = None, stop_at_layer: int | None = None,
-                       loss_per_token: bool = False, attention_mask=None, reset_hooks_end: bool = True):
+                       bwd_hooks: Sequence = (), return_type: str | None = "logits",
+                       prepend_bos: bool | None = None, start_at_layer: int | None = None,
+                       stop_at_layer: int | None = None, loss_per_token: bool = False, attention_mask=None,
+                       reset_hooks_end: bool = True):
         """Run with `fwd_hooks`: [(hook name or name filter, fn(activation, hook) -> new activation)].
 
         The hooks apply to this call only (nothing persists). For gradients use run_with_cache(incl_bwd=True)
         or `jax.grad` through an `Add` intervention.
         """
         if bwd_hooks:
-            raise JaxlensError("bwd_hooks are not supported: take gradients with run_with_cache(incl_bwd=True) "
-                               "or jax.grad with respect to a zero `Add` intervention.")
+            raise JaxlensError("bwd_hooks are not supported: take gradients with "
+                               "run_with_cache(incl_bwd=True) or jax.grad with respect to a zero `Add` "
+                               "intervention.")
         interventions: dict[str, list] = {}
         for name, fn in fwd_hooks:
-            chosen = [name] if isinstance(name, str) else self.hook_table().select(name, enabled=self.enabled_hooks)
+            chosen = ([name] if isinstance(name, str)
+                      else self.hook_table().select(name, enabled=self.enabled_hooks))
             for n in chosen:
                 self.hook_table().parse(n)
                 interventions.setdefault(n, []).append(Fn(fn))
         return self.forward(input, return_type, loss_per_token, prepend_bos, start_at_layer, stop_at_layer,
                             attention_mask, interventions=interventions)
 
-    # -- names (token helpers: jaxlens._token_methods; weights and module views: jaxlens._module_view) ------
+    # -- names (token helpers: jaxlens._token_methods; weights and module views: jaxlens._module_view) -------
     def hook_names(self) -> list[str]:
         """Every hook point's name (TL's `model.hook_dict.keys()`)."""
         return self.hook_table().all_names()
@@ -198,11 +208,12 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
 
     def _run(self, input, prepend_bos, interventions, names, start_at_layer, stop_at_layer, attention_mask):
         x = self._input(input, prepend_bos, start_at_layer)
-        interventions = active_hooks(self, interventions)  # the hooks of an open `with model.hooks(...)` block
-        return run_jit(self.params, self.cfg, x, interventions or {}, attention_mask, cache_names=tuple(names),
-                       start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
+        interventions = active_hooks(self, interventions)  # an open `with model.hooks(...)` block's hooks
+        return run_jit(self.params, self.cfg, x, interventions or {}, attention_mask,
+                       cache_names=tuple(names), start_at_layer=start_at_layer, stop_at_layer=stop_at_layer)
 
-    def _output(self, out, input, return_type, loss_per_token, stop_at_layer, prepend_bos, attention_mask=None):
+    def _output(self, out, input, return_type, loss_per_token, stop_at_layer, prepend_bos,
+                attention_mask=None):
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
@@ -213,7 +224,7 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
                                      per_token=loss_per_token)
         return loss if return_type == "loss" else (out, loss)
 
-    # -- circuits and generation: thin calls into jaxlens.analysis and jaxlens.generate ------------------------
+    # -- circuits and generation: thin calls into jaxlens.analysis and jaxlens.generate ----------------------
     @property
     def OV(self):
         """Every head's OV circuit W_V @ W_O: FactoredMatrix [layer head_index d_model d_model] (as TL)."""
@@ -255,7 +266,7 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
 
         del padding_side
         return generate_from_input(
-            self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, do_sample=do_sample,
-            top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
+            self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+            do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,
             use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos, return_type=return_type, key=key,
             interventions=interventions, intervention_positions=intervention_positions, verbose=verbose)

@@ -121,8 +121,8 @@ def _check_local(path: Path) -> Path:
 
 
 def _from_hf_cache(name: str, revision: str) -> tuple[Path | None, list[str]]:
-    """(snapshot dir or .gguf file, []) if `name` is in a local HF cache, else (None, [what was looked
-    at])."""
+    """(snapshot dir or .gguf file, []) if `name` is in a local HF cache,
+    else (None, [what was looked at])."""
     folder = "models--" + name.replace("/", "--")
     looked = []
     for root in cache_dirs():
@@ -145,7 +145,8 @@ def _from_hf_cache(name: str, revision: str) -> tuple[Path | None, list[str]]:
         if ggufs:
             raise CheckpointError(f"{snap} holds several GGUF files ({[g.name for g in ggufs]}); pass the "
                                   "path of the one to load.")
-        looked.append(f"the Hugging Face cache {snap}: neither config.json nor a .gguf file (incomplete download?)")
+        looked.append(f"the Hugging Face cache {snap}: neither config.json nor a .gguf file "
+                      "(incomplete download?)")
     return None, looked
 
 

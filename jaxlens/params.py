@@ -77,7 +77,8 @@ def init_params(cfg: Config, key: jax.Array, *, scale: float = 0.02, dtype=jnp.f
     """Random params (normal weights, small random biases, gains near 1) for tests and toy models."""
     table = param_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten(table, is_leaf=_is_entry)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(table, is_leaf=_is_entry)[0]]
+    with_path = jax.tree_util.tree_flatten_with_path(table, is_leaf=_is_entry)[0]
+    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
     keys = jax.random.split(key, len(leaves))
     out = []
     for k, (_, shape), path in zip(keys, leaves, paths, strict=True):
@@ -96,7 +97,8 @@ def check_params(params: Params, cfg: Config) -> None:
             jax.tree_util.tree_flatten_with_path(params)[0]}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
-    wrong = [f"{k}: expected {want[k]}, found {have[k]}" for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    wrong = [f"{k}: expected {want[k]}, found {have[k]}"
+             for k in sorted(set(want) & set(have)) if want[k] != have[k]]
     problems = []
     if missing:
         problems.append(f"missing {missing}")
@@ -107,7 +109,8 @@ def check_params(params: Params, cfg: Config) -> None:
     if problems:
         raise CheckpointError(
             "Params do not match the config: " + ", ".join(problems)
-            + ". Check that the config was built from the same checkpoint (see `jaxlens.params.param_shapes`)."
+            + ". Check that the config was built from the same checkpoint "
+            "(see `jaxlens.params.param_shapes`)."
         )
 
 

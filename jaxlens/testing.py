@@ -59,8 +59,9 @@ def write_random_gpt2(path: Path, d_model: int, n_layers: int, vocab: int, n_ctx
         p = f"transformer.h.{l}."
         t |= {p + "ln_1.weight": r(D, one=1.0), p + "ln_1.bias": r(D), p + "ln_2.weight": r(D, one=1.0),
               p + "ln_2.bias": r(D), p + "attn.c_attn.weight": r(D, 3 * D), p + "attn.c_attn.bias": r(3 * D),
-              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D), p + "mlp.c_fc.weight": r(D, 4 * D),
-              p + "mlp.c_fc.bias": r(4 * D), p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)}
+              p + "attn.c_proj.weight": r(D, D), p + "attn.c_proj.bias": r(D),
+              p + "mlp.c_fc.weight": r(D, 4 * D), p + "mlp.c_fc.bias": r(4 * D),
+              p + "mlp.c_proj.weight": r(4 * D, D), p + "mlp.c_proj.bias": r(D)}
     save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": D, "n_layer": n_layers,
               "n_head": 12, "vocab_size": vocab, "n_positions": n_ctx}
@@ -85,7 +86,8 @@ def hf_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), output_hidden_states=True,
                     output_attentions=True)
-    res = {"logits": out.logits.float().numpy(), "hidden_states": np.stack([h.float().numpy() for h in out.hidden_states])}
+    res = {"logits": out.logits.float().numpy(),
+           "hidden_states": np.stack([h.float().numpy() for h in out.hidden_states])}
     if out.attentions is not None and all(a is not None for a in out.attentions):
         res["attentions"] = np.stack([a.float().numpy() for a in out.attentions])
     return res
@@ -98,7 +100,8 @@ def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size:
     from transformers import PreTrainedTokenizerFast
 
     texts = texts or [
-        "The quick brown fox jumps over the lazy dog.", "When Mary and John went to the store, John gave a drink to Mary.",
+        "The quick brown fox jumps over the lazy dog.",
+        "When Mary and John went to the store, John gave a drink to Mary.",
         "The capital of France is Paris.", "Induction heads copy repeated tokens: A B ... A -> B.",
     ] * 20
     t = Tokenizer(models.BPE())
@@ -112,8 +115,8 @@ def train_tiny_tokenizer(path: Path, texts: list[str] | None = None, vocab_size:
 
 
 class SweepInterrupted(Exception):
-    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would (to show and test
-    resume)."""
+    """Raised by `interrupt_after` to stop a sweep part-way, as a killed job would
+    (to show and test resume)."""
 
 
 def interrupt_after(n_chunks: int, record: list | None = None):

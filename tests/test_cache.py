@@ -53,11 +53,13 @@ def test_stack_head_results_sum_to_attn_out_minus_bias():
 def test_apply_ln_to_stack_and_logit_attrs_reconstruct_logits():
     stack = CACHE.decompose_resid(pos_slice=-1)  # [comp batch d_model]
     scaled = CACHE.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
-    np.testing.assert_allclose(np.asarray(scaled.sum(0)), np.asarray(CACHE["ln_final.hook_normalized"][:, -1]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scaled.sum(0)),
+                               np.asarray(CACHE["ln_final.hook_normalized"][:, -1]), atol=1e-5)
     good, bad = jnp.asarray([3, 7]), jnp.asarray([11, 2])
     attrs = CACHE.logit_attrs(stack, tokens=good, incorrect_tokens=bad, pos_slice=-1)
     b = jnp.arange(2)
-    diff = LOGITS[b, -1, good] - LOGITS[b, -1, bad] - (PARAMS["unembed"]["b_U"][good] - PARAMS["unembed"]["b_U"][bad])
+    b_U = PARAMS["unembed"]["b_U"]
+    diff = LOGITS[b, -1, good] - LOGITS[b, -1, bad] - (b_U[good] - b_U[bad])
     np.testing.assert_allclose(np.asarray(attrs.sum(0)), np.asarray(diff), atol=1e-4)
 
 

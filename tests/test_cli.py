@@ -18,9 +18,10 @@ def tiny(tmp_path_factory):
     """A random GPT-2 (3 layers, 5 heads) with a tiny BPE tokenizer, saved as a Hugging Face folder."""
     path = tmp_path_factory.mktemp("tiny_gpt2")
     tok = testing.train_tiny_tokenizer(path)
+    # initializer_range=0.2: effects well above noise
     model = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", seed=3, n_embd=40, n_layer=3, n_head=5,
                                     n_positions=64, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.eos_token_id, initializer_range=0.2)  # effects well above noise
+                                    eos_token_id=tok.eos_token_id, initializer_range=0.2)
     testing.save_hf_model(model, path)
     return path, model, tok
 
@@ -32,8 +33,8 @@ def _ids(tok, text: str) -> list[int]:
 # -- argument errors -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["sweep", "--model", "m"], "the following arguments are required"),
-    (["sweep", "--model", "m", "--clean", "a", "--corrupt", "b", "--answer", "x", "--wrong", "y", "--kind", "nope",
-      "--out", "o"], "invalid choice: 'nope'"),
+    (["sweep", "--model", "m", "--clean", "a", "--corrupt", "b", "--answer", "x", "--wrong", "y",
+      "--kind", "nope", "--out", "o"], "invalid choice: 'nope'"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
     (["convert"], "the following arguments are required: source"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

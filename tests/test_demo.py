@@ -25,8 +25,8 @@ def test_smollm2_induction_heads_agree_with_transformers_attentions(smollm2_gguf
     found = find_induction_heads(model, seq_len=seq_len, batch=batch, top_k=k, seed=1)
     del model
     path = smollm2_gguf
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                           attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         att = hf(torch.as_tensor(found.tokens, dtype=torch.long), output_attentions=True).attentions
     att = np.stack([a.numpy() for a in att])  # [layer batch head query key]
@@ -49,8 +49,8 @@ def test_smollm2_demo_small_writes_every_file(tmp_path, capsys):
     assert cli.main(["demo", "--small", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Top induction heads" in printed and str(out.resolve()) in printed
-    names = {"index.html", "results.json", "induction_scores.png", "induction_patterns.png", "induction_heads.html",
-             "ioi_resid_pre.png", "ioi_head_out.png"}
+    names = {"index.html", "results.json", "induction_scores.png", "induction_patterns.png",
+             "induction_heads.html", "ioi_resid_pre.png", "ioi_head_out.png"}
     assert names <= {p.name for p in out.iterdir()}
     for name in names:
         assert (out / name).stat().st_size > 0, name

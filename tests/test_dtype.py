@@ -34,7 +34,8 @@ def test_bf16_forward_keeps_every_activation_bf16(name):
     tokens = (jnp.arange(20).reshape(2, 10) * 7) % cfg.d_vocab
     mask = jnp.arange(10)[None, :] < jnp.array([[10], [6]])
     run = jax.jit(forward, static_argnames=("cfg", "cache_names"))
-    logits, cache = run(params, cfg, tokens, attention_mask=mask, cache_names=tuple(hook_names.all_names(cfg)))
+    logits, cache = run(params, cfg, tokens, attention_mask=mask,
+                        cache_names=tuple(hook_names.all_names(cfg)))
     assert logits.dtype == jnp.bfloat16
     leaks = {k: str(v.dtype) for k, v in cache.items() if v.dtype != jnp.bfloat16}
     assert not leaks, leaks
@@ -72,7 +73,8 @@ def test_processing_runs_in_float32_before_the_cast(gpt2_dir):
     p32 = HookedTransformer.from_pretrained(gpt2_dir).params
     p16 = HookedTransformer.from_pretrained(gpt2_dir, dtype=jnp.bfloat16).params
     for x32, x16 in zip(jax.tree_util.tree_leaves(p32), jax.tree_util.tree_leaves(p16), strict=True):
-        np.testing.assert_array_equal(np.asarray(x32.astype(jnp.bfloat16), np.float32), np.asarray(x16, np.float32))
+        np.testing.assert_array_equal(np.asarray(x32.astype(jnp.bfloat16), np.float32),
+                                      np.asarray(x16, np.float32))
 
 
 def test_encoder_bf16(tmp_path):
@@ -80,7 +82,8 @@ def test_encoder_bf16(tmp_path):
                                  num_attention_heads=5, intermediate_size=72, vocab_size=99,
                                  max_position_embeddings=16, type_vocab_size=2)
     testing.save_hf_model(hf, tmp_path)
-    e32, e16 = HookedEncoder.from_pretrained(tmp_path), HookedEncoder.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    e32 = HookedEncoder.from_pretrained(tmp_path)
+    e16 = HookedEncoder.from_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(e16.params)} == {"bfloat16"}
     tokens = np.random.default_rng(2).integers(0, 99, (2, 12))
     out16, cache = e16.run_with_cache(tokens, names_filter=encoder_table(e16.cfg, ("pooler",)).all_names())

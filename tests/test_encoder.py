@@ -27,7 +27,8 @@ def bert_tokenizer(path):
     t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     t.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
-    t.post_processor = processors.BertProcessing(("[SEP]", t.token_to_id("[SEP]")), ("[CLS]", t.token_to_id("[CLS]")))
+    t.post_processor = processors.BertProcessing(("[SEP]", t.token_to_id("[SEP]")),
+                                                 ("[CLS]", t.token_to_id("[CLS]")))
     t.decoder = decoders.WordPiece()
     tok = BertTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                             sep_token="[SEP]", mask_token="[MASK]")
@@ -98,7 +99,8 @@ def test_every_layer_matches_hf_with_padding(runs, batch, cls):
 
 def test_pooler_matches_hf(runs):
     _, _, _, cache, ref = runs["BertModel"]
-    np.testing.assert_allclose(np.asarray(cache["pooler.hook_pooler_out"]), ref.pooler_output.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache["pooler.hook_pooler_out"]), ref.pooler_output.numpy(),
+                               atol=1e-5)
 
 
 def test_padding_does_not_change_real_positions(runs, batch):
@@ -127,14 +129,16 @@ def test_cache_has_tl_names_and_shapes(runs):
     # TL: masked keys hold -inf in hook_attn_scores
     assert np.isneginf(np.asarray(cache["blocks.1.attn.hook_attn_scores"])[1, :, :, 7:]).all()
     # the next block reads the previous block's normalized output
-    np.testing.assert_array_equal(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_normalized_resid_post"])
+    np.testing.assert_array_equal(cache["blocks.1.hook_resid_pre"],
+                                  cache["blocks.0.hook_normalized_resid_post"])
 
 
 def test_zeroed_attention_output_matches_hf_forward_hook(models, batch):
     tokens, token_types, mask = batch
     hf = models["BertModel"]
     cfg, params = bert.load(hf)
-    handle = hf.encoder.layer[1].attention.output.dense.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    dense = hf.encoder.layer[1].attention.output.dense
+    handle = dense.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     try:
         ref = hf_run(hf, tokens, token_types, mask)
     finally:
@@ -162,8 +166,8 @@ def test_patching_resid_pre_with_clean_run_restores_clean_output(models, batch):
     cfg, params = bert.load(models["BertModel"])
     clean, cache = encoder_forward(params, cfg, tokens, cache_names=["blocks.2.hook_resid_pre"])
     corrupted = (tokens + 1) % CONF["vocab_size"]
-    patched, _ = encoder_forward(params, cfg, corrupted,
-                                 interventions={"blocks.2.hook_resid_pre": Patch(cache["blocks.2.hook_resid_pre"])})
+    patch = Patch(cache["blocks.2.hook_resid_pre"])
+    patched, _ = encoder_forward(params, cfg, corrupted, interventions={"blocks.2.hook_resid_pre": patch})
     np.testing.assert_allclose(np.asarray(patched), np.asarray(clean), atol=1e-5)
 
 
@@ -197,7 +201,8 @@ def test_hooked_encoder_text_round_trip(models, saved_mlm):
     ref = hf_run(models["BertForMaskedLM"], enc["input_ids"], enc["token_type_ids"], enc["attention_mask"])
     logits, cache = model.run_with_cache(texts)
     assert_valid_close(logits, ref.logits.numpy(), enc["attention_mask"], 1e-4)
-    assert_valid_close(cache["normalized_resid_post", -1], ref.hidden_states[-1].numpy(), enc["attention_mask"], 1e-4)
+    assert_valid_close(cache["normalized_resid_post", -1], ref.hidden_states[-1].numpy(),
+                       enc["attention_mask"], 1e-4)
     assert_valid_close(model.encoder_output(tokens, token_types, mask), ref.hidden_states[-1].numpy(),
                        enc["attention_mask"], 1e-4)
     assert "blocks.0.hook_q_input" not in cache and "blocks.0.attn.hook_pattern" in cache

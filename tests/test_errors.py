@@ -10,7 +10,13 @@ import pytest
 import jaxlens
 from jaxlens import HookedTransformer, Patch, testing
 from jaxlens.errors import (
-    CheckpointError, ConfigError, InputError, InterventionError, UnknownHookError, UnsafeCheckpointError)
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InterventionError,
+    UnknownHookError,
+    UnsafeCheckpointError,
+)
 
 CFG = testing.tiny_config()
 PARAMS = jaxlens.init_params(CFG, jax.random.key(0))
@@ -29,7 +35,8 @@ def test_unknown_hook_names_close_matches():
 
 def test_token_outside_vocabulary_is_refused_not_clamped():
     bad = jnp.asarray([[1, 2, CFG.d_vocab]])
-    with pytest.raises(InputError, match=rf"Token id {CFG.d_vocab} is outside the vocabulary \[0, {CFG.d_vocab}\)"):
+    with pytest.raises(InputError,
+                       match=rf"Token id {CFG.d_vocab} is outside the vocabulary \[0, {CFG.d_vocab}\)"):
         jaxlens.forward(PARAMS, CFG, bad)
     with pytest.raises(InputError, match="Token id -1"):
         HookedTransformer(CFG, PARAMS)(jnp.asarray([[-1, 2]]))
@@ -51,12 +58,16 @@ def test_tokens_of_wrong_rank_or_dtype():
 
 
 def test_intervention_that_does_not_broadcast_names_hook_and_shapes():
-    with pytest.raises(InterventionError, match=r"'blocks.1.attn.hook_z'.*shape \(1, 5, 4, 8\).*\(1, 5, 5, 8\)"):
-        jaxlens.forward(PARAMS, CFG, TOKENS, interventions={"blocks.1.attn.hook_z": Patch(jnp.zeros((1, 5, 4, 8)))})
+    with pytest.raises(InterventionError,
+                       match=r"'blocks.1.attn.hook_z'.*shape \(1, 5, 4, 8\).*\(1, 5, 5, 8\)"):
+        jaxlens.forward(PARAMS, CFG, TOKENS,
+                        interventions={"blocks.1.attn.hook_z": Patch(jnp.zeros((1, 5, 4, 8)))})
     with pytest.raises(InterventionError, match="leading layer axis of size n_layers=3"):
-        jaxlens.forward(PARAMS, CFG, TOKENS, interventions={"blocks.attn.hook_z": Patch(jnp.zeros((2, 1, 5, 5, 8)))})
+        jaxlens.forward(PARAMS, CFG, TOKENS,
+                        interventions={"blocks.attn.hook_z": Patch(jnp.zeros((2, 1, 5, 5, 8)))})
     with pytest.raises(InterventionError, match="returned None"):
-        HookedTransformer(CFG, PARAMS).run_with_hooks(TOKENS, fwd_hooks=[("hook_embed", lambda x, hook: None)])
+        HookedTransformer(CFG, PARAMS).run_with_hooks(TOKENS,
+                                                      fwd_hooks=[("hook_embed", lambda x, hook: None)])
 
 
 def test_invalid_configs():
@@ -70,8 +81,8 @@ def test_invalid_configs():
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    hf = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, vocab_size=50,
-                                 n_positions=16)
+    hf = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                                 vocab_size=50, n_positions=16)
     return testing.save_hf_model(hf, tmp_path_factory.mktemp("gpt2")), hf
 
 
@@ -114,7 +125,8 @@ def _rewrite_tensors(src_dir, dst_dir, edit):
 
 
 def test_leftover_tensor_is_refused(gpt2_dir, tmp_path):
-    d = _rewrite_tensors(gpt2_dir[0], tmp_path / "m", lambda t: t.update({"transformer.h.0.attn.extra": np.ones(3, np.float32)}))
+    d = _rewrite_tensors(gpt2_dir[0], tmp_path / "m",
+                         lambda t: t.update({"transformer.h.0.attn.extra": np.ones(3, np.float32)}))
     with pytest.raises(CheckpointError, match=r"1 checkpoint tensor\(s\) were not used.*h.0.attn.extra"):
         HookedTransformer.from_pretrained(d)
 
@@ -123,7 +135,8 @@ def test_wrong_shape_tensor_is_refused(gpt2_dir, tmp_path):
     def edit(t):
         t["transformer.h.1.mlp.c_fc.weight"] = t["transformer.h.1.mlp.c_fc.weight"][:, :-1].copy()
     d = _rewrite_tensors(gpt2_dir[0], tmp_path / "m", edit)
-    with pytest.raises(CheckpointError, match=r"h.1.mlp.c_fc.weight' has shape \(32, 127\), expected \(32, 128\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"h.1.mlp.c_fc.weight' has shape \(32, 127\), expected \(32, 128\)"):
         HookedTransformer.from_pretrained(d)
 
 

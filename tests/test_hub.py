@@ -24,7 +24,8 @@ def hf_cache(tmp_path, monkeypatch, gpt2):
     hf, _ = gpt2
     root = tmp_path / "hub"
     repo = root / "models--testorg--tiny-gpt2"
-    testing.save_hf_model(hf, repo / "snapshots" / "c0ffee", testing.train_tiny_tokenizer(repo / "snapshots" / "c0ffee"))
+    snap = repo / "snapshots" / "c0ffee"
+    testing.save_hf_model(hf, snap, testing.train_tiny_tokenizer(snap))
     (repo / "snapshots" / "0ld").mkdir()  # an older, incomplete revision that refs/main does not name
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("c0ffee")

@@ -106,11 +106,13 @@ def test_hub_is_below_the_converters():
 
 
 def test_converters_folder_is_never_imported_under_its_own_name():
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in [*MODULES.values(), *ROOT.joinpath("tests").rglob("*.py")]
+    files = [*MODULES.values(), *ROOT.joinpath("tests").rglob("*.py")]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*(import converters\b|from converters\b)", line)]
     assert offenders == []
-    proc = subprocess.run([sys.executable, "-c", "import converters"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import converters"], cwd=ROOT, capture_output=True,
+                          text=True)
     assert proc.returncode != 0 and "import `jaxlens.converters`" in proc.stderr
 
 

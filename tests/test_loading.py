@@ -38,7 +38,8 @@ base = peak()
 load = getattr(HookedTransformer, sys.argv[2])
 params = jax.block_until_ready(load(sys.argv[1]).params)
 growth = peak()[0] - base[0]
-print(json.dumps({"growth": growth * 1024, "params": sum(x.nbytes for x in jax.tree_util.tree_leaves(params))}))
+nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+print(json.dumps({"growth": growth * 1024, "params": nbytes}))
 """
 
 
@@ -50,8 +51,8 @@ def checkpoint(tmp_path_factory):
 def _peak_ratio(path, how: str) -> float:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one host device, as users have
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True,
+                         env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["params"] > 190e6  # big enough that the runtime's own memory is small beside it

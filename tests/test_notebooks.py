@@ -25,7 +25,8 @@ def test_notebook_is_narrative_and_calls_only(path):
     assert "JAXLENS_NB_SMALL" in code[0].source, "the first cell reads the small-settings switch"
     for cell in code:
         assert not any(o for o in cell.get("outputs", [])), f"{path.name}: commit notebooks without outputs"
-        tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        source = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        tree = ast.parse(source)
         defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         assert not defs, f"{path.name} defines {defs}: move library code into the package"
 

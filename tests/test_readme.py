@@ -33,7 +33,8 @@ def small_smollm2_shaped_model(name, **_):
     cfg = Config(d_model=72, n_layers=6, n_heads=9, d_head=8, n_key_value_heads=3, d_mlp=96, d_vocab=49152,
                  n_ctx=64, act_fn="silu", gated_mlp=True, normalization_type="RMS",
                  positional_embedding_type="rotary", rotary_dim=8)
-    return HookedTransformer(cfg, init_params(cfg, jax.random.key(0)), converters.load_tokenizer(hub.resolve(name)))
+    return HookedTransformer(cfg, init_params(cfg, jax.random.key(0)),
+                             converters.load_tokenizer(hub.resolve(name)))
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
 tl_lm = pytest.importorskip("transformer_lens.utilities.lm_utils")
 pytestmark = pytest.mark.slow  # four TransformerLens bridges and their jaxlens twins
 
+from tl_reference import ATOL, boot, close, np_  # noqa: E402
+
 from jaxlens import HookedTransformer, testing  # noqa: E402
 from jaxlens.errors import (  # noqa: E402
     ConfigError,
@@ -31,7 +33,6 @@ from jaxlens.errors import (  # noqa: E402
     ReadOnlyError,
 )
 from jaxlens.model.loss import lm_cross_entropy_loss  # noqa: E402
-from tl_reference import ATOL, boot, close, np_  # noqa: E402
 
 GPT2 = dict(n_embd=72, n_layer=3, n_head=4, n_inner=200, vocab_size=300, n_positions=40, bos_token_id=0,
             eos_token_id=0)

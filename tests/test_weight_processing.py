@@ -15,7 +15,8 @@ CONFIGS = {
     "ln": testing.tiny_config(),
     "rms_gqa_rotary_gated": testing.tiny_config(normalization_type="RMS", n_key_value_heads=1, gated_mlp=True,
                                                 positional_embedding_type="rotary", act_fn="silu"),
-    "ln_parallel": testing.tiny_config(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4),
+    "ln_parallel": testing.tiny_config(parallel_attn_mlp=True, positional_embedding_type="rotary",
+                                       rotary_dim=4),
 }
 
 
@@ -24,7 +25,8 @@ def _logp(params, cfg):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("step", ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "all"])
+@pytest.mark.parametrize("step", ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                                  "all"])
 def test_each_step_keeps_log_probs(name, step):
     cfg = CONFIGS[name]
     params = jaxlens.init_params(cfg, jax.random.key(1), scale=0.3)
@@ -45,8 +47,8 @@ def test_fold_ln_by_hand_on_ln_model():
     assert new_cfg.normalization_type == "LNPre" and "ln1" not in q["blocks"] and "ln_final" not in q
     w, b = p["blocks"]["ln1"]["w"][0], p["blocks"]["ln1"]["b"][0]
     W = p["blocks"]["attn"]["W_Q"][0] * w[None, :, None]
-    np.testing.assert_allclose(np.asarray(q["blocks"]["attn"]["W_Q"][0]), np.asarray(W - W.mean(1, keepdims=True)),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(q["blocks"]["attn"]["W_Q"][0]),
+                               np.asarray(W - W.mean(1, keepdims=True)), atol=1e-6)
     want_b = p["blocks"]["attn"]["b_Q"][0] + jnp.einsum("hde,d->he", p["blocks"]["attn"]["W_Q"][0], b)
     np.testing.assert_allclose(np.asarray(q["blocks"]["attn"]["b_Q"][0]), np.asarray(want_b), atol=1e-6)
 
@@ -57,8 +59,8 @@ def test_fold_value_biases_under_gqa_moves_b_v_into_b_o():
     _, q = wp.fold_value_biases(cfg, p)
     assert np.all(np.asarray(q["blocks"]["attn"]["b_V"]) == 0)
     # one kv head serves all 5 query heads: b_O gains sum_h b_V[0] @ W_O[h]
-    want = p["blocks"]["attn"]["b_O"][2] + sum(p["blocks"]["attn"]["b_V"][2, 0] @ p["blocks"]["attn"]["W_O"][2, h]
-                                               for h in range(cfg.n_heads))
+    attn = p["blocks"]["attn"]
+    want = attn["b_O"][2] + sum(attn["b_V"][2, 0] @ attn["W_O"][2, h] for h in range(cfg.n_heads))
     np.testing.assert_allclose(np.asarray(q["blocks"]["attn"]["b_O"][2]), np.asarray(want), atol=1e-5)
 
 

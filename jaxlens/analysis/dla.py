@@ -36,8 +36,8 @@ def head_dla(
     incorrect_tokens: TokenSpec | None = None,
     pos_slice: PosSlice = -1,
 ) -> Float[Array, "layer head_index ..."]:
-    """Each head's direct contribution (z @ W_O, without b_O) to the logit of `tokens` (minus
-    `incorrect_tokens`).
+    """Each head's direct contribution (z @ W_O, without b_O) to the logit of `tokens`
+    (minus `incorrect_tokens`).
 
     Args:
         cache: from run_with_cache with the params (needs attn.hook_z of every layer and ln_final.hook_scale).

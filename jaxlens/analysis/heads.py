@@ -1,9 +1,9 @@
 """Head detectors: score every attention head by how well its pattern matches a detection pattern.
 
 A previous-token head attends from each token to the one before; a duplicate-token head to earlier copies of
-the current token; an induction head to the token after an earlier copy of the current token (Olsson et al.
-2022, "In-context Learning and Induction Heads"). Scores follow TransformerLens's `detect_head`, computed for
-all layers and heads at once from the stacked patterns:
+the current token; an induction head to the token after an earlier copy of the current token
+(Olsson et al. 2022, "In-context Learning and Induction Heads"). Scores follow TransformerLens's
+`detect_head`, computed for all layers and heads at once from the stacked patterns:
 
     "mul": sum(pattern * detection) / sum(pattern)   (the share of attention on the detected pairs)
     "abs": 1 - round(sum(|pattern - detection|) / seq_len, 3)

@@ -60,7 +60,8 @@ def attention_sublayer(
         if hooks.intervenes("ln1.hook_scale") or hooks.intervenes("ln1.hook_normalized"):
             raise InterventionError(
                 f"{hooks.prefix}ln1 and the split q/k/v inputs are both intervened on in one block: with "
-                "patched split inputs, q/k/v read their own per-head ln1, not the shared one. Patch one or the other.")
+                "patched split inputs, q/k/v read their own per-head ln1, not the shared one. "
+                "Patch one or the other.")
         quiet = Hooks()
         q, k, v = (jnp.einsum("bphd,hde->bphe", norm(ln_p, i, cfg, quiet, "ln1"), p[w])
                    for i, w in zip(ins, ("W_Q", "W_K", "W_V"), strict=True))

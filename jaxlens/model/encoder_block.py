@@ -6,7 +6,8 @@ heads.
             normalized_resid_mid = ln1(resid_mid)
             resid_post = normalized_resid_mid + mlp(normalized_resid_mid)
             normalized_resid_post = ln2(resid_post)                 -> the next block's hook_resid_pre
-    mlm_head: ln(act(x W + b)) then the unembedding (BertForMaskedLM); pooler: tanh(x[:, 0] W + b) (BertModel).
+    mlm_head: ln(act(x W + b)) then the unembedding (BertForMaskedLM);
+    pooler: tanh(x[:, 0] W + b) (BertModel).
 
 Unlike a decoder block the norms come *after* each sublayer (post-LN), so `fold_ln` does not apply, as in TL.
 The attention and the MLP are the decoder's own functions (`attention.attention_sublayer`, `mlp.mlp`); the
@@ -105,7 +106,8 @@ def mlm_head(
     return jnp.einsum("bpd,dv->bpv", y, params["unembed"]["W_U"]) + params["unembed"]["b_U"]
 
 
-def pooler(params: Params, x: Float[Array, "batch pos d_model"], hooks: Hooks) -> Float[Array, "batch d_model"]:
+def pooler(params: Params, x: Float[Array, "batch pos d_model"],
+           hooks: Hooks) -> Float[Array, "batch d_model"]:
     """BERT's pooled sentence vector: tanh of a dense map of the first ([CLS]) position."""
     p = params["pooler"]
     return hooks("pooler.hook_pooler_out", jax.nn.tanh(jnp.einsum("bd,de->be", x[:, 0], p["W"]) + p["b"]))

@@ -66,7 +66,8 @@ def forward(
         InterventionError: an intervention that does not fit its activation.
     """
     out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
-                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, attention_mask=attention_mask)
+                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
+                        attention_mask=attention_mask)
     return out, cache
 
 
@@ -115,8 +116,8 @@ def run(
                 f"found shape {resid.shape}."
             )
         positions = _positions(resid.shape[:2], attention_mask, pos_offset)
-    ctx = Context(positions=positions, key_valid=None if attention_mask is None else jnp.asarray(attention_mask, bool),
-                  offset=pos_offset)
+    key_valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    ctx = Context(positions=positions, key_valid=key_valid, offset=pos_offset)
     resid, recorded, new_kv = runner.run_blocks(params["blocks"], cfg, resid, ctx, block_iv, start=start,
                                                 stop=stop, cache=block_cache, kv=kv_cache)
     out = resid if stop_at_layer is not None else final_logits(params, cfg, resid, top)
@@ -124,7 +125,8 @@ def run(
     return out, gather(table, cache_names, top.cache, recorded, start, stop), new_kv
 
 
-def final_logits(params: Params, cfg: Config, resid: Float[Array, "batch pos d_model"], hooks: Hooks | None = None,
+def final_logits(params: Params, cfg: Config, resid: Float[Array, "batch pos d_model"],
+                 hooks: Hooks | None = None,
                  vocab: Int[Array, " n"] | None = None) -> Float[Array, "batch pos d_vocab"]:
     """ln_final then the unembedding (with `vocab`, only those logits)."""
     hooks = Hooks() if hooks is None else hooks
@@ -157,7 +159,8 @@ def check_tokens(tokens: Any, cfg: Config, pos_offset: int = 0) -> Int[Array, "b
         concrete = None
     arr = jnp.asarray(tokens)
     if arr.ndim != 2:
-        raise InputError(f"tokens must be [batch pos]; found shape {arr.shape}. Use tokens[None] for one sequence.")
+        raise InputError(f"tokens must be [batch pos]; found shape {arr.shape}. "
+                         "Use tokens[None] for one sequence.")
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise InputError(f"tokens must be integer ids; found dtype {arr.dtype}.")
     if pos_offset + arr.shape[1] > cfg.n_ctx:
@@ -180,7 +183,8 @@ def _positions(shape, attention_mask, pos_offset) -> Int[Array, "batch pos"]:
     if attention_mask is not None:
         m = jnp.asarray(attention_mask, jnp.int32)
         if m.shape[1] != shape[1]:  # a mask over every KV-cache slot: the queries' slots are pos_offset..
-            return jax.lax.dynamic_slice_in_dim(jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0), pos_offset, shape[1], 1)
+            counts = jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+            return jax.lax.dynamic_slice_in_dim(counts, pos_offset, shape[1], 1)
         return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) + pos_offset
     return jnp.broadcast_to(jnp.arange(shape[1]) + pos_offset, shape)
 

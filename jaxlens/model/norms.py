@@ -1,7 +1,8 @@
 """LayerNorm and RMSNorm with TransformerLens's hooks (`hook_scale`, `hook_normalized`).
 
-hook_normalized holds (x - mean) / scale (LN) or x / scale (RMS), before the weights, as in TransformerLens
-3.x. LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
+hook_normalized holds (x - mean) / scale (LN) or x / scale (RMS), before the weights, as in
+TransformerLens 3.x.
+LNPre / RMSPre: the weights were folded into the next linear map (`weight_processing.fold_ln`).
 Statistics are computed in float32 and cast back.
 """
 
@@ -25,7 +26,8 @@ def norm(
         return x
     dtype = x.dtype
 
-    def hook(hook_name: str, v):  # hooks see the model's dtype (as every other activation); math stays float32
+    # hooks see the model's dtype (as every other activation); math stays float32
+    def hook(hook_name: str, v):
         return hooks(f"{name}.{hook_name}", v.astype(dtype)).astype(jnp.float32)
 
     h = x.astype(jnp.float32)

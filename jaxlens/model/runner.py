@@ -79,7 +79,8 @@ def split_interventions(table: HookTable, interventions: Mapping[str, Any] | Non
                         raise InterventionError(
                             f"Intervention at {name!r} addresses every layer, so each array in it needs a "
                             f"leading layer axis of size n_layers={table.n_layers}; found shape "
-                            f"{jnp.shape(leaf)}. Address one layer with 'blocks.<layer>.{rel}', or stack the values over layers."
+                            f"{jnp.shape(leaf)}. Address one layer with 'blocks.<layer>.{rel}', or stack the "
+                            "values over layers."
                         )
                 stacked.setdefault(rel, []).append(jax.tree_util.tree_map(lambda x: x[start:stop], one))
         elif start <= layer < stop:
@@ -152,13 +153,15 @@ def run_blocks(
             return r, (recorded, kv_l)
 
         sl = lambda x: x[start:stop]
-        xs = (jax.tree_util.tree_map(sl, blocks), jnp.arange(start, stop), sl(wins), interventions.stacked, kv)
+        xs = (jax.tree_util.tree_map(sl, blocks), jnp.arange(start, stop), sl(wins), interventions.stacked,
+              kv)
         resid, (stacked, new_kv) = jax.lax.scan(body, resid, xs)
         return resid, stacked, new_kv
 
     if cache or interventions.stacked:
         raise InputError("Blocks run from a traced start layer can neither record activations nor take "
-                         "stacked (`blocks.x`) interventions; use int bounds, or address layers (`blocks.3.x`).")
+                         "stacked (`blocks.x`) interventions; use int bounds, or address layers "
+                         "(`blocks.3.x`).")
 
     def one(i, r):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
@@ -181,7 +184,8 @@ def collect(table: HookTable, names: Iterable[str], top: Mapping[str, Array], st
         layer, rel = table.parse(name)
         if layer is None:
             if rel not in top:
-                raise InputError(f"Cannot cache {name!r}: this run (layers [{start}, {stop})) does not compute it.")
+                raise InputError(f"Cannot cache {name!r}: this run (layers [{start}, {stop})) "
+                                 "does not compute it.")
             out[name] = top[rel]
         elif layer == "all":
             out[name] = stacked[rel]
@@ -203,7 +207,8 @@ def stack_layers(table: HookTable, names: Iterable[str], start: int, stop: int) 
         layers = layers - {"all"}
         bad = sorted(l for l in layers if not start <= l < stop)
         if bad:
-            raise InputError(f"Cannot cache blocks.{bad[0]}.{rel}: this run computes only layers [{start}, {stop}).")
+            raise InputError(f"Cannot cache blocks.{bad[0]}.{rel}: this run computes only layers "
+                             f"[{start}, {stop}).")
         if layers:
             out[rel] = tuple(sorted(layers))
     return out
@@ -213,13 +218,14 @@ def stacks(table: HookTable, names: Iterable[str], top: Mapping[str, Array], sta
            start: int, stop: int) -> tuple[dict[str, Array], dict[str, Array]]:
     """Like `collect`, but block activations stay stacked: ({global or stacked name: array},
     {relative name: [len(layers), ...]} over the layers `stack_layers` lists), each hook's layers gathered
-    once, so a program records one output per hook, not one per layer (its compile time stays flat in
-    depth)."""
+    once, so a program records one output per hook, not one per layer
+    (its compile time stays flat in depth)."""
     names = tuple(names)
     glob_names = [n for n in names if table.parse(n)[0] in (None, "all")]
     flat = collect(table, glob_names, top, stacked, start, stop)
     out = {}
     for rel, chosen in stack_layers(table, names, start, stop).items():
         arr = stacked[rel]
-        out[rel] = arr if chosen == tuple(range(start, stop)) else arr[jnp.asarray([l - start for l in chosen])]
+        out[rel] = (arr if chosen == tuple(range(start, stop))
+                    else arr[jnp.asarray([l - start for l in chosen])])
     return flat, out

@@ -46,7 +46,8 @@ def test_layer_and_head_dla_sum_to_logit_difference(any_model, process):
     b_O = np.asarray(attrs)[attn_rows] - heads.sum(1)  # what the heads leave of attn_out: b_O's part
     direction = _direction(cfg, params, RIGHT, WRONG)
     scale = np.asarray(cache["ln_final.hook_scale"])[:, -1, 0]
-    want_b_O = np.einsum("ld,bd->lb", _center(cfg, np.asarray(params["blocks"]["attn"]["b_O"])), direction) / scale
+    b_O_centred = _center(cfg, np.asarray(params["blocks"]["attn"]["b_O"]))
+    want_b_O = np.einsum("ld,bd->lb", b_O_centred, direction) / scale
     np.testing.assert_allclose(b_O, want_b_O, rtol=1e-4, atol=1e-5)
 
 
@@ -68,13 +69,14 @@ def test_neurons_plus_b_out_sum_to_mlp_layer(any_model):
     mlp_rows = [i for i, n in enumerate(labels) if n.endswith("mlp_out")]
     direction = _direction(cfg, params, RIGHT, WRONG)
     scale = np.asarray(cache["ln_final.hook_scale"])[:, -1, 0]
-    b_out = np.einsum("ld,bd->lb", _center(cfg, np.asarray(params["blocks"]["mlp"]["b_out"])), direction) / scale
+    b_out_centred = _center(cfg, np.asarray(params["blocks"]["mlp"]["b_out"]))
+    b_out = np.einsum("ld,bd->lb", b_out_centred, direction) / scale
     np.testing.assert_allclose(neurons.sum(-1) + b_out, np.asarray(attrs)[mlp_rows], rtol=1e-4, atol=1e-4)
     # one neuron by hand
     post = np.asarray(cache["post", 1])[:, -1, 7]
     w = np.asarray(params["blocks"]["mlp"]["W_out"][1, 7])
-    np.testing.assert_allclose(neurons[1, :, 7], post * (_center(cfg, w) * direction).sum(-1) / scale, rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(neurons[1, :, 7], post * (_center(cfg, w) * direction).sum(-1) / scale,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_plain_logit_and_single_prompt_cache(gpt):

@@ -27,9 +27,11 @@ def test_shape_and_products_match_dense():
     np.testing.assert_allclose(m.AB, dense(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.T.AB, np.swapaxes(dense(), -1, -2), rtol=1e-5, atol=1e-5)
     other = RNG.randn(7, 5)
-    np.testing.assert_allclose((m @ jax.numpy.asarray(other, "float32")).AB, dense() @ other, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose((m @ jax.numpy.asarray(other, "float32")).AB, dense() @ other,
+                               rtol=1e-4, atol=1e-4)
     left = RNG.randn(6, 9)
-    np.testing.assert_allclose((jax.numpy.asarray(left, "float32") @ m).AB, left @ dense(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose((jax.numpy.asarray(left, "float32") @ m).AB, left @ dense(),
+                               rtol=1e-4, atol=1e-4)
     vec = RNG.randn(7)
     np.testing.assert_allclose(m @ jax.numpy.asarray(vec, "float32"), dense() @ vec, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose((m @ fm(RNG.randn(7, 2), RNG.randn(2, 4))).shape, (2, 3, 9, 4))
@@ -40,8 +42,8 @@ def test_svd_norm_and_collapse_match_dense():
     m = fm()
     U, S, V = m.svd()
     d = dense()
-    np.testing.assert_allclose(np.asarray(U) * np.asarray(S)[..., None, :] @ np.swapaxes(np.asarray(V), -1, -2), d,
-                               rtol=1e-4, atol=1e-4)
+    usv = np.asarray(U) * np.asarray(S)[..., None, :] @ np.swapaxes(np.asarray(V), -1, -2)
+    np.testing.assert_allclose(usv, d, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(S, np.linalg.svd(d, compute_uv=False)[..., :4], rtol=1e-4, atol=1e-4)
     eye = np.broadcast_to(np.eye(4), (2, 3, 4, 4))
     np.testing.assert_allclose(np.swapaxes(np.asarray(U), -1, -2) @ np.asarray(U), eye, atol=1e-4)
@@ -73,7 +75,8 @@ def test_corner_and_indexing():
 
 
 def test_passes_through_jit():
-    np.testing.assert_allclose(jax.jit(lambda m: m.norm())(fm()), np.linalg.norm(dense(), axis=(-2, -1)), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda m: m.norm())(fm()), np.linalg.norm(dense(), axis=(-2, -1)),
+                               rtol=1e-5)
 
 
 def test_bad_shapes_raise_clear_errors():

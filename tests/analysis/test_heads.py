@@ -30,7 +30,8 @@ def test_patterns_by_definition():
             assert dup[q, k] == (k < q and t[k] == t[q])
             assert ind[q, k] == (1 <= k <= q and t[k - 1] == t[q])
     assert ind.sum() == 6  # the second half: each token's previous copy + 1
-    np.testing.assert_array_equal(np.asarray(induction_pattern(TOKENS))[1], np.asarray(induction_pattern(TOKENS[1])))
+    np.testing.assert_array_equal(np.asarray(induction_pattern(TOKENS))[1],
+                                  np.asarray(induction_pattern(TOKENS[1])))
 
 
 def test_patterns_match_transformer_lens():
@@ -61,12 +62,14 @@ def test_induction_scores_by_hand(model_and_patterns):
             per_seq = []
             for b in range(t.shape[0]):
                 p = pats[l, b, h]
-                on = sum(p[q, k] for q in range(t.shape[1]) for k in range(1, q + 1) if t[b, k - 1] == t[b, q])
+                on = sum(p[q, k] for q in range(t.shape[1]) for k in range(1, q + 1)
+                         if t[b, k - 1] == t[b, q])
                 per_seq.append(on / p.sum())
             want[l, h] = np.mean(per_seq)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # the same from the cache, without a second forward
-    np.testing.assert_allclose(np.asarray(detect_head(model, TOKENS, "induction_head", cache=cache)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(detect_head(model, TOKENS, "induction_head", cache=cache)), want,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("measure", ["mul", "abs"])

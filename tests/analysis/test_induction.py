@@ -21,7 +21,8 @@ def test_induction_scores_by_hand():
     perfect[[4, 5, 6], [2, 3, 4]] = 1.0
     uniform = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]  # query i: 1/(i+1) on each key <= i
     half = 0.5 * perfect + 0.5 * np.eye(n)  # half on the target, half on itself
-    patterns = jnp.asarray(np.stack([perfect, uniform, half])[None, None], jnp.float32)  # [1 layer, 1 batch, 3 heads]
+    # [1 layer, 1 batch, 3 heads]
+    patterns = jnp.asarray(np.stack([perfect, uniform, half])[None, None], jnp.float32)
     got = np.asarray(induction_scores(patterns, tokens, seq_len=3))
     want = [[1.0, (1 / 5 + 1 / 6 + 1 / 7) / 3, 0.5]]
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -27,8 +27,8 @@ def model(tmp_path_factory):
     model, tok = _model(tmp_path_factory.mktemp("tok"), TEXTS)
     one = lambda words: [w for w in words if len(tok(w, add_special_tokens=False).input_ids) == 1]
     # the premise of the expectations below: these (and every word of the template) are single tokens
-    assert (one(NAMES), one(PLACES), one(OBJECTS)) == ([" Mary", " John", " Alice", " Bob"], [" store", " park"],
-                                                       [" drink", " book"])
+    assert (one(NAMES), one(PLACES), one(OBJECTS)) == ([" Mary", " John", " Alice", " Bob"],
+                                                       [" store", " park"], [" drink", " book"])
     assert len(model.to_str_tokens(TEXTS[0].removesuffix(" Mary."))) == 15  # BOS + 14 words
     return model
 
@@ -48,14 +48,15 @@ def test_prompts_by_hand(model):
     np.testing.assert_array_equal(np.asarray(p.clean_tokens), [ids(t) for t in p.clean])
     np.testing.assert_array_equal(np.asarray(p.corrupted_tokens), [ids(t) for t in p.corrupted])
     single = lambda w: tok(w, add_special_tokens=False).input_ids[0]
-    np.testing.assert_array_equal(np.asarray(p.answer_ids), [single(" Mary"), single(" Alice"), single(" John")])
+    np.testing.assert_array_equal(np.asarray(p.answer_ids),
+                                  [single(" Mary"), single(" Alice"), single(" John")])
     np.testing.assert_array_equal(np.asarray(p.wrong_ids), [single(" John"), single(" Bob"), single(" Mary")])
 
 
 def test_position_labels_by_hand(model):
     labels = position_labels(model, ioi_prompts(model, 3))
-    assert labels == ["<|endoftext|>", "When", "[IO]", " and", "[S1]", " went", " to", " the", "[varies]", ",",
-                      "[S2]", " gave", " a", "[varies]", " to"]
+    assert labels == ["<|endoftext|>", "When", "[IO]", " and", "[S1]", " went", " to", " the", "[varies]",
+                      ",", "[S2]", " gave", " a", "[varies]", " to"]
 
 
 def test_too_few_single_token_names_is_an_error(tmp_path):
@@ -70,7 +71,8 @@ def test_logit_diff_by_hand():
     logits = logits.at[:, 0].set(100.0)  # earlier positions are not read
     answers, wrong = jnp.array([2, 3]), jnp.array([1, 0])
     # prompt 0: 4.0 - 1.0 = 3.0; prompt 1: 1.5 - 3.0 = -1.5
-    np.testing.assert_allclose(np.asarray(logit_diff_metric(answers, wrong, per_prompt=True)(logits)), [3.0, -1.5])
+    np.testing.assert_allclose(np.asarray(logit_diff_metric(answers, wrong, per_prompt=True)(logits)),
+                               [3.0, -1.5])
     assert float(logit_diff_metric(answers, wrong)(logits)) == pytest.approx(0.75)
     bf16 = logit_diff_metric(answers, wrong)(logits.astype(jnp.bfloat16))
     assert bf16.dtype == jnp.float32 and float(bf16) == pytest.approx(0.75)

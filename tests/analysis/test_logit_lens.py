@@ -43,7 +43,8 @@ def test_final_scale_mode_and_pos_slice(gpt):
     cfg, params = gpt
     logits, cache = HookedTransformer(cfg, params).run_with_cache(TOKENS)
     lens = logit_lens(cache, None, pos_slice=-1, recompute_norm=False, incl_mid=True)
-    assert lens.labels[:3] == ["0_pre", "0_mid", "1_pre"] and lens.logits.shape == (2 * cfg.n_layers + 1, 2, 97)
+    assert lens.labels[:3] == ["0_pre", "0_mid", "1_pre"]
+    assert lens.logits.shape == (2 * cfg.n_layers + 1, 2, 97)
     np.testing.assert_allclose(lens.logits[-1], np.asarray(logits)[:, -1], rtol=1e-4, atol=1e-4)
     want = hand_lens(cfg, params, cache["resid_mid", 0][:, -1], cache["ln_final.hook_scale"][:, -1])
     np.testing.assert_allclose(lens.logits[1], want, rtol=1e-4, atol=1e-4)

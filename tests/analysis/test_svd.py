@@ -17,7 +17,8 @@ def test_ov_directions_match_dense_svd(llama):
     cfg, params = llama
     l, h = 1, 5
     kv = h // (cfg.n_heads // cfg.n_key_value_heads)
-    dense = np.asarray(params["blocks"]["attn"]["W_V"][l, kv]) @ np.asarray(params["blocks"]["attn"]["W_O"][l, h])
+    attn = params["blocks"]["attn"]
+    dense = np.asarray(attn["W_V"][l, kv]) @ np.asarray(attn["W_O"][l, h])
     _, s, vh = np.linalg.svd(dense)
     vecs, vals = singular_directions(params, cfg, "OV", l, h)
     np.testing.assert_allclose(vals, s[: cfg.d_head], rtol=1e-4)

@@ -28,7 +28,8 @@ def test_directory_loads_and_matches_hf(saved):
     cfg, params = bert.load(path)
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_mlp) == (36, 2, 3, 12, 80)
     assert cfg.attention_dir == "bidirectional" and cfg.act_fn == "gelu_new"
-    assert ("mlm_head" in params) == (cls == "BertForMaskedLM") and ("pooler" in params) == (cls == "BertModel")
+    assert ("mlm_head" in params) == (cls == "BertForMaskedLM")
+    assert ("pooler" in params) == (cls == "BertModel")
     tokens = np.random.default_rng(1).integers(0, 101, (2, 9))
     mask = np.ones_like(tokens)
     mask[0, 5:] = 0
@@ -38,7 +39,8 @@ def test_directory_loads_and_matches_hf(saved):
     out, cache = encoder_forward(params, cfg, tokens, attention_mask=mask, cache_names=names)
     for l, name in enumerate(names):
         for b, n in enumerate(mask.sum(1)):
-            np.testing.assert_allclose(np.asarray(cache[name])[b, :n], ref.hidden_states[l + 1][b, :n], atol=1e-4)
+            np.testing.assert_allclose(np.asarray(cache[name])[b, :n], ref.hidden_states[l + 1][b, :n],
+                                       atol=1e-4)
     want = ref.logits if cls == "BertForMaskedLM" else ref.last_hidden_state
     np.testing.assert_allclose(np.asarray(out)[1], want[1].numpy(), atol=1e-4)
 

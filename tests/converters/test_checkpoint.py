@@ -39,13 +39,15 @@ def test_good_file_reads_back(good):
 def test_file_shorter_than_the_length_prefix(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"\x01\x02\x03")
-    with pytest.raises(CheckpointError, match=rf"not a safetensors file: it has 3 bytes, fewer than .*{AGAIN}"):
+    with pytest.raises(CheckpointError,
+                       match=rf"not a safetensors file: it has 3 bytes, fewer than .*{AGAIN}"):
         read_safetensors(f)
 
 
 def test_file_cut_inside_the_header(good):
     good.write_bytes(good.read_bytes()[:30])
-    with pytest.raises(CheckpointError, match=rf"announce a \d+-byte safetensors header.*30-byte file.*{AGAIN}"):
+    with pytest.raises(CheckpointError,
+                       match=rf"announce a \d+-byte safetensors header.*30-byte file.*{AGAIN}"):
         read_safetensors(good)
 
 
@@ -74,7 +76,8 @@ def test_offsets_that_disagree_with_the_shape(tmp_path):
 def test_unknown_dtype_names_the_readable_ones(tmp_path):
     f = tmp_path / "model.safetensors"
     _with_header(f, {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4)
-    with pytest.raises(CheckpointError, match=r"'w' has dtype F8_E4M3, which jaxlens cannot read \(it reads F64, "):
+    with pytest.raises(CheckpointError,
+                       match=r"'w' has dtype F8_E4M3, which jaxlens cannot read \(it reads F64, "):
         read_safetensors(f)
 
 

@@ -32,9 +32,10 @@ def gpt2(tmp_path_factory):
 def llama(tmp_path_factory):
     """A random Llama with grouped-query attention and rotary embeddings: more config fields to carry."""
     path = tmp_path_factory.mktemp("llama")
-    hf = testing.random_hf_model("LlamaConfig", "LlamaForCausalLM", seed=2, hidden_size=24, intermediate_size=40,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 vocab_size=300, max_position_embeddings=32, rope_theta=5000.0)
+    hf = testing.random_hf_model("LlamaConfig", "LlamaForCausalLM", seed=2, hidden_size=24,
+                                 intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=32,
+                                 rope_theta=5000.0)
     testing.save_hf_model(hf, path)
     return path
 
@@ -76,10 +77,11 @@ def test_saved_files_hold_the_checkpoint_tensors(llama, tmp_path):
 def test_config_round_trips_through_json():
     configs = [
         testing.tiny_config(),
-        Config(d_model=16, n_layers=3, n_heads=4, d_head=4, d_mlp=32, d_vocab=50, n_ctx=64, n_key_value_heads=2,
-               act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=2,
-               rotary_scaling=(8.0, 1.0, 4.0, 8192), window_sizes=(4, None, 8), gated_mlp=True,
-               attn_scores_soft_cap=50.0, default_prepend_bos=False),
+        Config(d_model=16, n_layers=3, n_heads=4, d_head=4, d_mlp=32, d_vocab=50, n_ctx=64,
+               n_key_value_heads=2, act_fn="silu", normalization_type="RMS",
+               positional_embedding_type="rotary", rotary_dim=2, rotary_scaling=(8.0, 1.0, 4.0, 8192),
+               window_sizes=(4, None, 8), gated_mlp=True, attn_scores_soft_cap=50.0,
+               default_prepend_bos=False),
     ]
     for cfg in configs:
         data = json.loads(json.dumps(_converted.config_to_json(cfg)))

@@ -443,7 +443,8 @@ def test_cache_files_are_standard_safetensors(small_gguf, tmp_path):
     other = {"x": rng.normal(size=(3, 7)).astype(np.float32), "y": np.zeros((0, 2), np.float32),
              "z": np.float32(rng.normal(size=(2, 1, 4)))}
     save_file(other, str(tmp_path / "other.safetensors"))
-    ours = {n: read() for n, read in read_safetensors(tmp_path / "other.safetensors").items()}  # the cache's reader
+    # the cache's reader
+    ours = {n: read() for n, read in read_safetensors(tmp_path / "other.safetensors").items()}
     for name, t in other.items():
         assert ours[name].shape == t.shape and ours[name].dtype == np.float32
         np.testing.assert_array_equal(ours[name], t)

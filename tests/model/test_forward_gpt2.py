@@ -9,8 +9,10 @@ from jaxlens import HookedTransformer, testing
 
 CONFIGS = [
     dict(n_embd=72, n_layer=3, n_head=4, n_inner=200, vocab_size=97, n_positions=40),
-    dict(n_embd=60, n_layer=2, n_head=5, n_inner=None, vocab_size=131, n_positions=24, activation_function="gelu"),
-    dict(n_embd=48, n_layer=4, n_head=6, n_inner=100, vocab_size=89, n_positions=32, activation_function="relu"),
+    dict(n_embd=60, n_layer=2, n_head=5, n_inner=None, vocab_size=131, n_positions=24,
+         activation_function="gelu"),
+    dict(n_embd=48, n_layer=4, n_head=6, n_inner=100, vocab_size=89, n_positions=32,
+         activation_function="relu"),
 ]
 
 
@@ -29,7 +31,8 @@ def test_logits_resid_and_pattern_match_hf(reference):
     logits, cache = model.run_with_cache(tokens)
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
     for layer in range(model.cfg.n_layers):
-        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer],
+                                   atol=1e-4)
         np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer], atol=1e-5)
     # HF's last hidden state is after ln_f; ln_final.hook_normalized is before its weights (as TL 3.x)
     lnf = model.params["ln_final"]
@@ -75,9 +78,9 @@ def test_every_hook_has_tl_shape(reference):
     _, cache = model.run_with_cache(tokens, names_filter=names)
     b, p = tokens.shape
     cfg = model.cfg
-    sizes = {"batch": b, "pos": p, "query_pos": p, "key_pos": p, "d_model": cfg.d_model, "head_index": cfg.n_heads,
-             "kv_head_index": cfg.n_key_value_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1,
-             "d_vocab": cfg.d_vocab}
+    sizes = {"batch": b, "pos": p, "query_pos": p, "key_pos": p, "d_model": cfg.d_model,
+             "head_index": cfg.n_heads, "kv_head_index": cfg.n_key_value_heads, "d_head": cfg.d_head,
+             "d_mlp": cfg.d_mlp, "1": 1, "d_vocab": cfg.d_vocab}
     from jaxlens.hook_names import hook_axes
 
     assert set(cache.keys()) == set(names)

@@ -80,8 +80,9 @@ def test_decoder_and_encoder_tables():
         enc.parse("mlm_head.ln.hook_scale")  # this encoder has no MLM head
     names = ["ln_final.hook_scale", "blocks.1.attn.hook_z_grad", "hook_embed", "blocks.1.attn.hook_z",
              "blocks.0.hook_resid_pre"]
-    assert sorted(names, key=dec.sort_key) == ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
-                                               "blocks.1.attn.hook_z_grad", "ln_final.hook_scale"]
+    assert sorted(names, key=dec.sort_key) == ["hook_embed", "blocks.0.hook_resid_pre",
+                                               "blocks.1.attn.hook_z", "blocks.1.attn.hook_z_grad",
+                                               "ln_final.hook_scale"]
 
 
 def test_select_follows_the_layer_bounds():
