@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformer_lens.model_bridge")
 pytestmark = pytest.mark.slow
 
+from tl_reference import boot, close, legacy  # noqa: E402
+
 from jaxlens import HookedTransformer, Patch, Scale, testing  # noqa: E402
 from jaxlens.errors import InputError, InterventionError  # noqa: E402
-from tl_reference import boot, close, legacy  # noqa: E402
 
 HF_CONFIG = dict(n_embd=48, n_layer=3, n_head=4, n_inner=88, vocab_size=300, n_positions=40, bos_token_id=0,
                  eos_token_id=0)

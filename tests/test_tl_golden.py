@@ -21,9 +21,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("transformer_lens.model_bridge")
 pytestmark = pytest.mark.slow  # about 40-60 s on 2 cores (two bridges, several jaxlens compiles)
 
-from jaxlens import HookedTransformer, hook_names, testing  # noqa: E402
 from tl_reference import ATOL, close, legacy, np_  # noqa: E402
 from tl_reference import boot as tl_boot  # noqa: E402
+
+from jaxlens import HookedTransformer, hook_names, testing  # noqa: E402
 
 # Unequal sizes: d_model 72, 4 heads of 18, d_mlp 200, 3 layers, vocab 300 (the tiny tokenizer's size).
 HF_CONFIG = dict(n_embd=72, n_layer=3, n_head=4, n_inner=200, vocab_size=300, n_positions=40, bos_token_id=0,

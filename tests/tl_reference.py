@@ -1,5 +1,5 @@
-"""What the TransformerLens comparisons share: booting TL 4.3 offline on a saved model, its legacy hook names, and
-the fp32 comparison (TL's own policy: differences from 1e-4 up are suspect). Import after
+"""What the TransformerLens comparisons share: booting TL 4.3 offline on a saved model, its legacy hook names,
+and the fp32 comparison (TL's own policy: differences from 1e-4 up are suspect). Import after
 `pytest.importorskip("torch")` and `pytest.importorskip("transformer_lens.model_bridge")`."""
 
 import re
