@@ -12,10 +12,10 @@ and jaxlens (`from_pretrained_no_processing`). The loop, N calls, position `i % 
 to a ready result (`block_until_ready`; `torch.no_grad()`, 2 torch threads), the two libraries interleaved
 call by call. Reported: jaxlens's first call (compile + run), the median and min of its later calls, TL's
 median and min (and its first call), each's median process CPU time (less sensitive to other processes on
-a shared machine), the ratios of medians, the compiles the loop caused (`run_jit`'s cache
-entries) and the largest logit difference from TL. For comparison, the two other designs measured: the hook
-kept static by identity (the previous behaviour: one compile per call) and the calls run without jit
-(`jax.disable_jit()`), a few calls each.
+a shared machine), the ratios of medians, each library's forward without hooks (interleaved too), the
+compiles the loop caused (`run_jit`'s cache entries) and the largest logit difference from TL. For
+comparison, the two other designs measured: the hook kept static by identity (the previous behaviour: one
+compile per call) and the calls run without jit (`jax.disable_jit()`), a few calls each.
 
     python benchmarks/bench_hooks.py                 # writes benchmarks/results/hooks.json, prints a section
     python benchmarks/bench_hooks.py --calls 10 --no-tl
@@ -107,6 +107,13 @@ def tl_call(br, corrupted, clean, pos: int):
         return br.run_with_hooks(corrupted, fwd_hooks=[(NAME, hook)])
 
 
+def tl_forward(br, corrupted):
+    import torch
+
+    with torch.no_grad():
+        return br(corrupted)
+
+
 def summary(ms: list[float], cpu: list[float]) -> dict:
     later = ms[1:]
     return {"first_ms": ms[0], "median_ms": statistics.median(later), "min_ms": min(later), "calls": len(ms),
@@ -138,8 +145,10 @@ def main(argv=None) -> dict:
             _, tl_cache = br.run_with_cache(torch.as_tensor(clean_tokens), names_filter=NAME)
         tl_clean, tl_corrupted = tl_cache[NAME].clone(), torch.as_tensor(corrupted_tokens)
 
+    jax.block_until_ready(model(corrupted))  # the plain forward's program, compiled before the count starts
     entries0 = run_jit._cache_size()
     jl_ms, jl_cpu, tl_ms, tl_cpu, max_diff = [], [], [], [], 0.0
+    plain = {"jaxlens": [], "transformer_lens": []}  # the forward without hooks, interleaved with the loop
     for i in range(args.calls):
         pos = i % N_TOKENS
         ms, cpu, out = timed(lambda: jaxlens_call(model, corrupted, clean, pos))  # noqa: B023
@@ -150,6 +159,8 @@ def main(argv=None) -> dict:
             tl_ms.append(ms)
             tl_cpu.append(cpu)
             max_diff = max(max_diff, float(np.abs(np.asarray(out) - ref.numpy()).max()))
+            plain["transformer_lens"].append(timed(lambda: tl_forward(br, tl_corrupted))[0])
+        plain["jaxlens"].append(timed(lambda: jax.block_until_ready(model(corrupted)))[0])
     compiles = run_jit._cache_size() - entries0
 
     static = lambda i: jax.block_until_ready(  # noqa: E731
@@ -167,6 +178,7 @@ def main(argv=None) -> dict:
         "torch_threads": args.threads, "tokens": N_TOKENS, "hook": NAME,
         "versions": {"jax": jax.__version__},
         "jaxlens": {**summary(jl_ms, jl_cpu), "compiles": compiles},
+        "plain_forward_median_ms": {k: statistics.median(v[1:]) for k, v in plain.items() if v},
         "jaxlens_static_hook_previous": {"calls_ms": static_ms},
         "jaxlens_no_jit": {"calls_ms": eager_ms},
     }
@@ -208,6 +220,10 @@ def markdown(r: dict) -> str:
                      f"**{r['ratio_tl_over_jaxlens_median']:.2f}x** wall, "
                      f"{r['ratio_tl_over_jaxlens_median_cpu']:.2f}x process CPU time; max |logit difference| "
                      f"from TL: {r['max_abs_logit_diff_vs_tl']:.1e}.")
+    fwd = r["plain_forward_median_ms"]
+    names = {"jaxlens": "jaxlens", "transformer_lens": "TransformerLens"}
+    lines.append("The same model's forward without hooks, interleaved with the loop (median ms): "
+                 + ", ".join(f"{names[k]} {v:.1f}" for k, v in fwd.items()) + ".")
     lines.append(f"Other designs, same run: the hook static by identity (the previous behaviour, one compile "
                  f"per call): {fmt(r['jaxlens_static_hook_previous']['calls_ms'])} ms a call; without jit "
                  f"(`jax.disable_jit()`): {fmt(r['jaxlens_no_jit']['calls_ms'])} ms a call.")

@@ -296,7 +296,7 @@ def machine() -> dict:
     dev = jax.devices()[0]
     return dict(nproc=os.cpu_count(), cpu=model, backend=jax.default_backend(), device=str(dev.device_kind),
                 n_devices=jax.device_count(), jax=jax.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 load_average_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
 

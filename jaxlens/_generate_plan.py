@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxlens import hook_names
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.interventions import as_intervention
+from jaxlens.interventions import Fn, as_intervention
 
 MODES = ("auto", "prompt", "all", "absolute")
 
@@ -102,6 +102,8 @@ def _iv_kind(cfg: Config, name: str, iv, prompt_len: int, total_len: int, mode: 
     layer, _ = hook_names.parse(cfg, name)
     axes = hook_names.hook_axes(cfg, name).split()
     kind, sliced, unclear = ("prompt" if mode == "prompt" else "other"), [], None
+    if isinstance(iv, Fn):  # the arrays a hook function closes over are not per-position data
+        return kind, sliced
     for i, leaf in enumerate(jax.tree_util.tree_leaves(iv)):
         k, axis = _leaf_kind(jnp.asarray(leaf), axes, layer == "all", prompt_len, total_len, name, mode)
         if k == "prompt":

@@ -265,6 +265,7 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         from jaxlens.generate import generate_from_input
 
         del padding_side
+        interventions = active_hooks(self, interventions)  # an open `with model.hooks(...)` block's hooks
         return generate_from_input(
             self, input, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
             do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature, freq_penalty=freq_penalty,

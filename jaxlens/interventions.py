@@ -5,8 +5,8 @@
 
 A key with a layer index (`blocks.3.attn.hook_z`) addresses one layer; a key without it (`blocks.attn.hook_z`)
 addresses every layer, and each array leaf then carries a leading `layer` axis (which layer is patched is part
-of the mask, so it can be vmapped). Masks and values broadcast against the activation (lower rank means leading
-axes of size 1, as in NumPy). A list of interventions at one key is applied in order.
+of the mask, so it can be vmapped). Masks and values broadcast against the activation (lower rank means
+leading axes of size 1, as in NumPy). A list of interventions at one key is applied in order.
 
 Attribution patching is `jax.grad` of a metric with respect to `Add(delta=zeros)`.
 """
@@ -43,11 +43,12 @@ def _fit(hook: HookPoint, x: jax.Array, what: str, arr, cls: str) -> jax.Array:
             "If this is a stacked intervention, address the layer-free name (e.g. 'blocks.attn.hook_z')."
         )
     arr = arr.reshape((1,) * (x.ndim - arr.ndim) + arr.shape)
-    ok = all(a in (1, b) for a, b in zip(arr.shape, x.shape))
+    ok = all(a in (1, b) for a, b in zip(arr.shape, x.shape, strict=True))
     if not ok:
         raise InterventionError(
             f"{cls} at {hook.name!r}: {what} of shape {arr.shape} does not broadcast to the activation's "
-            f"shape {x.shape}. Give it the activation's shape, or size 1 on the axes it should broadcast over."
+            f"shape {x.shape}. Give it the activation's shape, or size 1 on the axes it should broadcast "
+            "over."
         )
     return arr
 
@@ -102,8 +103,8 @@ class Fn:
 
     A pytree: for a plain Python function (or a partial or bound method of one) the code is static and the
     arrays and numbers its closure, defaults and module globals hold are leaves, so a new function per call
-    with the same code compiles once (TL's loop idiom; see `jaxlens._hook_fn`). A hook that cannot trace with a
-    number as data (`x[:, :pos]`, `range(n)`) falls back to that number as a static value, at once and for
+    with the same code compiles once (TL's loop idiom; see `jaxlens._hook_fn`). A hook that cannot trace with
+    a number as data (`x[:, :pos]`, `range(n)`) falls back to that number as a static value, at once and for
     every later call of the same code. Any other callable is static, by identity.
 
     A hook must be pure: return the new activation (`x.at[:, :, h].set(v)`, not `x[:, :, h] = v`), and keep no
@@ -122,8 +123,8 @@ class Fn:
         if out is None:
             name = getattr(self.fn, "__name__", self.fn)
             raise InterventionError(
-                f"The hook function {name!r} at {hook.name!r} returned None. jaxlens hooks are pure: return the "
-                "new activation (return the input to leave it unchanged)."
+                f"The hook function {name!r} at {hook.name!r} returned None. jaxlens hooks are pure: "
+                "return the new activation (return the input to leave it unchanged)."
             )
         out = jnp.asarray(out)
         if out.shape != x.shape:
@@ -181,8 +182,8 @@ def axis_mask(axes: str, sizes: dict[str, int], **index) -> jax.Array:
     """A boolean mask over a hook's axes, True at the given indices, size 1 on every axis not indexed.
 
     Example: `axis_mask("batch pos head_index d_head", {"pos": 16, "head_index": 12}, pos=3, head_index=7)`
-    has shape [1, 16, 12, 1] and is True at (pos 3, head 7); with `hook_names.hook_axes(cfg, name)` for `axes`.
-    An index may be an int or a sequence of ints.
+    has shape [1, 16, 12, 1] and is True at (pos 3, head 7); with `hook_names.hook_axes(cfg, name)` for
+    `axes`. An index may be an int or a sequence of ints.
     """
     names = axes.split()
     out = jnp.ones((1,) * len(names), bool)
@@ -198,8 +199,8 @@ def axis_mask(axes: str, sizes: dict[str, int], **index) -> jax.Array:
 
 
 def ablate_heads(cfg, heads) -> dict[str, Scale]:
-    """Interventions zero-ablating the outputs (`attn.hook_z`) of the given (layer, head) pairs, one per layer:
-    `model(tokens, interventions=ablate_heads(cfg, [(5, 3), (5, 7), (9, 1)]))`.
+    """Interventions zero-ablating the outputs (`attn.hook_z`) of the given (layer, head) pairs, one per
+    layer: `model(tokens, interventions=ablate_heads(cfg, [(5, 3), (5, 7), (9, 1)]))`.
 
     Args:
         cfg: the model's Config (for n_layers and n_heads).
@@ -215,5 +216,6 @@ def ablate_heads(cfg, heads) -> dict[str, Scale]:
                                     f"{cfg.n_heads} heads.")
         by_layer.setdefault(int(l), []).append(int(h))
     axes = "batch pos head_index d_head"
-    return {f"blocks.{l}.attn.hook_z": zero_ablate(axis_mask(axes, {"head_index": cfg.n_heads}, head_index=hs))
+    return {f"blocks.{l}.attn.hook_z": zero_ablate(axis_mask(axes, {"head_index": cfg.n_heads},
+                                                             head_index=hs))
             for l, hs in by_layer.items()}

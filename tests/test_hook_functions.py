@@ -228,8 +228,6 @@ def test_hooks_context_applies_inside_the_block_only():
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="needs the block runner to apply a function at a layer-free key "
-                   "unscanned (its closure is not per layer); see jaxlens._hook_fn")
 def test_function_with_closure_at_layer_free_key():
     scale = 2.0
     got, _ = jaxlens.forward(PARAMS, CFG, TOKENS, interventions={
@@ -239,8 +237,6 @@ def test_function_with_closure_at_layer_free_key():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs generate's plan to leave a function's closure arrays alone (it "
-                   "reads array leaves as per-position data)")
 def test_generate_applies_function_with_closure_arrays_at_every_step():
     big = jnp.ones((2, 5, CFG.d_model))  # prompt-long on the pos axis: not per-position data of the hook
     kw = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False)

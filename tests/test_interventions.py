@@ -1,5 +1,5 @@
-"""Interventions as data: hand-computed ablations, vmap equals one-at-a-time, stacked keys equal single-layer keys,
-gradients through zero Adds."""
+"""Interventions as data: hand-computed ablations, vmap equals one-at-a-time, stacked keys equal single-layer
+keys, gradients through zero Adds."""
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,14 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, CFG.d_vocab, (2, 11)))
 
 def test_zero_ablating_one_head_matches_hand_computation():
     layer, head = 1, 3
-    _, cache = jaxlens.forward(PARAMS, CFG, TOKENS, cache_names=("blocks.1.attn.hook_z", "blocks.1.hook_resid_pre",
+    _, cache = jaxlens.forward(PARAMS, CFG, TOKENS, cache_names=("blocks.1.attn.hook_z",
+                                                                 "blocks.1.hook_resid_pre",
                                                                  "blocks.1.hook_attn_out"))
     mask = axis_mask("batch pos head_index d_head", {"head_index": CFG.n_heads}, head_index=head)
-    _, abl = jaxlens.forward(PARAMS, CFG, TOKENS, interventions={f"blocks.{layer}.attn.hook_z": zero_ablate(mask)},
-                             cache_names=("blocks.1.attn.hook_z", "blocks.1.hook_attn_out", "blocks.1.hook_resid_pre"))
+    _, abl = jaxlens.forward(PARAMS, CFG, TOKENS,
+                             interventions={f"blocks.{layer}.attn.hook_z": zero_ablate(mask)},
+                             cache_names=("blocks.1.attn.hook_z", "blocks.1.hook_attn_out",
+                                          "blocks.1.hook_resid_pre"))
     z = np.asarray(cache["blocks.1.attn.hook_z"])
     W_O = np.asarray(PARAMS["blocks"]["attn"]["W_O"][layer])
     # by hand: attn_out loses exactly head 3's contribution z[:, :, 3] @ W_O[3]
@@ -31,7 +34,8 @@ def test_zero_ablating_one_head_matches_hand_computation():
     assert np.all(z_abl[:, :, head] == 0)
     np.testing.assert_array_equal(np.delete(z_abl, head, axis=2), np.delete(z, head, axis=2))
     # nothing upstream changed
-    np.testing.assert_array_equal(np.asarray(abl["blocks.1.hook_resid_pre"]), np.asarray(cache["blocks.1.hook_resid_pre"]))
+    np.testing.assert_array_equal(np.asarray(abl["blocks.1.hook_resid_pre"]),
+                                  np.asarray(cache["blocks.1.hook_resid_pre"]))
 
 
 def test_run_with_hooks_function_equals_data_intervention(tmp_path):
@@ -46,7 +50,8 @@ def test_run_with_hooks_function_equals_data_intervention(tmp_path):
     want, _ = jaxlens.forward(PARAMS, CFG, TOKENS, interventions={"blocks.2.attn.hook_z": zero_ablate(mask)})
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     # hooks do not persist: the next plain run is the clean model
-    np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(jaxlens.forward(PARAMS, CFG, TOKENS)[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(jaxlens.forward(PARAMS, CFG, TOKENS)[0]),
+                               atol=1e-6)
 
 
 def test_filter_hooks_apply_to_every_matching_layer():
@@ -96,7 +101,8 @@ def test_patch_add_scale_semantics_at_a_global_hook():
         (mean_ablate(e.mean(0, keepdims=True)), jnp.broadcast_to(e.mean(0, keepdims=True), e.shape)),
         ([Add(delta), Scale(jnp.asarray(2.0))], (e + 1) * 2),
     ]:
-        _, got = jaxlens.forward(PARAMS, CFG, TOKENS, interventions={"hook_embed": iv}, cache_names=("hook_embed",))
+        _, got = jaxlens.forward(PARAMS, CFG, TOKENS, interventions={"hook_embed": iv},
+                                 cache_names=("hook_embed",))
         np.testing.assert_allclose(np.asarray(got["hook_embed"]), np.asarray(want), atol=1e-6)
 
 
@@ -138,7 +144,8 @@ def test_start_and_stop_at_layer_compose_to_full_forward():
     mid = model.forward(TOKENS, stop_at_layer=2)
     _, cache = model.run_with_cache(TOKENS, names_filter="blocks.2.hook_resid_pre")
     np.testing.assert_allclose(np.asarray(mid), np.asarray(cache["blocks.2.hook_resid_pre"]), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(model.forward(mid, start_at_layer=2)), np.asarray(model(TOKENS)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.forward(mid, start_at_layer=2)), np.asarray(model(TOKENS)),
+                               atol=1e-5)
 
 
 def test_fn_intervention_may_use_traced_layer_on_stacked_key():

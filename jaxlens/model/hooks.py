@@ -20,7 +20,8 @@ class Hooks:
         prefix: prepended to relative names for messages and `hook.name` ("blocks.{layer}." or "").
         layer: the layer index (a Python int, a traced scalar under scan, or None outside the blocks).
         here: relative name -> interventions applied at every call (already sliced to this layer).
-        at_layer: relative name -> [(layer, intervention)] applied only where `layer` equals the given layer.
+        at_layer: relative name -> [(layer, intervention)] applied only where `layer` equals the given layer
+            (at every layer for None).
         names_to_cache: relative names to record.
     """
 
@@ -43,6 +44,9 @@ class Hooks:
         for iv in self.here.get(name, ()):
             x = iv(x, HookPoint(self._full(name, self.layer), self.layer))
         for layer, iv in self.at_layer.get(name, ()):
+            if layer is None:  # every layer
+                x = iv(x, HookPoint(self._full(name, self.layer), self.layer))
+                continue
             hook = HookPoint(self._full(name, layer), layer)
             if isinstance(self.layer, int):
                 if self.layer == layer:

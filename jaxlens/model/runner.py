@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from jaxlens.config import Config
 from jaxlens.errors import InputError, InterventionError
 from jaxlens.hook_names import HookTable
-from jaxlens.interventions import as_intervention
+from jaxlens.interventions import Fn, as_intervention
 from jaxlens.model.attention import Context, KVState
 from jaxlens.model.block import block as decoder_block
 from jaxlens.model.hooks import Hooks
@@ -36,7 +36,8 @@ class BlockInterventions(NamedTuple):
     """Interventions on block hooks, split by how they address layers.
 
     stacked: relative name -> [intervention with a leading layer axis over the layers run].
-    at_layer: relative name -> [(layer, intervention)], applied where the running layer equals `layer`.
+    at_layer: relative name -> [(layer, intervention)], applied where the running layer equals `layer` (every
+        layer for None: a function at a layer-free name).
     """
 
     stacked: dict[str, list]
@@ -74,6 +75,9 @@ def split_interventions(table: HookTable, interventions: Mapping[str, Any] | Non
             glob.setdefault(rel, []).extend(ivs)
         elif layer == "all":
             for one in ivs:
+                if isinstance(one, Fn):  # a function serves every layer; its closure is not per layer
+                    at_layer.setdefault(rel, []).append((None, one))
+                    continue
                 for leaf in jax.tree_util.tree_leaves(one):
                     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != table.n_layers:
                         raise InterventionError(

@@ -2,7 +2,8 @@
 
     from jaxlens.patching import get_act_patch_attn_head_out_by_pos
     _, clean_cache = model.run_with_cache(clean_tokens)
-    grid = get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric)   # [layer pos head]
+    # grid: [layer pos head]
+    grid = get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric)
 
 Each function is one `sweep` (or a few, stacked, for the `*_every` helpers) and takes the sweep's options as
 keywords (`memory_budget`, `chunk_size`, `prefix_reuse`, `devices`, `checkpoint_dir`, `progress`, ...).
@@ -11,9 +12,10 @@ batch; keys and values sweep `n_key_value_heads` under grouped-query attention (
 with zeros to n_heads); the pattern sweeps are indexed (layer, head_index, dest_pos[, src_pos]).
 
 TransformerLens 4.3's calling conventions hold too (`tl_sweep`): `reduce="mean"|"none"` with a per-example
-metric, `baseline=True`, a mapping of metrics (a leading metric axis) and `index_df` rows; under `reduce="none"`,
-`baseline=True` or a mapping the result is a `PatchResult` laid out as TransformerLens's `PatchingResult`
-(`[metric?, *axes | row, example?]`), with its statistics; otherwise that result's values, as a jax array.
+metric, `baseline=True`, a mapping of metrics (a leading metric axis) and `index_df` rows; under
+`reduce="none"`, `baseline=True` or a mapping the result is a `PatchResult` laid out as TransformerLens's
+`PatchingResult` (`[metric?, *axes | row, example?]`), with its statistics; otherwise that result's values, as
+a jax array.
 
 `get_act_patch_direct_path` is path patching of one source head into later heads' query, key or value inputs;
 `get_act_patch_direct_path_all_sources` does it from every source head.
@@ -69,7 +71,8 @@ _RENAMES = {"head_index": "head", "dest_pos": "pos"}
 _TYPE_NAMES = {"attn_head_all_pos_every": ("out", "q", "k", "v", "pattern"),
                "attn_head_by_pos_every": ("out", "q", "k", "v", "pattern"),
                "block_every": ("resid_pre", "attn_out", "mlp_out")}
-_EVERY_AXES = {"attn_head_all_pos_every": ("layer", "head"), "attn_head_by_pos_every": ("layer", "pos", "head"),
+_EVERY_AXES = {"attn_head_all_pos_every": ("layer", "head"),
+               "attn_head_by_pos_every": ("layer", "pos", "head"),
                "block_every": ("layer", "pos")}
 _REDUCE = ("scalar", "mean", "none")
 
@@ -93,8 +96,8 @@ def _sweep_function(kind: str, summary: str) -> Callable:
               reduce: str = "scalar", baseline: bool = False, **options):
         if kind in EVERY:
             if index_df is not None or return_index_df:
-                raise InputError(f"get_act_patch_{kind} stacks whole grids; index_df and return_index_df apply "
-                                 "to the single sweeps (e.g. get_act_patch_attn_head_out_by_pos).")
+                raise InputError(f"get_act_patch_{kind} stacks whole grids; index_df and return_index_df "
+                                 "apply to the single sweeps (e.g. get_act_patch_attn_head_out_by_pos).")
             parts = []
             for part in EVERY[kind]:
                 opts = dict(options)
@@ -122,8 +125,8 @@ def _sweep_function(kind: str, summary: str) -> Callable:
         patching_metric: logits [batch pos d_vocab] -> scalar ([batch] under reduce="mean"/"none"), or a
             mapping of names to such functions (a leading metric axis).
         index_df, return_index_df, reduce, baseline: as TransformerLens 4.3 (see `tl_sweep`).
-        **options: `sweep` options (memory_budget, chunk_size, prefix_reuse, devices, checkpoint_dir, progress,
-            on_chunk).
+        **options: `sweep` options (memory_budget, chunk_size, prefix_reuse, devices, checkpoint_dir,
+            progress, on_chunk).
 
     Returns:
         The metric for each patch, shape {shape} (a jax array); a PatchResult in TransformerLens's layout
@@ -132,7 +135,8 @@ def _sweep_function(kind: str, summary: str) -> Callable:
     return patch
 
 
-_TL_AXES = {"attn_head_all_pos_every": ("n_layers", "n_heads"), "attn_head_by_pos_every": ("n_layers", "pos", "n_heads"),
+_TL_AXES = {"attn_head_all_pos_every": ("n_layers", "n_heads"),
+            "attn_head_by_pos_every": ("n_layers", "pos", "n_heads"),
             "block_every": ("n_layers", "pos")}
 
 
@@ -262,8 +266,8 @@ def _rows(index_df, axes: tuple, cfg) -> np.ndarray:
                          f"{cols if cols else type(index_df).__name__}.")
     arr = np.asarray(index_df.to_numpy())
     if arr.ndim != 2 or len(arr) == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"index_df must hold at least one row of integer indices; found {arr.dtype} values of "
-                         f"shape {arr.shape}.")
+        raise InputError(f"index_df must hold at least one row of integer indices; found {arr.dtype} values "
+                         f"of shape {arr.shape}.")
     rows = arr[:, [cols.index(a) for a in axes]].astype(np.int64)
     if (rows < 0).any():
         raise InputError("index_df holds negative indices; give each axis's index from 0.")
@@ -290,7 +294,8 @@ get_act_patch_attn_head_v_by_pos = _sweep_function(
 get_act_patch_attn_head_pattern_by_pos = _sweep_function(
     "attn_head_pattern_by_pos", "Patch each head's attention pattern row, by destination position.")
 get_act_patch_attn_head_pattern_dest_src_pos = _sweep_function(
-    "attn_head_pattern_dest_src_pos", "Patch each (destination, source) entry of each head's attention pattern.")
+    "attn_head_pattern_dest_src_pos",
+    "Patch each (destination, source) entry of each head's attention pattern.")
 get_act_patch_attn_head_out_all_pos = _sweep_function(
     "attn_head_out_all_pos", "Patch each head's output at every position.")
 get_act_patch_attn_head_q_all_pos = _sweep_function(
@@ -302,7 +307,8 @@ get_act_patch_attn_head_v_all_pos = _sweep_function(
 get_act_patch_attn_head_pattern_all_pos = _sweep_function(
     "attn_head_pattern_all_pos", "Patch each head's whole attention pattern.")
 get_act_patch_attn_head_all_pos_every = _sweep_function(
-    "attn_head_all_pos_every", "Every head patched at every position, for output, q, k, v and pattern, stacked.")
+    "attn_head_all_pos_every",
+    "Every head patched at every position, for output, q, k, v and pattern, stacked.")
 get_act_patch_attn_head_by_pos_every = _sweep_function(
     "attn_head_by_pos_every", "Every head patched by position, for output, q, k, v and pattern, stacked.")
 get_act_patch_block_every = _sweep_function(
@@ -310,9 +316,9 @@ get_act_patch_block_every = _sweep_function(
 
 
 # TransformerLens's setters, each "copy the clean value at this index, across the batch": what a sweep does.
-_TL_SETTERS = ("layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
-               "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
-               "layer_head_dest_src_pos_pattern_patch_setter")
+_TL_SETTERS = ("layer_pos_patch_setter", "layer_pos_head_vector_patch_setter",
+               "layer_head_vector_patch_setter", "layer_head_pattern_patch_setter",
+               "layer_head_pos_pattern_patch_setter", "layer_head_dest_src_pos_pattern_patch_setter")
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter=None,
@@ -339,8 +345,8 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         raise InputError("generic_activation_patch needs activation_name (e.g. 'z') and index_axis_names "
                          "(e.g. ('layer', 'pos', 'head_index')) or an index_df whose columns name the axes.")
     return tl_sweep(model, corrupted_tokens, clean_cache, patching_metric, activation_name,
-                    tuple(index_axis_names), index_df=index_df, return_index_df=return_index_df, reduce=reduce,
-                    baseline=baseline, **options)
+                    tuple(index_axis_names), index_df=index_df, return_index_df=return_index_df,
+                    reduce=reduce, baseline=baseline, **options)
 
 
 def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,
@@ -353,8 +359,8 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
     (hook_<component>_input), becomes `resid_pre_corrupted[l] + delta` at every position, where
     `delta = (z_clean - z_corrupted)[:, :, src_head] @ W_O[src_layer, src_head]` is the source head's
     clean-minus-corrupted write to the residual stream (without b_O). Every other reader, including head B's
-    other inputs, the MLPs and other heads, still sees the corrupted residual; ln1 is recomputed on the patched
-    input (exact, folded LayerNorm or not); everything downstream of head B then runs normally. As
+    other inputs, the MLPs and other heads, still sees the corrupted residual; ln1 is recomputed on the
+    patched input (exact, folded LayerNorm or not); everything downstream of head B then runs normally. As
     TransformerLens 4.3's `get_act_patch_direct_path`.
 
     Args:
@@ -369,15 +375,16 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
         **options: `sweep` options.
 
     Returns:
-        [n_layers, n_heads] (n_key_value_heads for "k"/"v" under grouped-query attention): the metric with the
-        path into each head patched; rows l <= src_layer are 0.0 placeholders, as in TransformerLens.
+        [n_layers, n_heads] (n_key_value_heads for "k"/"v" under grouped-query attention): the metric with
+        the path into each head patched; rows l <= src_layer are 0.0 placeholders, as in TransformerLens.
 
     Raises:
-        InputError: a component other than q/k/v, a source head outside the model, or a model whose attention
-            output is normalised before the residual add (Gemma-2 ln1_post), where a head's write is not z @ W_O.
+        InputError: a component other than q/k/v, a source head outside the model, or a model whose
+            attention output is normalised before the residual add (Gemma-2 ln1_post), where a head's write is
+            not z @ W_O.
 
-    Unlike TransformerLens, which refuses "k"/"v" under grouped-query attention, this patches the shared key or
-    value head's input (columns are key/value heads).
+    Unlike TransformerLens, which refuses "k"/"v" under grouped-query attention, this patches the shared key
+    or value head's input (columns are key/value heads).
     """
     cfg, params = model.cfg, model.params
     if component not in ("q", "k", "v"):
@@ -386,13 +393,15 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
         raise InputError(f"Source head ({src_layer}, {src_head}) is outside the model "
                          f"({cfg.n_layers} layers x {cfg.n_heads} heads).")
     if cfg.use_normalization_before_and_after:
-        raise InputError("Direct path patching needs each head's residual write to be z @ W_O, but this model "
-                         "normalises the attention output (ln1_post) before adding it to the residual stream. "
-                         "Use get_act_patch_attn_head_out_by_pos or a sweep over attn.hook_z instead.")
+        raise InputError("Direct path patching needs each head's residual write to be z @ W_O, but this "
+                         "model normalises the attention output (ln1_post) before adding it to the residual "
+                         "stream. Use get_act_patch_attn_head_out_by_pos or a sweep over attn.hook_z "
+                         "instead.")
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     z_name = f"blocks.{src_layer}.attn.hook_z"
     corr = cached_run(params, cfg, tokens, ("blocks.hook_resid_pre", z_name))[1]
-    z_corr = corrupted_cache[z_name] if corrupted_cache is not None and z_name in corrupted_cache else corr[z_name]
+    z_corr = (corrupted_cache[z_name] if corrupted_cache is not None and z_name in corrupted_cache
+              else corr[z_name])
     if isinstance(clean_cache, (jax.Array, np.ndarray)):
         z_clean = cached_run(params, cfg, check_tokens(jnp.asarray(clean_cache), cfg), (z_name,))[1][z_name]
     else:
@@ -407,15 +416,16 @@ def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_ca
                              **options))
 
 
-def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,
-                                          component: str = "q", verbose: bool = True,
+def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, corrupted_cache,
+                                          patching_metric, component: str = "q", verbose: bool = True,
                                           **options) -> Float[Array, "n_layers n_heads n_layers n_heads"]:
     """`get_act_patch_direct_path` from every source head, as TransformerLens 4.3's function of this name.
 
     Returns:
-        [n_layers, n_heads, n_layers, n_heads] (the last axis n_key_value_heads for "k"/"v" under grouped-query
-        attention): `[sl, sh, dl, dh]` is the metric with the path from head (sl, sh) into head (dl, dh)
-        patched, 0.0 where dl <= sl. One sweep per source head; the compiled chunk functions are shared.
+        [n_layers, n_heads, n_layers, n_heads] (the last axis n_key_value_heads for "k"/"v" under
+        grouped-query attention): `[sl, sh, dl, dh]` is the metric with the path from head (sl, sh) into head
+        (dl, dh) patched, 0.0 where dl <= sl. One sweep per source head; the compiled chunk functions are
+        shared.
     """
     cfg = model.cfg
     options["progress"] = False
@@ -423,6 +433,7 @@ def get_act_patch_direct_path_all_sources(model, corrupted_tokens, clean_cache, 
     out = np.zeros((cfg.n_layers, cfg.n_heads, cfg.n_layers, n_dst), np.float32)
     sources = [(sl, sh) for sl in range(cfg.n_layers - 1) for sh in range(cfg.n_heads)]
     for sl, sh in tqdm(sources, desc=f"direct paths from every head [{component}]", disable=not verbose):
-        out[sl, sh] = np.asarray(get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache,
-                                                           patching_metric, sl, sh, component, **options))
+        out[sl, sh] = np.asarray(get_act_patch_direct_path(model, corrupted_tokens, clean_cache,
+                                                           corrupted_cache, patching_metric, sl, sh,
+                                                           component, **options))
     return jnp.asarray(out)

@@ -30,8 +30,8 @@ from jaxlens.patching.prepare import check_metric, source_activation
 from jaxlens.patching.result import PatchResult
 
 
-def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *, hook: str, axes: Sequence[str],
-                      metric_names: Sequence[str] | None = None) -> PatchResult:
+def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *, hook: str,
+                      axes: Sequence[str], metric_names: Sequence[str] | None = None) -> PatchResult:
     """The gradient estimate of `sweep(...)` with the same arguments: estimated metric values per cell.
 
     Returns:
@@ -42,7 +42,7 @@ def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *,
 
 def attribution_sweeps(params, cfg, corrupted_tokens, clean, metric: Callable, specs, metric_names=None
                        ) -> list[PatchResult]:
-    """Several grids [(hook, axes), ...] from one corrupted forward and one backward pass (per metric entry)."""
+    """Several grids [(hook, axes), ...] from one corrupted forward and one backward pass per metric entry."""
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     targets = [resolve_target(cfg, h, a) for h, a in specs]
     names = tuple(dict.fromkeys(t.full_name for t in targets))

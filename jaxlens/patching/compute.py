@@ -37,9 +37,10 @@ from jaxlens.patching.plan import POS_AXES, Target
 # Block hooks whose value at query position p reaches the block's output at position p only (they lie after
 # the layer's keys and values are computed, or feed only the queries).
 POINTWISE = frozenset({
-    "hook_q_input", "attn.hook_q", "attn.hook_rot_q", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-    "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "hook_mlp_in",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+    "hook_q_input", "attn.hook_q", "attn.hook_rot_q", "attn.hook_attn_scores", "attn.hook_pattern",
+    "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
+    "ln2.hook_normalized", "hook_mlp_in", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "hook_mlp_out", "hook_resid_post",
 })
 
 
@@ -146,7 +147,8 @@ def _point_then_blocks(spec: ChunkSpec, params, data, layer, idx):
     ivs = BlockInterventions({}, {t.rel: [(layer, iv)]})
     out = run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=jnp.asarray(layer), stop=layer + 1,
                      kv=KVState(data["k"], data["v"]))[0]
-    nxt = jnp.where(layer + 1 < L, take(data["resid_pre"], jnp.minimum(layer + 1, L - 1)), data["final_resid"])
+    nxt = jnp.where(layer + 1 < L, take(data["resid_pre"], jnp.minimum(layer + 1, L - 1)),
+                    data["final_resid"])
     win = jax.lax.dynamic_update_slice_in_dim(nxt[:, w0:], out.astype(nxt.dtype), p - w0, axis=1)
     return _blocks(spec, params, data, win, layer + 1, None)
 

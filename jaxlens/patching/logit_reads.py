@@ -2,10 +2,10 @@
 
 A patching metric usually reads a handful of logits (`logits[:, -1, answer] - logits[:, -1, wrong]`), yet the
 unembedding of every position and every vocabulary entry is about a third of a GPT-2-small forward, and XLA
-does not push a gather through the matmul that produced its operand. This module reads the metric's jaxpr: when
-every use of the logits is pure data movement with indices fixed in advance (static slices, squeezes, reshapes,
-gathers and dynamic slices whose indices do not depend on the logits), it finds the (position, vocabulary)
-entries the metric can see and rebuilds the metric as a function of a small rectangle of logits,
+does not push a gather through the matmul that produced its operand. This module reads the metric's jaxpr:
+when every use of the logits is pure data movement with indices fixed in advance (static slices, squeezes,
+reshapes, gathers and dynamic slices whose indices do not depend on the logits), it finds the (position,
+vocabulary) entries the metric can see and rebuilds the metric as a function of a small rectangle of logits,
 `[batch, len(positions), len(vocab)]`. Anything else (a `log_softmax` over the whole vocabulary, say) still
 restricts the positions when it is reached through a slice, and falls back to full logits otherwise.
 
@@ -93,8 +93,8 @@ class LogitReads:
             where = bi * (n_pos * n_voc) + pos_rank[pi] * n_voc + voc_rank[vi]
             return flat[jnp.asarray(where, jnp.int32)].astype(x.dtype)
 
-        (out,) = _interpret(self.closed.jaxpr, self.closed.consts, [_Idx(_iota(self.shape), sub_logits.dtype)],
-                            materialise)
+        (out,) = _interpret(self.closed.jaxpr, self.closed.consts,
+                            [_Idx(_iota(self.shape), sub_logits.dtype)], materialise)
         return _value(out)
 
 

@@ -1,4 +1,4 @@
-"""Planning a sweep: which cells, where each can start, how they group into compiled window lengths and chunks.
+"""Planning a sweep: which cells, where each starts, how they group into compiled window lengths and chunks.
 
 A cell is one patched forward: one index on each swept axis (layer, pos, head, ...). Planning happens on the
 host, before anything compiles:
@@ -11,7 +11,8 @@ host, before anything compiles:
   target run's metric.
 - Windows: cells run only positions [P - S, P) for a few static lengths S (chosen to minimise the positions
   computed, weighted by the layers each cell runs), reusing the target run's keys and values before that.
-- Chunks: cells of one (window, layer) group, as many as fit the memory budget, a multiple of the device count.
+- Chunks: cells of one (window, layer) group, as many as fit the memory budget, a multiple of the device
+  count.
 
 Every cell ends with a `CellStatus`: computed, a no-op, or outside the layers asked for. `sweeping.plan_sweep`
 reports a plan without running it.
@@ -98,8 +99,9 @@ def resolve_target(cfg: Config, hook: str, axes) -> Target:
     if len(set(mapped)) != len(mapped):
         raise InputError(f"Sweep axes {axes} name the same axis twice (as {mapped}).")
     if kind == "block" and "layer" not in mapped:
-        raise InputError(f"{hook!r} is a per-layer hook: include 'layer' in the swept axes, e.g. ('layer', "
-                         f"{', '.join(repr(a) for a in axes)}), and restrict layers with `layers=` if needed.")
+        raise InputError(f"{hook!r} is a per-layer hook: include 'layer' in the swept axes, e.g. "
+                         f"('layer', {', '.join(repr(a) for a in axes)}), and restrict layers with `layers=` "
+                         "if needed.")
     return Target(cfg, rel, kind, act_axes, axes, tuple(mapped))
 
 
@@ -115,8 +117,9 @@ def _act_axis(ax: str, act_axes: tuple[str, ...], kind: str, hook: str) -> str:
         cand = "query_pos"
     if cand not in act_axes or cand in ("batch", "1"):
         sweepable = [a for a in act_axes if a not in ("batch", "1")] + (["layer"] if kind == "block" else [])
-        raise InputError(f"Cannot sweep axis {ax!r} of {hook!r}: its activation has axes {' '.join(act_axes)}. "
-                         f"Sweep some of {sweepable} (aliases: head, dest_pos, src_pos, neuron).")
+        raise InputError(f"Cannot sweep axis {ax!r} of {hook!r}: its activation has axes "
+                         f"{' '.join(act_axes)}. Sweep some of {sweepable} "
+                         "(aliases: head, dest_pos, src_pos, neuron).")
     return cand
 
 
@@ -174,7 +177,8 @@ def make_plan(target: Target, sizes: dict, diff: np.ndarray | None, n_pos: int, 
         InputError: the budget cannot hold one patch.
     """
     shape = tuple(sizes[a] for a in target.act_of_axis)
-    idx = np.indices(shape).reshape(len(shape), -1).T.astype(np.int32) if shape else np.zeros((1, 0), np.int32)
+    idx = (np.indices(shape).reshape(len(shape), -1).T.astype(np.int32) if shape
+           else np.zeros((1, 0), np.int32))
     n = idx.shape[0]
     li = target.act_of_axis.index("layer") if "layer" in target.act_of_axis else None
     layer = idx[:, li] if li is not None else np.zeros(n, np.int32)
@@ -200,8 +204,9 @@ def make_plan(target: Target, sizes: dict, diff: np.ndarray | None, n_pos: int, 
         cap = budget // max(need, 1)
         if cap < 1:
             raise InputError(
-                f"The memory budget of {budget:,} bytes per device is too small for one patch: a patched forward "
-                f"over {S} positions needs about {need:,} bytes. Raise memory_budget (or leave it unset)."
+                f"The memory budget of {budget:,} bytes per device is too small for one patch: a patched "
+                f"forward over {S} positions needs about {need:,} bytes. Raise memory_budget (or leave it "
+                "unset)."
             )
         C = chunk_size if chunk_size is not None else _best_chunk([len(g) for g in groups], cap * n_devices)
         C = -(-max(int(C), 1) // n_devices) * n_devices
@@ -244,7 +249,10 @@ def _p_start(target: Target, idx: np.ndarray, diff: np.ndarray | None, n_pos: in
 
 
 def _choose_windows(lengths: np.ndarray, weight: np.ndarray, k_max: int) -> tuple[int, ...]:
-    """At most k_max window lengths minimising sum(weight * window) with window >= length (dynamic program)."""
+    """At most k_max window lengths minimising sum(weight * window) with window >= length.
+
+    A dynamic program over the distinct lengths.
+    """
     u, inv = np.unique(lengths, return_inverse=True)
     w = np.bincount(inv, weights=weight)
     n, k_max = len(u), max(1, min(k_max, len(u)))

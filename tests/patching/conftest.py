@@ -1,4 +1,4 @@
-"""Tiny random models, prompt pairs and a plain reference (one patched forward per cell) for patching tests."""
+"""Patching tests: tiny random models, prompt pairs and a plain reference (one patched forward per cell)."""
 
 import functools
 import types
@@ -65,7 +65,7 @@ RELS = ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "at
 
 
 class Setup:
-    """A model, a prompt pair, the clean cache (per-layer TL names, as run_with_cache gives) and the metric."""
+    """A model, a prompt pair, the clean cache (per-layer TL names, like run_with_cache's) and the metric."""
 
     def __init__(self, cfg: Config, seed: int):
         self.cfg = cfg
@@ -125,8 +125,8 @@ def ref():
 def reference(s: Setup, rel: str, cells, source=None, metric=None):
     """Plain reference: for each (grid index, layer, activation index) one patched forward.
 
-    The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`, source stacked over layers)
-    where the index selects; the other layers and entries keep the corrupted run's values.
+    The activation at blocks.<layer>.<rel> gets the clean value (or `source[layer]`, source stacked over
+    layers) where the index selects; the other layers and entries keep the corrupted run's values.
     """
     rels = RELS if rel in RELS else (rel,)
     values = {r: s.stacked[r] for r in rels if r != rel}
@@ -137,7 +137,8 @@ def reference(s: Setup, rel: str, cells, source=None, metric=None):
     for where, layer, index in cells:
         mask = np.zeros(values[rel].shape, bool)
         mask[(layer,) + tuple(index)] = True
-        out[where] = np.asarray(fn(s.params, s.corrupted, values, {**off, rel: jnp.asarray(mask)}), np.float64)
+        out[where] = np.asarray(fn(s.params, s.corrupted, values, {**off, rel: jnp.asarray(mask)}),
+                                np.float64)
     shape = tuple(max(w[i] for w in out) + 1 for i in range(len(next(iter(out)))))
     grid = np.zeros(shape + next(iter(out.values())).shape, np.float64)  # a trailing axis for vector metrics
     for where, v in out.items():
@@ -147,5 +148,5 @@ def reference(s: Setup, rel: str, cells, source=None, metric=None):
 
 @pytest.fixture(scope="session")
 def reftools():
-    """The reference's pieces, for tests that build on them: RELS, the jitted forward and `_patched_metric`."""
+    """The reference's pieces, for tests building on them: RELS, the jitted forward and `_patched_metric`."""
     return types.SimpleNamespace(RELS=RELS, forward=_forward, patched_metric=_patched_metric)

@@ -1,7 +1,7 @@
 """The general sweep: identical results whatever the chunking, reuse, windows and devices; resume after an
 interrupt; batches of prompt pairs; the result object; bad input.
 
-Reference values come from the plain per-cell reference in conftest.py (one patched `jaxlens.forward` per cell).
+Reference values come from conftest.py's plain per-cell reference (one patched `jaxlens.forward` per cell).
 """
 
 import jax
@@ -63,8 +63,8 @@ def test_resume_after_interrupt_computes_only_missing_chunks(gpt2, tmp_path):
             raise KeyboardInterrupt("simulated interrupt")
 
     with pytest.raises(KeyboardInterrupt):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path, on_chunk=interrupt,
-                       **kw)
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, checkpoint_dir=tmp_path,
+                       on_chunk=interrupt, **kw)
     total = calls[0][1]
     assert total > 4 and len(list(tmp_path.glob("chunk_*.npz"))) == 4
     calls.clear()
@@ -99,8 +99,9 @@ def test_memory_budget_chunks_and_progress_bar(gpt2, capsys):
     err = capsys.readouterr().err
     assert "patching" in err and f"{totals[-1]}/{totals[-1]}" in err  # the tqdm bar over chunks
     assert default_budget(jax.devices()[0]) >= 2**20
-    with pytest.raises(InputError, match=r"memory budget of 1,000 bytes per device is too small for one patch.*"
-                                         r"needs about [\d,]+ bytes.*Raise memory_budget"):
+    with pytest.raises(InputError,
+                       match=r"memory budget of 1,000 bytes per device is too small for one patch.*"
+                             r"needs about [\d,]+ bytes.*Raise memory_budget"):
         patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, memory_budget=1000, **kw)
 
 
@@ -113,11 +114,12 @@ def first_example(logits):
 
 
 def test_batch_each_index_patched_across_the_batch(gpt2):
-    """A batch of two prompt pairs: patching a cell patches both; per-example metrics equal single-pair sweeps,
-    and their mean equals the batch-mean metric."""
+    """A batch of two prompt pairs: patching a cell patches both; per-example metrics equal single-pair
+    sweeps, and their mean equals the batch-mean metric."""
     s = gpt2
     kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), progress=False, max_windows=1)
-    both = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, metric_names=("ex0", "ex1"), **kw)
+    both = patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, metric_names=("ex0", "ex1"),
+                          **kw)
     assert both.axes == ("layer", "pos", "metric") and both.labels[-1] == ("ex0", "ex1")
     for b in range(2):
         cache_b = {k: v[b:b + 1] for k, v in s.cache.items() if "resid_pre" in k}
@@ -157,37 +159,43 @@ def test_bad_input_errors(gpt2):
     s = gpt2
     kw = dict(progress=False, max_windows=1)
     resid = s.stacked["hook_resid_pre"]
-    with pytest.raises(InputError, match=r"clean activation 'blocks.hook_resid_pre' has shape \(3, 2, 6, 40\), "
-                                         r"the corrupted run's has \(3, 2, 7, 40\).*same shape \[batch pos\]"):
+    with pytest.raises(InputError,
+                       match=r"clean activation 'blocks.hook_resid_pre' has shape \(3, 2, 6, 40\), "
+                             r"the corrupted run's has \(3, 2, 7, 40\).*same shape \[batch pos\]"):
         patching.sweep(s.params, s.cfg, s.corrupted, {"blocks.hook_resid_pre": resid[:, :, :6]}, s.metric,
                        hook="resid_pre", axes=("layer", "pos"), **kw)
     with pytest.raises(InputError, match=r"clean cache holds no 'blocks.hook_mlp_out'.*run_with_cache"):
         patching.sweep(s.params, s.cfg, s.corrupted, {"blocks.hook_resid_pre": resid}, s.metric,
                        hook="mlp_out", axes=("layer", "pos"), **kw)
-    with pytest.raises(InputError, match=r"metric must return a scalar array; found shape \(2,\).*\.mean\(\).*"
-                                         r"metric_names"):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre", axes=("layer", "pos"),
-                       **kw)
-    with pytest.raises(InputError, match=r"scalar array of shape \(3,\); found shape \(2,\).*3 values, one per"):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre", axes=("layer", "pos"),
-                       metric_names=("a", "b", "c"), **kw)
+    with pytest.raises(InputError,
+                       match=r"metric must return a scalar array; found shape \(2,\).*\.mean\(\).*"
+                             r"metric_names"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre",
+                       axes=("layer", "pos"), **kw)
+    with pytest.raises(InputError,
+                       match=r"scalar array of shape \(3,\); found shape \(2,\).*3 values, one per"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, per_example, hook="resid_pre",
+                       axes=("layer", "pos"), metric_names=("a", "b", "c"), **kw)
     with pytest.raises(InputError, match=r"found a float"):
         patching.sweep(s.params, s.cfg, s.corrupted, s.cache, lambda x: 1.0, hook="resid_pre",
                        axes=("layer", "pos"), **kw)
-    with pytest.raises(UnknownHookError, match=r"No hook point named 'attn.hook_zz'.*Did you mean 'attn.hook_z'"):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_zz", axes=("layer",), **kw)
+    with pytest.raises(UnknownHookError,
+                       match=r"No hook point named 'attn.hook_zz'.*Did you mean 'attn.hook_z'"):
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_zz", axes=("layer",),
+                       **kw)
     with pytest.raises(InputError, match=r"Cannot sweep axis 'd_vocab' of 'attn.hook_z'.*axes batch pos "
                                          r"head_index d_head"):
         patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z",
                        axes=("layer", "d_vocab"), **kw)
     with pytest.raises(InputError, match=r"per-layer hook: include 'layer'"):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z", axes=("head",), **kw)
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="attn.hook_z", axes=("head",),
+                       **kw)
     with pytest.raises(InputError, match=r"names one layer.*layers="):
         patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="blocks.1.attn.hook_z",
                        axes=("layer",), **kw)
     with pytest.raises(InputError, match=r"labels\['pos'\] has 2 entries for an axis of size 7"):
-        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="resid_pre", axes=("layer", "pos"),
-                       labels={"pos": ["a", "b"]}, **kw)
+        patching.sweep(s.params, s.cfg, s.corrupted, s.cache, s.metric, hook="resid_pre",
+                       axes=("layer", "pos"), labels={"pos": ["a", "b"]}, **kw)
     with pytest.raises(InputError, match=r"rank\(by=...\) must be 'abs', 'max' or 'min'; found 'median'"):
         patching.PatchResult(np.zeros((2,)), ("pos",), ((0, 1),)).rank("median")
 
@@ -196,8 +204,8 @@ def test_embedding_hook_without_layer_axis(gpt2):
     """A hook outside the blocks (hook_embed), swept by position only; the clean embedding is W_E[clean]."""
     s = gpt2
     clean_embed = s.params["embed"]["W_E"][s.clean]  # [batch pos d_model], by hand
-    res = patching.sweep(s.params, s.cfg, s.corrupted, clean_embed, s.metric, hook="hook_embed", axes=("pos",),
-                         progress=False, max_windows=1)
+    res = patching.sweep(s.params, s.cfg, s.corrupted, clean_embed, s.metric, hook="hook_embed",
+                         axes=("pos",), progress=False, max_windows=1)
     assert res.axes == ("pos",) and res.shape == (s.corrupted.shape[1],)
     patched = jax.jit(lambda mask: s.metric(jaxlens.forward(
         s.params, s.cfg, s.corrupted, interventions={"hook_embed": jaxlens.Patch(clean_embed, mask)})[0]))
@@ -216,7 +224,8 @@ def test_rounding_noise_in_the_clean_cache_does_not_count_as_a_change(gpt2):
     s = gpt2
     cfg = s.cfg
     src = np.asarray(s.stacked["hook_resid_pre"])  # [layer batch pos d_model]
-    shared = int(np.flatnonzero((np.asarray(s.corrupted) != np.asarray(s.clean)).any(0))[0])  # first changed pos
+    # first changed pos
+    shared = int(np.flatnonzero((np.asarray(s.corrupted) != np.asarray(s.clean)).any(0))[0])
     noisy = src * (1 + 1e-7 * np.random.default_rng(0).standard_normal(src.shape)).astype(np.float32)
     kw = dict(hook="hook_resid_pre", axes=("layer", "pos"), progress=False, max_windows=1)
     exact = patching.sweep(s.params, cfg, s.corrupted, src, s.metric, **kw)
@@ -247,4 +256,5 @@ def test_one_position_patched_block_where_only_that_position_can_change(gpt2):
     assert point("attn_out", ("layer", "pos")) and point("resid_mid", ("layer", "pos"))
     assert not point("k", ("layer", "pos", "head")) and not point("v", ("layer", "pos", "head"))
     assert not point("resid_pre", ("layer", "pos")) and not point("z", ("layer", "head"))
-    assert not point("pattern", ("layer", "head_index")) and not point("z", ("layer", "pos", "head"), reuse=False)
+    assert not point("pattern", ("layer", "head_index"))
+    assert not point("z", ("layer", "pos", "head"), reuse=False)

@@ -29,7 +29,8 @@ def test_per_example_values_baseline_and_mapping_equal_the_reference(gpt2, ref):
     cells = [((l, p), l, (slice(None), p)) for l, p in itertools.product(range(L), range(N_POS))]
     want_ld = ref(s, "hook_resid_pre", cells, metric=per_example)  # [layer pos batch]
     want_top = ref(s, "hook_resid_pre", cells, metric=top_logit)
-    res = patching.get_act_patch_resid_pre(s.model, s.corrupted, s.cache, {"ld": per_example, "top": top_logit},
+    res = patching.get_act_patch_resid_pre(s.model, s.corrupted, s.cache,
+                                           {"ld": per_example, "top": top_logit},
                                            reduce="none", baseline=True, progress=False)
     assert res.values.shape == (2, L, N_POS, 2) and res.metric_names == ["ld", "top"]
     np.testing.assert_allclose(res.values[0], want_ld, atol=1e-5)
@@ -65,9 +66,10 @@ def test_statistics_by_hand():
     lo, hi = const.bootstrap_ci()
     np.testing.assert_allclose(lo, 0.5)
     np.testing.assert_allclose(hi, 0.5)
-    # Monte Carlo (n > 12): all-equal positive effects are extreme (2 of 2**20 patterns tie), symmetric ones are not
-    big = PatchResult(np.stack([np.ones(20), np.tile([1.0, -1.0], 10)]).astype(np.float32), ("layer", "example"),
-                      baseline=np.zeros(20, np.float32), name="m")
+    # Monte Carlo (n > 12): all-equal positive effects are extreme (2 of 2**20 patterns tie),
+    # symmetric ones are not
+    big = PatchResult(np.stack([np.ones(20), np.tile([1.0, -1.0], 10)]).astype(np.float32),
+                      ("layer", "example"), baseline=np.zeros(20, np.float32), name="m")
     p = big.permutation_pvalue(n_permutations=999)
     assert p[0] == pytest.approx(1 / 1000) and p[1] == pytest.approx(1.0)
     assert list(r.index_df.itertuples(index=False, name=None))[:3] == [(0, 0), (0, 1), (0, 2)]
@@ -79,20 +81,20 @@ def test_index_df_rows_equal_the_full_grid(gpt2):
     grid = np.asarray(patching.get_act_patch_attn_head_out_by_pos(s.model, s.corrupted, s.cache, s.metric,
                                                                   progress=False))
     rows = pd.DataFrame([[1, 6, 2], [0, 4, 0], [1, 0, 3]], columns=["layer", "pos", "head"])
-    got, df = patching.get_act_patch_attn_head_out_by_pos(s.model, s.corrupted, s.cache, s.metric, index_df=rows,
-                                                          return_index_df=True, progress=False)
+    got, df = patching.get_act_patch_attn_head_out_by_pos(s.model, s.corrupted, s.cache, s.metric,
+                                                          index_df=rows, return_index_df=True, progress=False)
     np.testing.assert_allclose(np.asarray(got), grid[rows["layer"], rows["pos"], rows["head"]], atol=1e-6)
     assert df.equals(rows)
-    typed = patching.get_act_patch_attn_head_out_by_pos(s.model, s.corrupted, s.cache, per_example, index_df=rows,
-                                                        reduce="none", progress=False)
+    typed = patching.get_act_patch_attn_head_out_by_pos(s.model, s.corrupted, s.cache, per_example,
+                                                        index_df=rows, reduce="none", progress=False)
     assert typed.values.shape == (3, 2) and typed.axis_names == [] and typed.index_df.equals(rows)
 
 
 def test_bad_tl_options_are_clear_errors(gpt2):
     pd = pytest.importorskip("pandas")
     s = gpt2
-    call = lambda metric=per_example, **kw: patching.get_act_patch_resid_pre(s.model, s.corrupted, s.cache, metric,
-                                                                             progress=False, **kw)
+    call = lambda metric=per_example, **kw: patching.get_act_patch_resid_pre(
+        s.model, s.corrupted, s.cache, metric, progress=False, **kw)
     with pytest.raises(InputError, match="reduce must be one of"):
         call(reduce="sum")
     with pytest.raises(InputError, match=r"must return a \[batch\] array of length 2.*found shape \(\)"):

@@ -1,8 +1,8 @@
 """jaxlens's patching functions against TransformerLens 4.3's own on the same random Hugging Face GPT-2.
 
 TransformerLens boots the saved directory through `TransformerBridge` in compatibility mode without weight
-processing; jaxlens loads it with `from_pretrained_no_processing`. Each side builds its own clean cache and runs
-its own patching function; the grids must agree to 1e-4. Skips when transformer_lens is not installed.
+processing; jaxlens loads it with `from_pretrained_no_processing`. Each side builds its own clean cache and
+runs its own patching function; the grids must agree to 1e-4. Skips when transformer_lens is not installed.
 """
 
 import numpy as np
@@ -30,7 +30,8 @@ def metric(logits):
 def both(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2_patching_tl")
     hf = testing.random_hf_model("GPT2Config", "GPT2LMHeadModel", seed=5, **HF_CONFIG)
-    with torch.no_grad():  # GPT-2's init (std 0.02) barely lets a patch move the metric: scale the matrices up
+    # GPT-2's init (std 0.02) barely lets a patch move the metric: scale the matrices up
+    with torch.no_grad():
         for p in hf.parameters():
             if p.ndim == 2:
                 p.mul_(8.0)
@@ -46,7 +47,8 @@ def both(tmp_path_factory):
     with torch.no_grad():
         _, tl_cache = br.run_with_cache(torch.from_numpy(clean).long())
         _, tl_corr_cache = br.run_with_cache(torch.from_numpy(corrupted).long())
-    _, jl_cache = jl.run_with_cache(clean, names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))
+    _, jl_cache = jl.run_with_cache(clean,
+                                    names_filter=lambda n: n.endswith(("hook_resid_pre", "attn.hook_z")))
     return br, jl, clean, corrupted, tl_cache, tl_corr_cache, jl_cache
 
 
@@ -66,8 +68,8 @@ def test_direct_path_matches_transformer_lens(both):
     br, jl, clean, corrupted, tl_cache, tl_corr_cache, jl_cache = both
     with torch.no_grad():
         want = tl_patching.get_act_patch_direct_path(br, torch.from_numpy(corrupted).long(), tl_cache,
-                                                     tl_corr_cache, metric, src_layer=0, src_head=2, component="q",
-                                                     verbose=False)
+                                                     tl_corr_cache, metric, src_layer=0, src_head=2,
+                                                     component="q", verbose=False)
     got = patching.get_act_patch_direct_path(jl, corrupted, jl_cache, None, metric, src_layer=0, src_head=2,
                                              component="q", verbose=False)
     want = want.detach().numpy()
@@ -99,7 +101,8 @@ def test_reduce_none_baseline_and_metric_mapping_match_transformer_lens(both):
     with torch.no_grad():
         want = tl_patching.get_act_patch_resid_pre(br, torch.from_numpy(corrupted).long(), tl_cache, metrics,
                                                    reduce="none", baseline=True)
-        tl_clean = torch.stack([torch.as_tensor(f(br(torch.from_numpy(clean).long()))) for f in metrics.values()])
+        tl_clean = torch.stack([torch.as_tensor(f(br(torch.from_numpy(clean).long())))
+                                for f in metrics.values()])
     got = patching.get_act_patch_resid_pre(jl, corrupted, jl_cache, metrics, reduce="none", baseline=True,
                                            progress=False)
     assert isinstance(got, patching.PatchingResult)
@@ -113,7 +116,8 @@ def test_reduce_none_baseline_and_metric_mapping_match_transformer_lens(both):
     np.testing.assert_allclose(got.effect(), want.effect().numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(got.permutation_pvalue(), want.permutation_pvalue().numpy(), atol=1e-6)
     clean_base = tl_clean.numpy()
-    np.testing.assert_allclose(got.normalized(clean_base), want.normalized(tl_clean).numpy(), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(got.normalized(clean_base), want.normalized(tl_clean).numpy(), atol=1e-3,
+                               rtol=1e-3)
     one = got["ld"]
     assert one.values.shape == (2, 6, 2) and not one.has_metric_axis
     np.testing.assert_allclose(one.values, want["ld"].values.numpy(), atol=ATOL, rtol=0)
@@ -125,12 +129,12 @@ def test_reduce_none_baseline_and_metric_mapping_match_transformer_lens(both):
 def test_reduce_mean_and_every_helper_with_baseline_match_transformer_lens(both):
     br, jl, clean, corrupted, tl_cache, _, jl_cache = both
     with torch.no_grad():
-        want_mean = tl_patching.get_act_patch_attn_head_out_all_pos(br, torch.from_numpy(corrupted).long(), tl_cache,
-                                                                    per_example, reduce="mean")
+        want_mean = tl_patching.get_act_patch_attn_head_out_all_pos(br, torch.from_numpy(corrupted).long(),
+                                                                    tl_cache, per_example, reduce="mean")
         want_every = tl_patching.get_act_patch_block_every(br, torch.from_numpy(corrupted).long(), tl_cache,
                                                            per_example, reduce="none", baseline=True)
-    got_mean = patching.get_act_patch_attn_head_out_all_pos(jl, corrupted, jl_cache, per_example, reduce="mean",
-                                                            progress=False)
+    got_mean = patching.get_act_patch_attn_head_out_all_pos(jl, corrupted, jl_cache, per_example,
+                                                            reduce="mean", progress=False)
     np.testing.assert_allclose(np.asarray(got_mean), want_mean.numpy(), atol=ATOL, rtol=0)
     # clean token ids in place of a cache: jaxlens runs the clean model for each part's activation
     got_every = patching.get_act_patch_block_every(jl, corrupted, clean, per_example, reduce="none",
@@ -149,11 +153,11 @@ def test_index_df_rows_match_transformer_lens(both):
     rows = pd.DataFrame([[1, 5, 2], [0, 3, 0], [1, 1, 3], [1, 5, 1]], columns=["layer", "pos", "head_index"])
     with torch.no_grad():
         want = tl_patching.generic_activation_patch(
-            br, torch.from_numpy(corrupted).long(), tl_cache, metric, tl_patching.layer_pos_head_vector_patch_setter,
-            "z", index_df=rows)
+            br, torch.from_numpy(corrupted).long(), tl_cache, metric,
+            tl_patching.layer_pos_head_vector_patch_setter, "z", index_df=rows)
     got, df = patching.generic_activation_patch(jl, corrupted, jl_cache, metric,
-                                                tl_patching.layer_pos_head_vector_patch_setter, "z", index_df=rows,
-                                                return_index_df=True, progress=False)
+                                                tl_patching.layer_pos_head_vector_patch_setter, "z",
+                                                index_df=rows, return_index_df=True, progress=False)
     assert np.asarray(got).shape == (4,)
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=ATOL, rtol=0)
     assert df.equals(rows)
@@ -162,8 +166,9 @@ def test_index_df_rows_match_transformer_lens(both):
 def test_direct_path_all_sources_matches_transformer_lens(both):
     br, jl, clean, corrupted, tl_cache, tl_corr_cache, jl_cache = both
     with torch.no_grad():
-        want = tl_patching.get_act_patch_direct_path_all_sources(br, torch.from_numpy(corrupted).long(), tl_cache,
-                                                                 tl_corr_cache, metric, component="v", verbose=False)
+        want = tl_patching.get_act_patch_direct_path_all_sources(br, torch.from_numpy(corrupted).long(),
+                                                                 tl_cache, tl_corr_cache, metric,
+                                                                 component="v", verbose=False)
     got = patching.get_act_patch_direct_path_all_sources(jl, corrupted, jl_cache, None, metric, component="v",
                                                          verbose=False)
     want = want.numpy()
