@@ -91,8 +91,9 @@ def run(
     With `kv_cache`, `attention_mask` covers every cache slot ([batch max_pos]): keys are masked over the
     whole cache and positions count the valid slots up to each query (left-padded batched decoding).
 
-    With `stacked_cache` the second output is `runner.stacks`'s pair (global and stacked names, {relative
-    block name: (layers, stacked activations)}): one output per hook, for `ActivationCache`."""
+    With `stacked_cache` the second output is `runner.stacks`'s pair ({global or stacked name: activation},
+    {relative block name: activations stacked over the layers `runner.stack_layers` lists}): one output per
+    hook, for `ActivationCache`."""
     if kv_cache is not None and attention_mask is not None:
         n_mask, n_slots = jnp.shape(attention_mask)[-1], kv_cache.k.shape[2]
         if n_mask != n_slots:
