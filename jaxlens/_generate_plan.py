@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxlens import hook_names
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.interventions import Fn, as_intervention
+from jaxlens.interventions import Fn, intervention_list
 
 MODES = ("auto", "prompt", "all", "absolute")
 
@@ -44,8 +44,7 @@ def plan_interventions(cfg: Config, interventions: Mapping[str, Any], prompt_len
     modes = _modes(interventions, positions)
     prefill, decode, spec = {}, {}, []
     for name, ivs in interventions.items():
-        ivs = as_intervention(ivs)
-        for iv in ivs if isinstance(ivs, list) else [ivs]:
+        for iv in intervention_list(ivs):
             kind, sliced = _iv_kind(cfg, name, iv, prompt_len, total_len, modes[name])
             if not use_cache:  # every call sees the whole output: arrays apply as they are
                 if kind == "prompt":

@@ -21,7 +21,7 @@ from jaxlens import hook_names
 from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.interventions import Add
+from jaxlens.interventions import Add, intervention_list
 from jaxlens.model import runner
 from jaxlens.model.forward import lm_cross_entropy_loss, run
 from jaxlens.shapes import AnyArray, Params
@@ -99,7 +99,7 @@ def _grads_jit(params, cfg, tokens, interventions, attention_mask, metric, *, ca
     def f(deltas):
         ivs = dict(interventions)
         for n, d in deltas.items():
-            ivs[n] = [*_as_list(ivs.get(n)), Add(d)]
+            ivs[n] = [*intervention_list(ivs.get(n)), Add(d)]
         out, (flat, stacked), _ = run(params, cfg, tokens, interventions=ivs, **kw)
         value = lm_cross_entropy_loss(out, tokens, attention_mask) if metric is None else metric(out)
         return value, (out, flat, stacked)
@@ -109,8 +109,3 @@ def _grads_jit(params, cfg, tokens, interventions, attention_mask, metric, *, ca
     stacked_g = {r: grads[f"blocks.{r}"][jnp.asarray(layers[r])] for r in stacked_s}
     return out, flat, stacked, flat_g, stacked_g
 
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]

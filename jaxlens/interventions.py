@@ -178,6 +178,14 @@ def as_intervention(x) -> Any:
     )
 
 
+def intervention_list(x) -> list:
+    """`as_intervention(x)` as a list: [] for None, one entry per intervention otherwise."""
+    if x is None:
+        return []
+    ivs = as_intervention(x)
+    return ivs if isinstance(ivs, list) else [ivs]
+
+
 def axis_mask(axes: str, sizes: dict[str, int], **index) -> jax.Array:
     """A boolean mask over a hook's axes, True at the given indices, size 1 on every axis not indexed.
 

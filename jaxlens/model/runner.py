@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from jaxlens.config import Config
 from jaxlens.errors import InputError, InterventionError
 from jaxlens.hook_names import HookTable
-from jaxlens.interventions import Fn, as_intervention
+from jaxlens.interventions import Fn, intervention_list
 from jaxlens.model.attention import Context, KVState
 from jaxlens.model.block import block as decoder_block
 from jaxlens.model.hooks import Hooks
@@ -68,8 +68,7 @@ def split_interventions(table: HookTable, interventions: Mapping[str, Any] | Non
     stop = table.n_layers if stop is None else stop
     glob, stacked, at_layer = {}, {}, {}
     for name, iv in (interventions or {}).items():
-        ivs = as_intervention(iv)
-        ivs = ivs if isinstance(ivs, list) else [ivs]
+        ivs = intervention_list(iv)
         layer, rel = table.parse(name)
         if layer is None:
             glob.setdefault(rel, []).extend(ivs)
