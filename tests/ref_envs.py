@@ -1,0 +1,80 @@
+"""Reference environments whose pins conflict with the project's (SAELens needs TransformerLens < 4,
+circuit-tracer and the Flax GPT-2 need transformers <= 4.57.3): each is a venv built once into a cache
+directory, reused while its requirements are unchanged, rebuilt from nothing when absent. Tests run reference
+code there in a child process and exchange arrays through files (`run_script`).
+
+The cache lives in `$JAXLENS_REF_ENVS` (default `~/.cache/jaxlens/ref-envs`). A build goes into a temporary
+directory that is renamed into place only when every install succeeded, so an interrupted build is never
+reused; a lock file keeps two test workers from building the same environment at once."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# torch's CPU build (a plain `torch` pulls several GB of CUDA wheels)
+TORCH_CPU = ("torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("JAXLENS_REF_ENVS", Path.home() / ".cache" / "jaxlens" / "ref-envs"))
+
+
+def _key(name: str, steps: tuple[tuple[str, ...], ...], python: str) -> str:
+    digest = hashlib.sha256(repr((steps, python)).encode()).hexdigest()[:12]
+    return f"{name}-{digest}"
+
+
+def ensure_env(name: str, steps, *, python: str | None = None) -> Path:
+    """The python executable of the venv `name`, built if needed. `steps` are the argument lists of
+    successive `pip install` calls (e.g. `[TORCH_CPU, ["sae-lens==6.54.12"]]`); changing them builds a new
+    environment. `python` is the base interpreter (default: the one running the tests)."""
+    python = python or sys.executable
+    steps = tuple(tuple(s) for s in steps)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _key(name, steps, python)
+    exe = final / "bin" / "python"
+    if exe.exists():
+        return exe
+    with open(root / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if exe.exists():  # built by another worker while we waited
+            return exe
+        build = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        try:
+            subprocess.run([python, "-m", "venv", str(build)], check=True)
+            pip = [str(build / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            for step in steps:
+                done = subprocess.run([*pip, *step], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(
+                        f"building reference environment {name!r} failed at `pip install {' '.join(step)}`:\n"
+                        f"{done.stderr[-4000:]}"
+                    )
+            # the venv's console scripts hard-code the build path; `python -m` / `-c` do not care
+            build.rename(final)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+    return exe
+
+
+def run_script(exe: Path, script: str, *args: str, timeout: float = 900, env: dict | None = None) -> str:
+    """Runs `script` (Python source) with the reference interpreter; returns its stdout, raising with its
+    stderr on failure. Offline flags are set so nothing reaches a hub."""
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    child_env = {**os.environ, **offline, **(env or {})}
+    child_env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [str(exe), "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=child_env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"reference script failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+    return done.stdout
