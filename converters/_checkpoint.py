@@ -191,12 +191,17 @@ class TensorSource:
 
 
 def load_dir_tensors(path: Path, *, allow_pickle: bool = False) -> TensorSource:
-    """All weight tensors of a Hugging Face model directory (safetensors, single or sharded).
+    """All weight tensors of a Hugging Face model directory (safetensors, single or sharded), read lazily:
+    a sharded checkpoint (`model.safetensors.index.json`) reads the shards its index names, each tensor when
+    taken.
 
     Raises:
         UnsafeCheckpointError: only pickled weights (`*.bin`, `*.pt`) are present and allow_pickle is False.
-        CheckpointError: no weights found.
+        CheckpointError: no weights found; a sharded checkpoint with a missing shard or a corrupt index.
     """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return TensorSource(_read_sharded(index), origin=str(path))
     files = sorted(path.glob("*.safetensors"))
     if files:
         readers: dict = {}
@@ -213,6 +218,45 @@ def load_dir_tensors(path: Path, *, allow_pickle: bool = False) -> TensorSource:
             )
         return TensorSource(_load_pickles(pickles), origin=str(path))
     raise CheckpointError(f"No weights (*.safetensors or *.bin) found in {path}.")
+
+
+def _read_sharded(index: Path) -> dict[str, Callable[[], np.ndarray]]:
+    """Lazy readers of a sharded checkpoint (`model-0000x-of-0000y.safetensors` + the index's `weight_map`):
+    only the shards' headers are read here, each tensor from its shard when taken.
+
+    Raises:
+        CheckpointError: a corrupt index, a missing shard (named, with the tensors it holds), or a tensor the
+            index places in a shard that does not hold it.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{index} is not a safetensors index: it needs a JSON object with a "
+                              "'weight_map' of tensor name -> shard file. Save the checkpoint "
+                              "again.") from None
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    missing = sorted(s for s in by_shard if not (index.parent / s).is_file())
+    if missing:
+        held = sum(len(by_shard[s]) for s in missing)
+        raise CheckpointError(
+            f"{index.parent}: the index lists {len(by_shard)} shard(s) but {len(missing)} are missing: "
+            f"{missing} (holding {held} tensors, e.g. {by_shard[missing[0]][:3]}). Download every shard of "
+            f"the checkpoint into {index.parent} (e.g. `huggingface-cli download <repo> --local-dir "
+            f"{index.parent}`).")
+    readers = {}
+    for shard, names in by_shard.items():
+        in_file = read_safetensors(index.parent / shard)
+        absent = [n for n in names if n not in in_file]
+        if absent:
+            raise CheckpointError(f"{index.parent / shard} does not hold {len(absent)} tensor(s) its "
+                                  f"index places there, e.g. {absent[:3]}. The shard or the index is stale: "
+                                  "download the checkpoint again.")
+        readers.update({n: in_file[n] for n in names})
+    return readers
 
 
 def _load_pickles(files) -> dict[str, np.ndarray]:

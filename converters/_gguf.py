@@ -31,7 +31,8 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     `cfg.default_prepend_bos` follows the file's `tokenizer.ggml.add_bos_token` when it has one.
 
     Args:
-        path: a `.gguf` file of a supported architecture (`_gguf_map.SUPPORTED`: llama, qwen2, gemma, phi3).
+        path: a `.gguf` file of a supported architecture (`_gguf_map.SUPPORTED`: llama (and Mixtral, llama
+            with experts), qwen2, qwen3, gemma, phi3).
         cache_dir: the dequantisation cache; default `default_cache_dir()`.
         progress: show a progress bar while dequantising.
 

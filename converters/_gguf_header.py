@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxlens.converters._gguf_quant import BLOCK_LAYOUT, SUPPORTED_TYPES, dequantize
+from jaxlens.converters._gguf_quant import can_dequantize, dequantize, supported_types
 from jaxlens.errors import CheckpointError
 
 
@@ -88,14 +88,15 @@ class GGUFFile:
         """Tensor `name`, dequantised to a new float32 array of shape `self.shape(name)`.
 
         Raises:
-            CheckpointError: no tensor of that name, or it is stored in a type outside `SUPPORTED_TYPES`.
+            CheckpointError: no tensor of that name, or it is stored in a type outside `supported_types()`.
         """
         info = self._info(name)
-        if info.type_name not in BLOCK_LAYOUT:
+        if not can_dequantize(info.type_name):
             raise CheckpointError(
-                f"{self.path}: tensor {name!r} is stored as {info.type_name}, which jaxlens cannot "
-                f"dequantise. Supported types: {', '.join(SUPPORTED_TYPES)}. Use a GGUF file quantised to "
-                "one of these (llama.cpp's `llama-quantize` can re-quantise a model)."
+                f"{self.path}: tensor {name!r} is stored as {info.type_name}, which neither jaxlens nor the "
+                f"installed gguf package can dequantise. Decodable types: {', '.join(supported_types())}. "
+                "Use a GGUF file quantised to one of these (llama.cpp's `llama-quantize` can re-quantise a "
+                "model), or upgrade the gguf package."
             )
         raw = self._data[info.offset: info.offset + info.n_bytes]
         return dequantize(raw, info.type_name, info.shape)
@@ -232,7 +233,7 @@ class _Header:
             except (ValueError, KeyError):
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has ggml type id {type_id}, unknown to gguf "
-                    f"{_gguf_version()} and to jaxlens (supported: {', '.join(SUPPORTED_TYPES)}). The file "
+                    f"{_gguf_version()} and to jaxlens (decodable: {', '.join(supported_types())}). The file "
                     "is corrupt or from a newer llama.cpp.") from None
             n = int(np.prod(shape, dtype=np.int64))
             if (shape and shape[-1] % block_size) or name in infos:

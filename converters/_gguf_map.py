@@ -1,5 +1,6 @@
 """GGUF names -> Hugging Face names: a llama.cpp file's metadata and tensors as the config dict and tensor
-names that the family converters (`jaxlens.converters.llama`, `qwen2`, `gemma`, `phi3`) already read.
+names that the family converters (`jaxlens.converters.llama`, `qwen2`, `qwen3`, `gemma`, `phi3`) already
+read.
 
 llama.cpp's `convert_hf_to_gguf.py` renames every Hugging Face tensor
 (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata
@@ -64,7 +65,15 @@ LLAMA_BLOCK = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # a mixture of experts (Mixtral is llama.cpp's `llama` with `llama.expert_count`): the router and the
+    # experts stacked [expert, ...] per projection, under the gguf package's own Hugging Face names
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Qwen3 (and Qwen3-MoE): the Llama layout plus the per-head q/k norms.
+QWEN3_BLOCK = {**LLAMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # Phi-3 keeps Hugging Face's fused projections: attn_qkv is qkv_proj, ffn_up is gate_up_proj ([gate; up]).
 PHI3_BLOCK = {
     "attn_norm": "input_layernorm",
@@ -94,6 +103,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": Architecture("GemmaForCausalLM", LLAMA_BLOCK, {"hidden_activation": "gelu_pytorch_tanh"},
                           norm_offset=-1.0, bias_flag="attention_bias"),
     "phi3": Architecture("Phi3ForCausalLM", PHI3_BLOCK, {"hidden_act": "silu"}),
+    "qwen3": Architecture("Qwen3ForCausalLM", QWEN3_BLOCK, {"hidden_act": "silu"},
+                          bias_flag="attention_bias"),
 }
 SUPPORTED = tuple(ARCHITECTURES)
 
@@ -207,8 +218,19 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 
     _check_head_dims(meta, hf, prefix)
     if meta.get("expert_count", 0):
-        raise CheckpointError(f"GGUF metadata {prefix}expert_count={meta['expert_count']}: "
-                              "mixture-of-experts models are not supported by jaxlens.")
+        if arch != "llama":
+            raise CheckpointError(
+                f"GGUF metadata {prefix}expert_count={meta['expert_count']}: jaxlens maps mixture-of-experts "
+                f"GGUF files of llama.cpp's `llama` architecture (Mixtral) only, not {arch!r}. Load the "
+                "model from its Hugging Face directory.")
+        if "blk.0.ffn_gate_inp.weight" not in shapes:
+            raise CheckpointError(
+                f"GGUF metadata {prefix}expert_count={meta['expert_count']} says mixture-of-experts, but the "
+                "file has no router tensor blk.0.ffn_gate_inp.weight. The file is inconsistent.")
+        hf["architectures"] = ["MixtralForCausalLM"]
+        hf["num_local_experts"] = meta["expert_count"]
+        hf["num_experts_per_tok"] = meta.get("expert_used_count", 2)
+        hf.pop("attention_bias", None)
     window = meta.get("attention.sliding_window")
     if window:  # 0 means no window (llama.cpp writes 0 for Phi-4)
         hf["sliding_window"] = window

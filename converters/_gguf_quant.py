@@ -1,34 +1,56 @@
-"""GGUF tensor types decoded to float32: ggml's block quantisations, vectorised in numpy (no PyTorch).
+"""GGUF tensor types decoded to float32: every type the `gguf` package can decode, in numpy (no PyTorch).
 
 A quantised GGUF tensor is a sequence of fixed-size blocks, each holding `block_size` elements in `type_size`
-bytes (scales, minimums and packed integers). Each decoder below is a transcription of `dequantize_row_*` in
-ggml's `ggml-quants.c`, on a whole array of blocks at once; `dequantize` decodes a tensor a chunk of blocks at
-a time so the temporaries stay a few MiB.
+bytes (scales, minimums and packed integers). `dequantize` decodes a tensor a chunk of blocks at a time, so
+the temporaries stay a few MiB, with one of two decoders per type:
+
+- `gguf.quants.dequantize` (the `gguf` package's numpy transcription of ggml's `dequantize_row_*`): every type
+  it knows, the K-quants of every bit width, the i-quants, TQ1_0 / TQ2_0, MXFP4, NVFP4 and the rest;
+- a hand-written fast path below (`_FAST`), only for types where `benchmarks/bench_dequant.py` measured it
+  faster than `gguf.quants` and `tests/converters/test_gguf_quants.py` checks it bit-identical to it.
+
+A ggml type that neither decodes (Q8_1 and Q8_K, ggml's dot-product intermediates; integer tensors; a type
+newer than the installed `gguf`) is a CheckpointError naming it and the decodable types.
 
     dequantize(raw_bytes, "Q4_K", (576, 1536))     # float32 [576, 1536]
 """
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 
 from jaxlens.errors import CheckpointError
 
-#: Tensor types jaxlens can dequantise: name -> (elements per block, bytes per block), as ggml's type traits.
-BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "Q8_0": (32, 34),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q4_K": (256, 144),
-    "Q5_K": (256, 176),
-    "Q6_K": (256, 210),
-}
-SUPPORTED_TYPES: tuple[str, ...] = tuple(BLOCK_LAYOUT)
-
 _CHUNK_ELEMENTS = 1 << 20  # elements decoded per step: bounds the decoders' temporaries to a few MiB
+
+
+def block_layout(type_name: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of ggml type `type_name`, from `gguf.GGML_QUANT_SIZES`.
+
+    Raises:
+        CheckpointError: a name the installed gguf package does not know.
+    """
+    import gguf
+
+    try:
+        return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]])
+    except KeyError:
+        raise CheckpointError(f"Unknown ggml type {type_name!r}; gguf {_gguf_version()} knows "
+                              f"{', '.join(t.name for t in gguf.GGMLQuantizationType)}.") from None
+
+
+@functools.cache
+def supported_types() -> tuple[str, ...]:
+    """Every ggml type jaxlens can decode: the fast paths, and each type `gguf.quants.dequantize` decodes."""
+    import gguf
+
+    return tuple(t.name for t in gguf.GGMLQuantizationType if t.name in _FAST or _gguf_decodes(t))
+
+
+def can_dequantize(type_name: str) -> bool:
+    """Whether `dequantize` decodes ggml type `type_name`."""
+    return type_name in supported_types()
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -36,20 +58,23 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
 
     Args:
         raw: the tensor's bytes as uint8 (any shape; read in C order).
-        type_name: its ggml type, one of `SUPPORTED_TYPES`.
+        type_name: its ggml type, one of `supported_types()`.
         shape: its shape in numpy order; the last axis is the GGUF row, a whole number of blocks long.
 
     Returns:
         A new float32 array of `shape`.
 
     Raises:
-        CheckpointError: unsupported type, or a byte count or row length that does not fit the type's blocks.
+        CheckpointError: a type nothing here decodes, or a byte count or row length that does not fit the
+            type's blocks.
     """
-    if type_name not in BLOCK_LAYOUT:
+    if not can_dequantize(type_name):
         raise CheckpointError(
-            f"Cannot dequantise ggml type {type_name}. Supported types: {', '.join(SUPPORTED_TYPES)}."
+            f"Cannot dequantise ggml type {type_name}: neither jaxlens nor gguf {_gguf_version()}'s "
+            f"gguf.quants has a decoder for it. Decodable types: {', '.join(supported_types())}. Re-quantise "
+            "the model to one of them (llama.cpp's `llama-quantize`), or upgrade the gguf package."
         )
-    block_size, type_size = BLOCK_LAYOUT[type_name]
+    block_size, type_size = block_layout(type_name)
     n = int(np.prod(shape, dtype=np.int64))
     raw = np.asarray(raw).reshape(-1).view(np.uint8)
     if (shape and shape[-1] % block_size) or raw.size != n // block_size * type_size:
@@ -58,12 +83,40 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
             f"and {n // block_size * type_size} bytes; got {raw.size} bytes. The file is corrupt."
         )
     blocks = raw.reshape(-1, type_size)
-    decode = _DECODERS[type_name]
+    decode = _FAST.get(type_name) or _gguf_decoder(type_name)
     out = np.empty((len(blocks), block_size), np.float32)
     step = max(1, _CHUNK_ELEMENTS // block_size)
     for start in range(0, len(blocks), step):
         out[start: start + step] = decode(blocks[start: start + step])
     return out.reshape(shape)
+
+
+def _gguf_decoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """blocks [n, type_size] uint8 -> [n, block_size] float32 through `gguf.quants.dequantize`."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    return lambda b: gguf.quants.dequantize(np.ascontiguousarray(b), qtype)
+
+
+def _gguf_decodes(qtype) -> bool:
+    import gguf
+
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 # --- decoders: blocks [n, type_size] uint8 -> [n, block_size] float32, after ggml-quants.c ------------------
@@ -77,14 +130,6 @@ def _fp16(b: np.ndarray) -> np.ndarray:
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """[..., k] packed bytes -> [..., 2, k]: low nibbles, then high nibbles (ggml's order within a block)."""
     return np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-2)
-
-
-def _f32(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view("<f4").astype(np.float32)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view("<f2").astype(np.float32)
 
 
 def _bf16(b: np.ndarray) -> np.ndarray:
@@ -106,6 +151,23 @@ def _q4_1(b: np.ndarray) -> np.ndarray:
     # block_q4_1 {fp16 d, m; uint8 qs[16]}: y = d * q + m, same nibble order as q4_0
     q = _nibbles(b[:, 4:]).reshape(len(b), 32).astype(np.float32)
     return q * _fp16(b[:, 0:2]) + _fp16(b[:, 2:4])
+
+
+def _q5_bits(b: np.ndarray, qh_at: int) -> np.ndarray:
+    """Q5_0 / Q5_1 quants 0..31 [n, 32]: nibbles as Q4_0, bit j of the u32 `qh` the fifth bit of element j."""
+    low = _nibbles(b[:, qh_at + 4: qh_at + 20]).reshape(len(b), 32)
+    high = np.unpackbits(b[:, qh_at: qh_at + 4], axis=1, bitorder="little")
+    return low | (high << np.uint8(4))
+
+
+def _q5_0(b: np.ndarray) -> np.ndarray:
+    # block_q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: y = d * (q - 16)
+    return (_q5_bits(b, 2).astype(np.int8) - np.int8(16)).astype(np.float32) * _fp16(b[:, 0:2])
+
+
+def _q5_1(b: np.ndarray) -> np.ndarray:
+    # block_q5_1 {fp16 d, m; uint8 qh[4]; uint8 qs[16]}: y = d * q + m
+    return _fp16(b[:, 0:2]) * _q5_bits(b, 4).astype(np.float32) + _fp16(b[:, 2:4])
 
 
 def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +216,12 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
     return (d * q).reshape(n, 256)
 
 
-_DECODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "F32": _f32, "F16": _f16, "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1,
-    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+#: Every hand-written decoder, measured against gguf.quants by benchmarks/bench_dequant.py (F32 and F16 have
+#: none: gguf.quants' view and cast are as fast as numpy gets).
+HAND_WRITTEN: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "BF16": _bf16, "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1,
+    "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
+#: The hand-written decoders `dequantize` uses: those the benchmark found faster than gguf.quants.
+_FAST: dict[str, Callable[[np.ndarray], np.ndarray]] = dict(HAND_WRITTEN)
 

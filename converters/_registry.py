@@ -17,23 +17,30 @@ from jaxlens.config import Config
 from jaxlens.converters import (
     gemma,
     gemma2,
+    gemma3,
     gpt2,
     gpt_neo,
     gpt_neox,
     gptj,
     llama,
     mistral,
+    mixtral,
     opt,
     phi,
     phi3,
     qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    stablelm,
 )
 from jaxlens.converters._checkpoint import TensorSource
 from jaxlens.errors import CheckpointError
 from jaxlens.params import check_params
 
 FAMILIES: tuple[ModuleType, ...] = (
-    gpt2, gpt_neo, gptj, gpt_neox, opt, llama, mistral, qwen2, gemma, gemma2, phi, phi3)
+    gpt2, gpt_neo, gptj, gpt_neox, opt, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, gemma,
+    gemma2, gemma3, phi, phi3, stablelm)
 #: Hugging Face architecture name -> its converter module.
 REGISTRY: dict[str, ModuleType] = {arch: module for module in FAMILIES for arch in module.ARCHITECTURES}
 

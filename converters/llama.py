@@ -12,6 +12,8 @@ from jaxlens.config import Config
 from jaxlens.converters import _common as c
 from jaxlens.converters._checkpoint import TensorSource
 from jaxlens.converters._hf_config import check_hf_config
+from jaxlens.converters._rope import SUPPORTED as ROPE_TYPES
+from jaxlens.converters._rope import rope_fields
 
 ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel")
 HANDLED = frozenset({
@@ -25,7 +27,7 @@ IGNORED = frozenset({"attention_dropout"})
 def config_from_hf(hf: Mapping[str, Any]) -> Config:
     check_hf_config(hf, handled=HANDLED, ignored=IGNORED, family="llama")
     c.require_false(hf, ["mlp_bias"], "llama")
-    return llama_like_config(hf, "llama", rope_types=("default", "llama3"))
+    return llama_like_config(hf, "llama", rope_types=ROPE_TYPES)
 
 
 def llama_like_config(hf: Mapping[str, Any], family: str, *, rope_types=("default",), **overrides) -> Config:
@@ -33,16 +35,18 @@ def llama_like_config(hf: Mapping[str, Any], family: str, *, rope_types=("defaul
     d = hf.get("hidden_size", 4096)
     n_heads = hf.get("num_attention_heads", 32)
     d_head = hf.get("head_dim") or d // n_heads
-    base, factor, scaling = c.rope_settings(hf, family, allowed=rope_types)
     kv = hf.get("num_key_value_heads") or n_heads
+    rope = rope_fields(hf, family, d_head, allowed=rope_types)
+    n_ctx = hf.get("max_position_embeddings", 2048)
+    if rope["rotary_dynamic_ntk"]:  # dynamic NTK exists to run past the trained context: factor times it
+        n_ctx = int(n_ctx * rope["rotary_dynamic_ntk"][0])
     fields = dict(
         d_model=d, n_layers=hf.get("num_hidden_layers", 32), n_heads=n_heads, d_head=d_head,
         d_mlp=hf.get("intermediate_size", 11008), d_vocab=hf.get("vocab_size", 32000),
-        n_ctx=hf.get("max_position_embeddings", 2048), n_key_value_heads=None if kv == n_heads else kv,
+        n_ctx=n_ctx, n_key_value_heads=None if kv == n_heads else kv,
         act_fn=c.act_fn(hf.get("hidden_act", "silu"), family), normalization_type="RMS",
         eps=hf.get("rms_norm_eps", 1e-6), positional_embedding_type="rotary",
-        rotary_dim=c.rotary_dim(d_head, factor, family), rotary_base=base, rotary_scaling=scaling,
-        gated_mlp=True,
+        **rope, gated_mlp=True,
     )
     return Config(**{**fields, **overrides})
 
@@ -55,7 +59,7 @@ def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) 
 def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any], family: str, *,
                              qkv_bias: bool, o_bias: bool, norm_offset: float = 0.0,
                              norm_names: Mapping[str, str] | None = None, embed_scale: float = 1.0,
-                             tied_default: bool = False) -> dict:
+                             tied_default: bool = False, mlp_reader=None) -> dict:
     """Params from the Llama tensor layout.
 
     Args:
@@ -65,11 +69,13 @@ def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any]
             post_attention_layernorm).
         embed_scale: folded into W_E (Gemma multiplies embeddings by sqrt(d_model)); W_U stays unscaled.
         tied_default: whether embeddings are tied when the config does not say.
+        mlp_reader: `(t, cfg) -> mlp params` for an MLP of another layout (mixtures of experts); default the
+            gate/up/down projections.
     """
     if t.has("model.embed_tokens.weight"):
         t.strip_prefix("model.")
     t.drop(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # buffer in old checkpoints
-    L, H, G, D, E, M = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_mlp
+    L, H, G, D, E = cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head
     names = norm_names or {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
     a = "layers.{}.self_attn."
     attn = {
@@ -82,13 +88,10 @@ def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any]
         attn[f"b_{X}"] = (c.bias_heads(t.take_layers(a + f"{n}_proj.bias", L, (g * E,)), g) if qkv_bias
                           else c.zeros(L, g, E))
     attn["b_O"] = t.take_layers(a + "o_proj.bias", L, (D,)) if o_bias else c.zeros(L, D)
-    m = "layers.{}.mlp."
-    mlp = {
-        "W_gate": c.transpose(t.take_layers(m + "gate_proj.weight", L, (M, D))),
-        "W_in": c.transpose(t.take_layers(m + "up_proj.weight", L, (M, D))),
-        "W_out": c.transpose(t.take_layers(m + "down_proj.weight", L, (D, M))),
-        "b_in": c.zeros(L, M), "b_out": c.zeros(L, D),
-    }
+    if cfg.use_qk_norm:  # per-head RMSNorm weights over d_head (Qwen3, Gemma 3)
+        for n in ("q_norm", "k_norm"):
+            attn[n] = {"w": t.take_layers(a + f"{n}.weight", L, (E,)) + norm_offset}
+    mlp = (mlp_reader or _gated_mlp)(t, cfg)
     blocks = {"attn": attn, "mlp": mlp}
     for ours, theirs in names.items():
         blocks[ours] = {"w": t.take_layers(f"layers.{{}}.{theirs}.weight", L, (D,)) + norm_offset}
@@ -99,4 +102,15 @@ def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any]
         "blocks": blocks,
         "ln_final": {"w": t.take("norm.weight", (D,)) + norm_offset},
         "unembed": {"W_U": W_U, "b_U": c.zeros(cfg.d_vocab)},
+    }
+
+
+def _gated_mlp(t: TensorSource, cfg: Config) -> dict:
+    L, D, M = cfg.n_layers, cfg.d_model, cfg.d_mlp
+    m = "layers.{}.mlp."
+    return {
+        "W_gate": c.transpose(t.take_layers(m + "gate_proj.weight", L, (M, D))),
+        "W_in": c.transpose(t.take_layers(m + "up_proj.weight", L, (M, D))),
+        "W_out": c.transpose(t.take_layers(m + "down_proj.weight", L, (D, M))),
+        "b_in": c.zeros(L, M), "b_out": c.zeros(L, D),
     }

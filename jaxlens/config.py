@@ -27,7 +27,8 @@ PositionalEmbeddingType = Literal["standard", "rotary"]
 AttentionDir = Literal["causal", "bidirectional"]
 
 _SIZES = ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
-_ROTARY_ONLY = ("rotary_dim", "rotary_base", "rotary_adjacent_pairs", "rotary_scaling")
+_ROTARY_ONLY = ("rotary_dim", "rotary_base", "rotary_adjacent_pairs", "rotary_scaling", "rotary_freqs",
+                "rotary_attention_factor", "rotary_dynamic_ntk", "rotary_local_freqs")
 
 
 def no_type_check(cls: type) -> type:
@@ -57,6 +58,25 @@ class Config:
         rotary_adjacent_pairs: True rotates adjacent pairs (GPT-J); False rotates halves (GPT-NeoX, Llama).
         rotary_scaling: Llama-3 style frequency scaling as (factor, low_freq_factor, high_freq_factor,
             original_max_position_embeddings), or None.
+        rotary_freqs: the rotation frequencies themselves (rotary_dim / 2 of them), for rope scaling types
+            whose frequencies the converter computes as transformers does (linear, YaRN); None to derive them
+            from rotary_base (and rotary_scaling).
+        rotary_attention_factor: what the rotated cos/sin are multiplied by (YaRN's attention factor; 1.0 for
+            none).
+        rotary_dynamic_ntk: dynamic NTK scaling as (factor, max_position_embeddings): the base grows with the
+            sequence length (one past the largest position of the call) beyond max_position_embeddings.
+        rotary_local_freqs: the rotation frequencies (rotary_dim / 2) of the layers with an attention window
+            (a `window_sizes` entry not None), where they differ from the global layers' (Gemma 3's local
+            base); None: every layer rotates alike.
+        num_experts, experts_per_token: a mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router (`W_gate`
+            [layer, d_model, expert]) picks experts_per_token of num_experts gated MLPs per token; None for a
+            dense MLP.
+        shared_expert_d_mlp: the width of a gated MLP every token also goes through, scaled by
+            sigmoid(x W_shared_gate) (Qwen2-MoE's shared expert); None for none.
+        normalize_expert_weights: divide the chosen experts' router probabilities by their sum (Mixtral;
+            Qwen3-MoE's `norm_topk_prob`).
+        use_qk_norm: RMSNorm each query and key head over d_head before the rotary embedding (Qwen3, OLMo 2,
+            Gemma 3: `attn.q_norm`, `attn.k_norm`, weights [layer, d_head]).
         gated_mlp: SwiGLU-style MLP with `W_gate` (hook_pre is the gate, hook_pre_linear the linear branch).
         parallel_attn_mlp: attention and MLP both read resid_pre and add into resid_post (GPT-J, NeoX, Phi).
         attn_scale: what attention scores are divided by. None at construction means sqrt(d_head); 1.0 turns
@@ -89,6 +109,15 @@ class Config:
     rotary_base: float = 10000.0
     rotary_adjacent_pairs: bool = False
     rotary_scaling: tuple[float, float, float, int] | None = None
+    rotary_freqs: tuple[float, ...] | None = None
+    rotary_attention_factor: float = 1.0
+    rotary_dynamic_ntk: tuple[float, int] | None = None
+    rotary_local_freqs: tuple[float, ...] | None = None
+    use_qk_norm: bool = False
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    normalize_expert_weights: bool = True
+    shared_expert_d_mlp: int | None = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
     attn_scale: float | None = None
@@ -107,7 +136,8 @@ class Config:
                 raise ConfigError(f"Config.{name} must be a positive int, found {getattr(self, name)!r}.")
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ConfigError(f"Config.eps must be a finite non-negative number, found {self.eps!r}.")
-        for name in ("rotary_base", "attn_scale", "attn_scores_soft_cap", "output_logits_soft_cap"):
+        for name in ("rotary_base", "rotary_attention_factor", "attn_scale", "attn_scores_soft_cap",
+                     "output_logits_soft_cap"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"Config.{name} must be a finite positive number, found {value!r}.")
@@ -121,6 +151,14 @@ class Config:
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
         self._resolve_rotary()
+        if (self.num_experts is None) != (self.experts_per_token is None) or (
+                self.num_experts is not None and not 0 < self.experts_per_token <= self.num_experts):
+            raise ConfigError(
+                f"num_experts={self.num_experts} and experts_per_token={self.experts_per_token}: set both (a "
+                "mixture of experts, 0 < experts_per_token <= num_experts) or neither (a dense MLP).")
+        if self.shared_expert_d_mlp is not None and not (self.num_experts and self.shared_expert_d_mlp > 0):
+            raise ConfigError(f"shared_expert_d_mlp={self.shared_expert_d_mlp} needs a mixture of experts "
+                              "(num_experts set) and a positive width.")
         if self.window_sizes is not None and len(self.window_sizes) != self.n_layers:
             raise ConfigError(
                 f"window_sizes must be a tuple with one entry per layer ({self.n_layers}), "
@@ -145,6 +183,14 @@ class Config:
         if dim <= 0 or dim > self.d_head or dim % 2:
             raise ConfigError(f"rotary_dim={dim} must be even, positive and at most d_head={self.d_head}.")
         object.__setattr__(self, "rotary_dim", dim)
+        for name in ("rotary_freqs", "rotary_local_freqs"):
+            freqs = getattr(self, name)
+            if freqs is not None and len(freqs) != dim // 2:
+                raise ConfigError(f"{name} has {len(freqs)} frequencies; rotary_dim={dim} needs {dim // 2}.")
+        set_ = [n for n in ("rotary_scaling", "rotary_freqs", "rotary_dynamic_ntk") if getattr(self, n)]
+        if len(set_) > 1:
+            raise ConfigError(f"Config.{' and Config.'.join(set_)} are both set; a model has one rope "
+                              "scaling: keep one.")
 
     @property
     def has_norm_weights(self) -> bool:

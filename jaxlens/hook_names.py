@@ -185,6 +185,11 @@ def decoder_table(cfg: Config) -> HookTable:
         ("attn.hook_k", "batch pos kv_head_index d_head"),
         ("attn.hook_v", "batch pos kv_head_index d_head"),
     ]
+    if cfg.use_qk_norm:
+        block += [("attn.q_norm.hook_scale", "batch pos head_index 1"),
+                  ("attn.q_norm.hook_normalized", "batch pos head_index d_head"),
+                  ("attn.k_norm.hook_scale", "batch pos kv_head_index 1"),
+                  ("attn.k_norm.hook_normalized", "batch pos kv_head_index d_head")]
     if cfg.positional_embedding_type == "rotary":
         block += [("attn.hook_rot_q", "batch pos head_index d_head"),
                   ("attn.hook_rot_k", "batch pos kv_head_index d_head")]
@@ -198,10 +203,21 @@ def decoder_table(cfg: Config) -> HookTable:
     if not cfg.parallel_attn_mlp:
         block.append(("hook_resid_mid", "batch pos d_model"))
     block += [("hook_mlp_in", "batch pos d_model")] + (ln("ln2") if has_norm else [])
-    block.append(("mlp.hook_pre", "batch pos d_mlp"))
-    if cfg.gated_mlp:
-        block.append(("mlp.hook_pre_linear", "batch pos d_mlp"))
-    block.append(("mlp.hook_post", "batch pos d_mlp"))
+    if cfg.num_experts:  # TL's MoE names: the routing, then each expert's gated MLP (over every token)
+        block += [("mlp.hook_expert_indices", "batch pos expert_slot"),
+                  ("mlp.hook_expert_weights", "batch pos expert")]
+        for e in range(cfg.num_experts):
+            block += [(f"mlp.experts.{e}.{n}", "batch pos d_mlp")
+                      for n in ("hook_pre", "hook_pre_linear", "hook_post")]
+        if cfg.shared_expert_d_mlp:
+            block += [(f"mlp.shared_expert.{n}", "batch pos d_shared")
+                      for n in ("hook_pre", "hook_pre_linear", "hook_post")]
+            block.append(("mlp.hook_shared_expert_gate", "batch pos 1"))
+    else:
+        block.append(("mlp.hook_pre", "batch pos d_mlp"))
+        if cfg.gated_mlp:
+            block.append(("mlp.hook_pre_linear", "batch pos d_mlp"))
+        block.append(("mlp.hook_post", "batch pos d_mlp"))
     block += (ln("ln2_post") if post_norms else []) + [("hook_mlp_out", "batch pos d_model"),
                                                         ("hook_resid_post", "batch pos d_model")]
     after = (ln("ln_final") if has_norm else []) + [("unembed.hook_in", "batch pos d_model"),

@@ -50,6 +50,21 @@ def param_shapes(cfg: Config) -> dict[str, Any]:
     }
     if cfg.gated_mlp:
         mlp["W_gate"] = ("layer d_model d_mlp", (L, D, M))
+    if cfg.num_experts:  # TL's MoE: W_gate is the router; every expert is a gated MLP without biases
+        X = cfg.num_experts
+        mlp = {"W_gate": ("layer d_model expert", (L, D, X)), "experts": {
+            "W_in": ("layer expert d_model d_mlp", (L, X, D, M)),
+            "W_gate": ("layer expert d_model d_mlp", (L, X, D, M)),
+            "W_out": ("layer expert d_mlp d_model", (L, X, M, D))}}
+        if cfg.shared_expert_d_mlp:
+            S = cfg.shared_expert_d_mlp
+            mlp["W_shared_gate"] = ("layer d_model", (L, D))
+            mlp["shared_expert"] = {"W_in": ("layer d_model d_shared", (L, D, S)),
+                                    "W_gate": ("layer d_model d_shared", (L, D, S)),
+                                    "W_out": ("layer d_shared d_model", (L, S, D))}
+    if cfg.use_qk_norm:
+        attn["q_norm"] = {"w": ("layer d_head", (L, E))}
+        attn["k_norm"] = {"w": ("layer d_head", (L, E))}
     blocks: dict[str, Any] = {"attn": attn, "mlp": mlp}
     norms = ["ln1", "ln2"]
     if cfg.use_normalization_before_and_after:

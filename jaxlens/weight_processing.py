@@ -18,7 +18,8 @@ the config alone (no params, no tracing): loaders that transform params lazily c
 import jax.numpy as jnp
 
 from jaxlens.config import Config
-from jaxlens.shapes import Params
+from jaxlens.errors import ConfigError
+from jaxlens.shapes import Params, ParamsLike, resolve_params
 
 
 def processed_config(
@@ -41,8 +42,9 @@ def processed_config(
     return cfg
 
 
-def fold_ln(cfg: Config, params: Params) -> tuple[Config, Params]:
+def fold_ln(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
     """Fold ln1 into W_Q/W_K/W_V, ln2 into W_in (and W_gate), ln_final into W_U."""
+    params, cfg = resolve_params(params, cfg)
     if cfg.normalization_type not in ("LN", "RMS"):
         return cfg, params
     is_ln = cfg.normalization_type == "LN"
@@ -55,12 +57,27 @@ def fold_ln(cfg: Config, params: Params) -> tuple[Config, Params]:
             attn[f"b_{X}"] = attn[f"b_{X}"] + jnp.einsum("lhde,ld->lhe", W, ln1["b"])
         W = W * ln1["w"][:, None, :, None]
         attn[f"W_{X}"] = W - W.mean(2, keepdims=True) if is_ln else W
-    names = ["W_in", "W_gate"] if cfg.gated_mlp else ["W_in"]
-    if is_ln:
-        mlp["b_in"] = mlp["b_in"] + jnp.einsum("ldm,ld->lm", mlp["W_in"], ln2["b"])
-    for n in names:
-        W = mlp[n] * ln2["w"][:, :, None]
-        mlp[n] = W - W.mean(1, keepdims=True) if is_ln else W
+    if cfg.num_experts:  # mixture of experts (RMSNorm families): ln2 scales the router and each expert input
+        mlp["W_gate"] = mlp["W_gate"] * ln2["w"][:, :, None]  # the router [layer d_model expert]
+        mlp["experts"] = {**mlp["experts"], **{n: mlp["experts"][n] * ln2["w"][:, None, :, None]
+                                               for n in ("W_in", "W_gate")}}
+        if cfg.shared_expert_d_mlp:
+            mlp["W_shared_gate"] = mlp["W_shared_gate"] * ln2["w"]
+            shared = mlp["shared_expert"]
+            mlp["shared_expert"] = {**shared, **{n: shared[n] * ln2["w"][:, :, None]
+                                                 for n in ("W_in", "W_gate")}}
+    else:
+        names = ["W_in", "W_gate"] if cfg.gated_mlp else ["W_in"]
+        if is_ln and cfg.gated_mlp:  # ln2's bias reaches the gate, which has no bias to take it
+            raise ConfigError(
+                "fold_ln cannot fold a LayerNorm's bias into a gated MLP (StableLM): the gate branch has no "
+                "bias to receive it. Load with `from_pretrained(..., fold_ln=False)` or "
+                "`from_pretrained_no_processing`.")
+        if is_ln:
+            mlp["b_in"] = mlp["b_in"] + jnp.einsum("ldm,ld->lm", mlp["W_in"], ln2["b"])
+        for n in names:
+            W = mlp[n] * ln2["w"][:, :, None]
+            mlp[n] = W - W.mean(1, keepdims=True) if is_ln else W
     blocks["attn"], blocks["mlp"] = attn, mlp
     out = {**params, "blocks": blocks}
     lnf = out.pop("ln_final")
@@ -73,8 +90,9 @@ def fold_ln(cfg: Config, params: Params) -> tuple[Config, Params]:
     return processed_config(cfg, fold_ln=True), out
 
 
-def center_writing_weights(cfg: Config, params: Params) -> tuple[Config, Params]:
+def center_writing_weights(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
     """Centre W_E, W_pos, W_O, b_O, W_out, b_out over d_model (a no-op unless the model uses LayerNorm)."""
+    params, cfg = resolve_params(params, cfg)
     if cfg.normalization_type not in ("LN", "LNPre"):
         return cfg, params
     c = lambda x: x - x.mean(-1, keepdims=True)
@@ -88,15 +106,17 @@ def center_writing_weights(cfg: Config, params: Params) -> tuple[Config, Params]
     return cfg, out
 
 
-def center_unembed(cfg: Config, params: Params) -> tuple[Config, Params]:
+def center_unembed(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
     """Centre W_U and b_U over the vocabulary (softmax is invariant to a constant shift)."""
+    params, cfg = resolve_params(params, cfg)
     u = params["unembed"]
     return cfg, {**params, "unembed": {"W_U": u["W_U"] - u["W_U"].mean(-1, keepdims=True),
                                        "b_U": u["b_U"] - u["b_U"].mean(-1, keepdims=True)}}
 
 
-def fold_value_biases(cfg: Config, params: Params) -> tuple[Config, Params]:
+def fold_value_biases(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
     """b_O += sum over heads of b_V @ W_O; b_V = 0 (under GQA each kv bias serves its group of heads)."""
+    params, cfg = resolve_params(params, cfg)
     attn = dict(params["blocks"]["attn"])
     b_V = jnp.repeat(attn["b_V"], cfg.n_heads // cfg.n_key_value_heads, axis=1)  # [layer head d_head]
     attn["b_O"] = attn["b_O"] + jnp.einsum("lhe,lhed->ld", b_V, attn["W_O"])
@@ -106,7 +126,7 @@ def fold_value_biases(cfg: Config, params: Params) -> tuple[Config, Params]:
 
 def process_weights(
     cfg: Config,
-    params: Params,
+    params: ParamsLike,
     *,
     fold_ln: bool = True,
     center_writing_weights: bool = True,
@@ -119,6 +139,7 @@ def process_weights(
     softcapping does not commute with subtracting a per-position constant, so centring would change the
     log-probs.
     """
+    params, cfg = resolve_params(params, cfg)
     if cfg.output_logits_soft_cap is not None:
         center_unembed = False
     if fold_ln:
@@ -136,7 +157,7 @@ _fold_ln, _center_writing_weights, _center_unembed, _fold_value_biases = (
     fold_ln, center_writing_weights, center_unembed, fold_value_biases)
 
 
-def refactor_factored_attn_matrices(cfg: Config, params: Params) -> tuple[Config, Params]:
+def refactor_factored_attn_matrices(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
     """TransformerLens's `refactor_factored_attn_matrices`: the same QK and OV circuits, refactored.
 
     Only W_QK = W_Q W_K^T and W_OV = W_V W_O determine a head (Elhage et al. 2021); this picks factors
@@ -150,6 +171,7 @@ def refactor_factored_attn_matrices(cfg: Config, params: Params) -> tuple[Config
         ConfigError: rotary positions (the QK circuit depends on the query and key positions; TL asserts the
             same), or grouped-query attention (refactored keys and values would differ per query head).
     """
+    params, cfg = resolve_params(params, cfg)
     from jaxlens.analysis.factored_matrix import FactoredMatrix
 
     check_refactorable(cfg)

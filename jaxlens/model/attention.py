@@ -1,7 +1,8 @@
 """Multi-head / grouped-query attention with TransformerLens's hook points.
 
 Hooks: hook_q_input/k_input/v_input (only computed if asked: the residual repeated per head), attn.hook_q/k/v
-(k and v at n_key_value_heads), attn.hook_rot_q/rot_k (rotary models), attn.hook_attn_scores (-inf where
+(k and v at n_key_value_heads), attn.q_norm/k_norm.hook_scale/hook_normalized (`use_qk_norm`),
+attn.hook_rot_q/rot_k (rotary models), attn.hook_attn_scores (-inf where
 masked, as TL), attn.hook_pattern, attn.hook_z, attn.hook_result (only computed if asked).
 
 Under grouped-query attention key/value head j serves query heads j*r .. j*r + r - 1
@@ -21,6 +22,8 @@ from jaxlens.model.norms import norm
 from jaxlens.model.rotary import apply_rotary
 
 # einsum letters: b=batch p=pos q=query_pos k=key_pos d=d_model h=head_index e=d_head
+
+_GLOBAL_WINDOW = 2**30  # the window `runner.windows` gives a layer without one (global attention)
 
 
 class KVState(NamedTuple):
@@ -72,9 +75,13 @@ def attention_sublayer(
     q = hooks("attn.hook_q", q + p["b_Q"])
     k = hooks("attn.hook_k", k + p["b_K"])
     v = hooks("attn.hook_v", v + p["b_V"])
+    if cfg.use_qk_norm:  # per-head RMSNorm over d_head, before the rotary embedding (Qwen3, OLMo 2, Gemma 3)
+        q = norm(p["q_norm"], q, cfg, hooks, "attn.q_norm")
+        k = norm(p["k_norm"], k, cfg, hooks, "attn.k_norm")
     if cfg.positional_embedding_type == "rotary":
-        q = hooks("attn.hook_rot_q", apply_rotary(q, ctx.positions, cfg))
-        k = hooks("attn.hook_rot_k", apply_rotary(k, ctx.positions, cfg))
+        local = window < _GLOBAL_WINDOW
+        q = hooks("attn.hook_rot_q", apply_rotary(q, ctx.positions, cfg, local))
+        k = hooks("attn.hook_rot_k", apply_rotary(k, ctx.positions, cfg, local))
     key_valid = ctx.key_valid
     if kv is not None:
         k_all = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), ctx.offset, axis=1)

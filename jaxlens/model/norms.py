@@ -44,8 +44,14 @@ def norm(
     return h.astype(dtype)
 
 
+#: Per-head norms over d_head (`use_qk_norm`): always RMSNorm with weights, whatever fold_ln did to the rest.
+QK_NORMS = ("attn.q_norm", "attn.k_norm")
+
+
 def norm_kind(cfg: Config, name: str) -> str | None:
     """The normalisation type of norm `name`: post-norms (Gemma 2) keep their weights after fold_ln."""
+    if name in QK_NORMS:
+        return "RMS"
     kind = cfg.normalization_type
     if name.endswith("_post") and kind is not None:
         return kind.removesuffix("Pre")

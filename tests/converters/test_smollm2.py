@@ -96,8 +96,11 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
             w.add_tensor(gguf_name, data)
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    for name, data in (extra_tensors or {}).items():
-        w.add_tensor(name, data)
+    for name, data in (extra_tensors or {}).items():  # an array, or (raw bytes, GGMLQuantizationType)
+        if isinstance(data, tuple):
+            w.add_tensor(name, data[0], raw_dtype=data[1])
+        else:
+            w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -212,7 +215,8 @@ def test_extra_tensor_is_refused_by_name(synthetic, tmp_path):
     (lambda m, t: m.update({"llama.vocab_size": 50}), "vocab_size=50"),
     (lambda m, t: m.update({"llama.rope.dimension_count": 4}), "partial rotary"),
     (lambda m, t: m.update({"llama.attention.head_count_kv": [2, 2, 1]}), "per-layer"),
-    (lambda m, t: m.update({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}), "yarn"),
+    (lambda m, t: m.update({"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0}),
+     "'longrope' is not implemented"),
     (lambda m, t: m.update({"split.count": 3}), "llama-gguf-split"),
 ])
 def test_bad_metadata_is_a_clear_error(synthetic, tmp_path, edit, match):
@@ -233,10 +237,10 @@ def test_truncated_gguf_is_a_clear_error(synthetic, tmp_path):
 
 
 def test_unsupported_quant_type_is_named(synthetic, tmp_path):
-    _, hf, *_ = synthetic("phi3")  # d_model 64: rows of whole 32-element Q5_0 blocks
-    odd = write_like_llama_cpp(hf, "phi3", tmp_path / "q5.gguf", quantise={
-        "blk.1.attn_output.weight": gguf.GGMLQuantizationType.Q5_0})
-    with pytest.raises(CheckpointError, match=r"blk\.1\.attn_output\.weight.*Q5_0.*Supported types") as e:
+    _, hf, *_ = synthetic("phi3")  # Q8_K: a type gguf knows and nothing decodes
+    odd = write_like_llama_cpp(hf, "phi3", tmp_path / "q8k.gguf", extra_tensors={
+        "blk.1.odd.weight": (np.zeros((1, 292), np.uint8), gguf.GGMLQuantizationType.Q8_K)})
+    with pytest.raises(CheckpointError, match=r"blk\.1\.odd\.weight.*Q8_K.*Decodable types") as e:
         _gguf.load(odd, cache_dir=tmp_path, progress=False)
     assert "llama-quantize" in str(e.value)
 
