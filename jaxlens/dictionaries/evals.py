@@ -1,0 +1,161 @@
+"""Evaluation of a dictionary as SAELens defines it (sae-lens 6.54.12 `evals.py`; shared/RESEARCH.md 2.4), on
+held-out text.
+
+    metrics = evaluate(sae, params, cfg, held_out, context_size=128, n_sequences=64)
+    metrics["explained_variance"], metrics["ce_loss_recovered"], metrics["dead_fraction"]
+
+Reconstruction, over every token (BOS positions left out with `exclude_bos`, as the activation store does):
+- `explained_variance = 1 - sum ||x - x_hat||^2 / (sum ||x||^2 - N ||mean x||^2)`, accumulated in float64
+  (SAELens's `ExplainedVarianceCalculator`); `fvu = 1 - explained_variance`;
+- `mse` = mean per-token ||x - x_hat||^2; `cossim` mean cosine(x, x_hat); `l2_ratio` mean ||x_hat|| / ||x||;
+- `l0` = mean number of active features per token, `l1` = mean sum |f|;
+- feature density = fraction of tokens each feature fires on; `dead_fraction` = features that never fire,
+  `dense_fraction` = features firing on more than `dense_threshold` of the tokens.
+For a transcoder x is the activation at `hook_name_out` (its target) and x_hat the transcoder of `hook_name`.
+
+Downstream, the model's next-token loss with the reconstruction in place of the activation (at the
+dictionary's hook; a transcoder's output hook), against the clean model and against the activation
+zero-ablated:
+`ce_loss_recovered = (CE_zero - CE_dict) / (CE_zero - CE_clean)`, `ce_loss_increase = CE_dict - CE_clean`;
+`kl_div_score = (KL_zero - KL_dict) / KL_zero` with KL(clean || patched) summed over the vocabulary, averaged
+over tokens. The reconstruction is computed from the clean run's activation and patched in (`Patch`): for an
+SAE this is exactly splicing it at its hook (upstream of the hook nothing changes), which the tests check
+against `splice.spliced`; it works as well for a transcoder, which reads one hook and writes another.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlens import hook_names
+from jaxlens.config import Config
+from jaxlens.dictionaries.base import Dictionary, DictionaryError
+from jaxlens.dictionaries.corpus import TokenCorpus
+from jaxlens.errors import InputError
+from jaxlens.interventions import Patch
+from jaxlens.model.forward import lm_cross_entropy_loss, run
+from jaxlens.shapes import Params
+
+
+def evaluate(dictionary: Dictionary, params: Params, cfg: Config, corpus: TokenCorpus, *,
+             context_size: int = 128, n_sequences: int = 64, batch_size: int = 8, exclude_bos: bool = True,
+             dense_threshold: float = 0.1) -> dict[str, float]:
+    """SAELens's evaluation metrics of `dictionary` on the first `n_sequences` rows of `corpus`.
+
+    Args:
+        dictionary: an SAE or per-layer transcoder whose `cfg.hook_name` (and `hook_name_out`) name hooks of
+            the model.
+        params, cfg: the model.
+        corpus: held-out text (`corpus.load_corpus(corpus.HELDOUT_SOURCE, tokenizer)`).
+        context_size, n_sequences, batch_size: rows of tokens to evaluate on, and per forward.
+        exclude_bos: leave the BOS position out of every metric and un-patched.
+        dense_threshold: the firing frequency above which a feature counts as dense.
+
+    Returns:
+        {explained_variance, fvu, mse, cossim, l2_ratio, l0, l1, dead_fraction, dense_fraction,
+        ce_loss_clean, ce_loss_with_dictionary, ce_loss_zero_ablation, ce_loss_recovered, ce_loss_increase,
+        kl_div_with_dictionary, kl_div_zero_ablation, kl_div_score, tokens} as floats.
+
+    Raises:
+        DictionaryError: a dictionary without hook names, a cross-layer transcoder, or a width that does not
+            match the hook.
+        UnknownHookError: a hook the model lacks.
+        CorpusError: a corpus shorter than one row.
+    """
+    dcfg = dictionary.cfg
+    if dcfg.architecture == "clt":
+        raise DictionaryError("evaluate takes an SAE or a per-layer transcoder; evaluate a cross-layer "
+                              "transcoder layer by layer.")
+    hook_in = dcfg.hook_name
+    hook_out = dcfg.hook_name_out if dcfg.is_transcoder else dcfg.hook_name
+    if not hook_in or not hook_out:
+        raise DictionaryError("The dictionary has no hook_name (and a transcoder no hook_name_out): evaluate "
+                              "needs to know where it reads and writes.")
+    table = hook_names.decoder_table(cfg)
+    for h in (hook_in, hook_out):
+        layer, _ = table.parse(h)
+        if layer == "all":
+            raise InputError(f"evaluate needs the hook of one layer; found {h!r}.")
+    n = min(n_sequences, corpus.n_sequences(context_size))
+    rows = corpus.sequences(context_size, np.arange(n))
+    graphdef, state = nnx.split(dictionary)
+    totals: dict[str, np.ndarray] = {}
+    for i in range(0, n, batch_size):
+        stats = _batch_stats(params, cfg, jnp.asarray(rows[i:i + batch_size]), graphdef, state, hook_in,
+                             hook_out, exclude_bos)
+        for k, v in jax.device_get(stats).items():
+            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    return _finish(totals, dense_threshold)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "graphdef", "hook_in", "hook_out", "exclude_bos"))
+def _batch_stats(params, cfg, tokens, graphdef, state, hook_in, hook_out, exclude_bos):
+    """Sums over one batch of rows (the caller adds them up in float64)."""
+    names = tuple(dict.fromkeys((hook_in, hook_out)))
+    logits, cache, _ = run(params, cfg, tokens, cache_names=names)
+    x_in, x = cache[hook_in], cache[hook_out]
+    module = nnx.merge(graphdef, state)
+    dcfg = module.cfg
+    flat_in = x_in.reshape(x_in.shape[:2] + (-1,))
+    if flat_in.shape[-1] != dcfg.d_in:
+        raise DictionaryError(f"The dictionary reads width d_in={dcfg.d_in}, but {hook_in!r} has activations "
+                              f"of shape {x_in.shape[2:]} per token. Use the hook it was trained on.")
+    acts = module.encode(flat_in)
+    recon_flat = module(flat_in).astype(x.dtype)
+    if recon_flat.shape[-1] != math.prod(x.shape[2:]):
+        raise DictionaryError(f"The dictionary writes width {recon_flat.shape[-1]}, but {hook_out!r} has "
+                              f"activations of shape {x.shape[2:]} per token.")
+    recon = recon_flat.reshape(x.shape)
+    keep = jnp.ones(tokens.shape, bool).at[:, 0].set(not exclude_bos)  # [batch pos]
+    mask = keep.reshape(keep.shape + (1,) * (x.ndim - 2))
+    patched = {hook_out: Patch(value=recon, mask=mask)}
+    zeroed = {hook_out: Patch(value=jnp.zeros_like(x), mask=mask)}
+    logits_dict = run(params, cfg, tokens, interventions=patched)[0]
+    logits_zero = run(params, cfg, tokens, interventions=zeroed)[0]
+
+    w = keep.astype(jnp.float32)
+    xf, rf = x.reshape(x.shape[:2] + (-1,)), recon_flat
+    err = jnp.square(xf - rf).sum(-1)
+    norm_x, norm_r = jnp.linalg.norm(xf, axis=-1), jnp.linalg.norm(rf, axis=-1)
+    cos = (xf * rf).sum(-1) / jnp.maximum(norm_x * norm_r, 1e-12)
+    # next-token pairs: the prediction at position i is scored at i + 1 (patched positions are 1..)
+    pair = jnp.ones(tokens.shape, bool)
+    ce = lambda lg: (lm_cross_entropy_loss(lg, tokens, pair, per_token=True)).sum()  # noqa: E731
+    logp_clean = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+
+    def kl(lg):
+        logp = jax.nn.log_softmax(lg.astype(jnp.float32), -1)
+        return (jnp.exp(logp_clean) * (logp_clean - logp)).sum(-1)[:, 1:].sum()
+
+    fired = (acts != 0) & keep[..., None]
+    return {"n": w.sum(), "err": (err * w).sum(), "sum_sq": (jnp.square(xf).sum(-1) * w).sum(),
+            "sum_x": (xf * w[..., None]).sum((0, 1)), "cos": (cos * w).sum(),
+            "l2_ratio": (norm_r / jnp.maximum(norm_x, 1e-12) * w).sum(),
+            "l0": fired.sum(-1).astype(jnp.float32).sum(), "l1": (jnp.abs(acts).sum(-1) * w).sum(),
+            "fires": fired.sum((0, 1)), "n_pairs": jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1),
+                                                               jnp.float32),
+            "ce_clean": ce(logits), "ce_dict": ce(logits_dict), "ce_zero": ce(logits_zero),
+            "kl_dict": kl(logits_dict), "kl_zero": kl(logits_zero)}
+
+
+def _finish(t: dict, dense_threshold: float) -> dict[str, float]:
+    n, pairs = float(t["n"]), float(t["n_pairs"])
+    var = float(t["sum_sq"]) - float(np.square(t["sum_x"]).sum()) / n
+    ev = 1.0 - float(t["err"]) / var
+    density = np.asarray(t["fires"]) / n
+    ce_clean, ce_dict, ce_zero = (float(t[k]) / pairs for k in ("ce_clean", "ce_dict", "ce_zero"))
+    kl_dict, kl_zero = float(t["kl_dict"]) / pairs, float(t["kl_zero"]) / pairs
+    return {"explained_variance": ev, "fvu": 1.0 - ev, "mse": float(t["err"]) / n,
+            "cossim": float(t["cos"]) / n,
+            "l2_ratio": float(t["l2_ratio"]) / n, "l0": float(t["l0"]) / n, "l1": float(t["l1"]) / n,
+            "dead_fraction": float((density == 0).mean()),
+            "dense_fraction": float((density > dense_threshold).mean()),
+            "ce_loss_clean": ce_clean, "ce_loss_with_dictionary": ce_dict, "ce_loss_zero_ablation": ce_zero,
+            "ce_loss_recovered": (ce_zero - ce_dict) / (ce_zero - ce_clean),
+            "ce_loss_increase": ce_dict - ce_clean, "kl_div_with_dictionary": kl_dict,
+            "kl_div_zero_ablation": kl_zero, "kl_div_score": (kl_zero - kl_dict) / kl_zero,
+            "tokens": int(n)}
