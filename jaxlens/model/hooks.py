@@ -23,14 +23,17 @@ class Hooks:
         at_layer: relative name -> [(layer, intervention)] applied only where `layer` equals the given layer
             (at every layer for None).
         names_to_cache: relative names to record.
+        carry: state threaded through the blocks (`runner.run_blocks_carried`): an intervention with a true
+            `uses_carry` attribute is called as `iv(x, hook, carry) -> (x, carry)`.
     """
 
     def __init__(self, *, prefix: str = "", layer=None, here: Mapping | None = None,
-                 at_layer: Mapping | None = None, names_to_cache=frozenset()):
+                 at_layer: Mapping | None = None, names_to_cache=frozenset(), carry=None):
         self.prefix, self.layer = prefix, layer
         self.here, self.at_layer = here or {}, at_layer or {}
         self.names_to_cache = names_to_cache
         self.cache: dict[str, jax.Array] = {}
+        self.carry = carry
 
     def wants(self, name: str) -> bool:
         """Someone caches or intervenes on `name`."""
@@ -42,20 +45,33 @@ class Hooks:
 
     def __call__(self, name: str, x: jax.Array) -> jax.Array:
         for iv in self.here.get(name, ()):
-            x = iv(x, HookPoint(self._full(name, self.layer), self.layer))
+            x = self._apply(iv, x, HookPoint(self._full(name, self.layer), self.layer))
         for layer, iv in self.at_layer.get(name, ()):
             if layer is None:  # every layer
-                x = iv(x, HookPoint(self._full(name, self.layer), self.layer))
+                x = self._apply(iv, x, HookPoint(self._full(name, self.layer), self.layer))
                 continue
             hook = HookPoint(self._full(name, layer), layer)
             if isinstance(self.layer, int):
                 if self.layer == layer:
-                    x = iv(x, hook)
+                    x = self._apply(iv, x, hook)
             else:
-                x = jnp.where(self.layer == layer, iv(x, hook), x)
+                x = self._apply(iv, x, hook, on=self.layer == layer)
         if name in self.names_to_cache:
             self.cache[name] = x
         return x
+
+    def _apply(self, iv, x: jax.Array, hook: HookPoint, on=None) -> jax.Array:
+        """`iv` at `x` (reading and updating the carry if it uses one); where `on` is False, x and the carry
+        stay as they were."""
+        if getattr(iv, "uses_carry", False):
+            y, carry = iv(x, hook, self.carry)
+        else:
+            y, carry = iv(x, hook), self.carry
+        if on is not None:
+            y = jnp.where(on, y, x)
+            carry = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), carry, self.carry)
+        self.carry = carry
+        return y
 
     def _full(self, name: str, layer) -> str:
         if self.prefix == "":

@@ -122,7 +122,27 @@ def run_blocks(
     kv: KVState | None = None,
     block: BlockFn = decoder_block,
 ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array], KVState | None]:
-    """Run blocks [start, stop) on `resid`.
+    """Run blocks [start, stop) on `resid` (`run_blocks_carried` without a carry)."""
+    resid, stacked, kv, _ = run_blocks_carried(blocks, cfg, resid, ctx, interventions, start=start, stop=stop,
+                                               cache=cache, kv=kv, block=block)
+    return resid, stacked, kv
+
+
+def run_blocks_carried(
+    blocks: Mapping[str, Any],
+    cfg: Config,
+    resid: Float[Array, "batch pos d_model"],
+    ctx: Context,
+    interventions: BlockInterventions = NO_INTERVENTIONS,
+    *,
+    start: int | Int[Array, ""],
+    stop: int | Int[Array, ""],
+    cache: Iterable[str] = frozenset(),
+    kv: KVState | None = None,
+    block: BlockFn = decoder_block,
+    carry: Any = None,
+) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array], KVState | None, Any]:
+    """Run blocks [start, stop) on `resid`, threading `carry` through them.
 
     Args:
         blocks: the stacked block params (leading `layer` axis of n_layers).
@@ -136,42 +156,47 @@ def run_blocks(
         kv: key/value states with a leading layer axis: [start, stop) with int bounds (updated and returned),
             every layer with a traced start (read only: earlier positions of a window).
         block: the block function `(p, resid, cfg, hooks, ctx, window, kv) -> (resid, kv)`.
+        carry: a pytree carried from layer to layer (None for none): interventions that declare
+            `uses_carry` read and update it (`Hooks`), e.g. the per-source output differences of edge
+            patching (`jaxlens.circuits`).
 
     Returns:
-        (residual after block stop - 1, {relative name: [stop - start, ...]}, updated kv or None).
+        (residual after block stop - 1, {relative name: [stop - start, ...]}, updated kv or None, the carry
+        after block stop - 1).
     """
     cache = frozenset(cache)
     wins = windows(cfg)
 
-    def step(p, r, idx, window, here, kv_l):
+    def step(p, r, c, idx, window, here, kv_l):
         hooks = Hooks(prefix="blocks.", layer=idx, here=here, at_layer=interventions.at_layer,
-                      names_to_cache=cache)
+                      names_to_cache=cache, carry=c)
         r, kv_l = block(p, r, cfg, hooks, ctx, window, kv_l)
-        return r, hooks.cache, kv_l
+        return r, hooks.carry, hooks.cache, kv_l
 
     if isinstance(start, int):
-        def body(r, xs):
+        def body(rc, xs):
             p, idx, window, here, kv_l = xs
-            r, recorded, kv_l = step(p, r, idx, window, here, kv_l)
-            return r, (recorded, kv_l)
+            r, c, recorded, kv_l = step(p, *rc, idx, window, here, kv_l)
+            return (r, c), (recorded, kv_l)
 
         sl = lambda x: x[start:stop]
         xs = (jax.tree_util.tree_map(sl, blocks), jnp.arange(start, stop), sl(wins), interventions.stacked,
               kv)
-        resid, (stacked, new_kv) = jax.lax.scan(body, resid, xs)
-        return resid, stacked, new_kv
+        (resid, carry), (stacked, new_kv) = jax.lax.scan(body, (resid, carry), xs)
+        return resid, stacked, new_kv, carry
 
     if cache or interventions.stacked:
         raise InputError("Blocks run from a traced start layer can neither record activations nor take "
                          "stacked (`blocks.x`) interventions; use int bounds, or address layers "
                          "(`blocks.3.x`).")
 
-    def one(i, r):
+    def one(i, rc):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
         kv_l = None if kv is None else jax.tree_util.tree_map(take, kv)
-        return step(jax.tree_util.tree_map(take, blocks), r, i, take(wins), {}, kv_l)[0]
+        return step(jax.tree_util.tree_map(take, blocks), *rc, i, take(wins), {}, kv_l)[:2]
 
-    return jax.lax.fori_loop(start, stop, one, resid), {}, None
+    resid, carry = jax.lax.fori_loop(start, stop, one, (resid, carry))
+    return resid, {}, None, carry
 
 
 def collect(table: HookTable, names: Iterable[str], top: Mapping[str, Array], stacked: Mapping[str, Array],
