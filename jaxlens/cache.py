@@ -134,6 +134,12 @@ class ActivationCache(CacheAnalysis):
     def __repr__(self) -> str:
         return f"ActivationCache with keys {self._keys}"
 
+    def __treescope_repr__(self, path, subtree_renderer):
+        """treescope: each activation with its hook's axis names (`jaxlens.treescope_view`)."""
+        from jaxlens.treescope_view import cache_repr
+
+        return cache_repr(self, path, subtree_renderer)
+
     # -- batch -----------------------------------------------------------------------------------------------
     def batch_size(self) -> int:
         """The batch size (the leading axis of the activations; stacks carry the layer axis first)."""

@@ -24,7 +24,7 @@ from jaxlens.errors import InputError
 from jaxlens.interventions import Add, intervention_list
 from jaxlens.model import runner
 from jaxlens.model.forward import lm_cross_entropy_loss, run
-from jaxlens.shapes import AnyArray, Params
+from jaxlens.shapes import AnyArray, Params, ParamsLike, resolve_params
 
 
 @functools.partial(jax.jit,
@@ -42,7 +42,7 @@ def run_jit(params: Params, cfg: Config,
 
 
 def cached_forward(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
     names: Sequence[str],
@@ -60,6 +60,7 @@ def cached_forward(
         InputError: incl_bwd with layer bounds but no grad_metric (the loss needs tokens and logits), or names
             this run does not compute.
     """
+    params, cfg = resolve_params(params, cfg)
     names = tuple(names)
     start, stop = runner.layer_bounds(cfg.n_layers, start_at_layer, stop_at_layer)
     layers = runner.stack_layers(hook_names.decoder_table(cfg), names, start, stop)

@@ -42,13 +42,13 @@ from jaxlens.model.attention import KVState
 from jaxlens.model.forward import check_tokens, run, unembed
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.norms import norm
-from jaxlens.shapes import Params, PRNGKey
+from jaxlens.shapes import ParamsLike, PRNGKey, resolve_params
 
 # einsum letters: b=batch v=d_vocab
 
 
 def generate(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     tokens: Int[Array, "batch pos"],
     *,
@@ -93,6 +93,7 @@ def generate(
             id, a mask that is not left padding, or an intervention whose position axis does not fit its
             intervention_positions mode (or is ambiguous under "auto").
     """
+    params, cfg = resolve_params(params, cfg)
     tokens = check_tokens(tokens, cfg)
     b, p = tokens.shape
     eos = _check_settings(cfg, tokens.shape, max_new_tokens, temperature, top_k, top_p, eos_token_id,

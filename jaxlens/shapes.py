@@ -15,7 +15,7 @@ Einsum letters, the same in every file:
     b=batch  p=pos  q=query_pos  k=key_pos  d=d_model  h=head_index  e=d_head  m=d_mlp  v=d_vocab  l=layer
 """
 
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import jax
 import numpy as np
@@ -28,4 +28,30 @@ Logits: TypeAlias = Float[Array, "batch pos d_vocab"]
 Params: TypeAlias = dict[str, Any]
 PRNGKey: TypeAlias = jax.Array
 
-__all__ = ["Array", "Bool", "Float", "Int", "Tokens", "Resid", "Logits", "Params", "PRNGKey"]
+
+@runtime_checkable
+class CarriesParams(Protocol):
+    """A model object holding its own weights and config (`jaxlens.nnx.Transformer`)."""
+
+    def __jaxlens_params__(self) -> tuple[Params, Any]: ...
+
+
+ParamsLike: TypeAlias = Params | CarriesParams  # what a public `(params, cfg)` function accepts
+
+
+def resolve_params(params: ParamsLike, cfg: Any) -> tuple[Params, Any]:
+    """(params pytree, cfg) from what a public `(params, cfg)` function was given: a params pytree and its
+    config, or a model object carrying both (`jaxlens.nnx.Transformer`) with its config (or the same one)."""
+    if not isinstance(params, CarriesParams):
+        return params, cfg
+    pytree, own = params.__jaxlens_params__()
+    if cfg is not None and cfg != own:
+        from jaxlens.errors import InputError
+
+        raise InputError(f"{type(params).__name__} was passed with a config that is not its own. Pass "
+                         "`model.cfg` as cfg, or the params pytree of the config you mean.")
+    return pytree, own
+
+
+__all__ = ["Array", "Bool", "Float", "Int", "Tokens", "Resid", "Logits", "Params", "ParamsLike", "PRNGKey",
+           "resolve_params"]

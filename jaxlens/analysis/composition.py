@@ -21,23 +21,25 @@ from jaxtyping import Array, Float
 from jaxlens.analysis.factored_matrix import FactoredMatrix
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.shapes import Params
+from jaxlens.shapes import ParamsLike, resolve_params
 
 # einsum letters: l=layer h=head_index d=d_model e=d_head (a/b, f: the second head's head_index, d_head)
 
 
-def OV(params: Params, cfg: Config) -> FactoredMatrix:
+def OV(params: ParamsLike, cfg: Config) -> FactoredMatrix:
     """Every head's OV circuit W_V @ W_O as a FactoredMatrix of shape [layer head_index d_model d_model].
 
     Under grouped-query attention W_V is repeated to n_heads first (TL's `W_V` property does the same).
     """
+    params, cfg = resolve_params(params, cfg)
     attn = params["blocks"]["attn"]
     return FactoredMatrix(_repeat_kv(attn["W_V"], cfg), attn["W_O"])
 
 
-def QK(params: Params, cfg: Config) -> FactoredMatrix:
+def QK(params: ParamsLike, cfg: Config) -> FactoredMatrix:
     """Every head's QK circuit W_Q @ W_K^T as a FactoredMatrix of shape [layer head_index d_model d_model]
     (query side on the left: the bilinear form is resid_q^T W_Q W_K^T resid_k)."""
+    params, cfg = resolve_params(params, cfg)
     attn = params["blocks"]["attn"]
     return FactoredMatrix(attn["W_Q"], jnp.swapaxes(_repeat_kv(attn["W_K"], cfg), -1, -2))
 
@@ -69,7 +71,7 @@ def composition_scores(left: FactoredMatrix, right: FactoredMatrix, broadcast_di
 
 
 def all_composition_scores(
-    params: Params, cfg: Config, mode: str
+    params: ParamsLike, cfg: Config, mode: str
 ) -> Float[Array, "layer head_index layer head_index"]:
     """Composition scores of every (earlier head, later head) pair, zero unless the first layer is earlier.
 
@@ -85,6 +87,7 @@ def all_composition_scores(
     Raises:
         InputError: mode is not "Q", "K" or "V".
     """
+    params, cfg = resolve_params(params, cfg)
     left = OV(params, cfg)
     if mode == "Q":
         right = QK(params, cfg)

@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, Int
 from jaxlens.analysis.factored_matrix import FactoredMatrix
 from jaxlens.config import Config
 from jaxlens.errors import InputError
-from jaxlens.shapes import Params
+from jaxlens.shapes import ParamsLike, resolve_params
 
 # einsum letters: d=d_model v=d_vocab m=d_mlp
 
@@ -33,7 +33,7 @@ VectorType = Literal["OV", "w_in", "w_out"]
 
 
 def singular_directions(
-    params: Params, cfg: Config, vector_type: str, layer_index: int, head_index: int | None = None
+    params: ParamsLike, cfg: Config, vector_type: str, layer_index: int, head_index: int | None = None
 ) -> tuple[Float[Array, "n d_model"], Float[Array, " n"]]:
     """(right singular vectors as rows [n d_model], singular values [n]) of the chosen weight, largest first.
 
@@ -41,6 +41,7 @@ def singular_directions(
         InputError: an unknown vector_type, a layer or head index out of range, or a head index missing
             for OV.
     """
+    params, cfg = resolve_params(params, cfg)
     _check_index("layer_index", layer_index, cfg.n_layers)
     blocks = params["blocks"]
     if vector_type == "OV":
@@ -67,7 +68,7 @@ def singular_directions(
 
 
 def get_singular_vectors(
-    params: Params, cfg: Config, vector_type: str, layer_index: int, num_vectors: int = 10,
+    params: ParamsLike, cfg: Config, vector_type: str, layer_index: int, num_vectors: int = 10,
     head_index: int | None = None,
 ) -> Float[Array, "d_vocab 1 num_vectors"]:
     """The top `num_vectors` singular directions projected on W_U: [d_vocab 1 num_vectors], as TL returns.
@@ -75,6 +76,7 @@ def get_singular_vectors(
     Raises:
         InputError: as `singular_directions`, or more vectors than the weight has.
     """
+    params, cfg = resolve_params(params, cfg)
     vecs, _ = singular_directions(params, cfg, vector_type, layer_index, head_index)
     if not 1 <= num_vectors <= vecs.shape[0]:
         raise InputError(f"num_vectors must be in [1, {vecs.shape[0]}] for this weight; found {num_vectors}.")
@@ -83,13 +85,14 @@ def get_singular_vectors(
 
 
 def top_tokens(
-    params: Params, cfg: Config, vector_type: str, layer_index: int, num_vectors: int = 5, k: int = 10,
+    params: ParamsLike, cfg: Config, vector_type: str, layer_index: int, num_vectors: int = 5, k: int = 10,
     head_index: int | None = None, bottom: bool = False,
 ) -> Int[Array, "num_vectors k"]:
     """Ids of the k tokens each singular direction promotes most (least, with bottom=True).
 
     Decode them with `model.to_str_tokens(ids[i])`.
     """
+    params, cfg = resolve_params(params, cfg)
     proj = get_singular_vectors(params, cfg, vector_type, layer_index, num_vectors, head_index)[:, 0, :].T
     if not 1 <= k <= cfg.d_vocab:
         raise InputError(f"k must be in [1, d_vocab={cfg.d_vocab}]; found {k}.")

@@ -27,13 +27,13 @@ from jaxlens.model.attention import Context, KVState
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.loss import lm_cross_entropy_loss as lm_cross_entropy_loss  # re-exported
 from jaxlens.model.norms import norm
-from jaxlens.shapes import AnyArray, Params
+from jaxlens.shapes import AnyArray, Params, ParamsLike, resolve_params
 
 # einsum letters: b=batch p=pos d=d_model v=d_vocab
 
 
 def forward(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     tokens: Int[Array, "batch pos"] | Float[Array, "batch pos d_model"],
     *,
@@ -64,7 +64,23 @@ def forward(
         InputError: tokens of the wrong rank, out of the vocabulary, longer than n_ctx, bad layer bounds.
         UnknownHookError: an intervention or cache name that is not a hook point.
         InterventionError: an intervention that does not fit its activation.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlens import forward, init_params, testing, zero_ablate
+        >>> cfg = testing.tiny_config()                  # 3 layers, 5 heads of 8, d_model 40, vocab 97
+        >>> params = init_params(cfg, jax.random.key(0))
+        >>> tokens = jnp.array([[1, 5, 9, 2, 7]])
+        >>> logits, cache = forward(params, cfg, tokens, cache_names=["blocks.1.hook_resid_post"])
+        >>> logits.shape, cache["blocks.1.hook_resid_post"].shape
+        ((1, 5, 97), (1, 5, 40))
+        >>> head_2 = (jnp.arange(cfg.n_heads) == 2)[:, None]   # broadcasts over [batch pos head_index d_head]
+        >>> ablated, _ = forward(params, cfg, tokens,
+        ...                      interventions={"blocks.1.attn.hook_z": zero_ablate(head_2)})
+        >>> bool(jnp.abs(ablated - logits).max() > 0)
+        True
     """
+    params, cfg = resolve_params(params, cfg)
     out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
                         start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
                         attention_mask=attention_mask)
@@ -72,7 +88,7 @@ def forward(
 
 
 def run(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
     *,
@@ -94,6 +110,7 @@ def run(
     With `stacked_cache` the second output is `runner.stacks`'s pair ({global or stacked name: activation},
     {relative block name: activations stacked over the layers `runner.stack_layers` lists}): one output per
     hook, for `ActivationCache`."""
+    params, cfg = resolve_params(params, cfg)
     if kv_cache is not None and attention_mask is not None:
         n_mask, n_slots = jnp.shape(attention_mask)[-1], kv_cache.k.shape[2]
         if n_mask != n_slots:

@@ -28,6 +28,7 @@ from jaxlens.patching.activation import EVERY, SPECS, stack_patch_types
 from jaxlens.patching.plan import Target, resolve_target
 from jaxlens.patching.prepare import check_metric, source_activation
 from jaxlens.patching.result import PatchResult
+from jaxlens.shapes import resolve_params
 
 
 def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *, hook: str,
@@ -37,12 +38,14 @@ def attribution_sweep(params, cfg, corrupted_tokens, clean, metric: Callable, *,
     Returns:
         PatchResult like `sweep`'s, values = metric(corrupted) + estimated change.
     """
+    params, cfg = resolve_params(params, cfg)
     return attribution_sweeps(params, cfg, corrupted_tokens, clean, metric, [(hook, axes)], metric_names)[0]
 
 
 def attribution_sweeps(params, cfg, corrupted_tokens, clean, metric: Callable, specs, metric_names=None
                        ) -> list[PatchResult]:
     """Several grids [(hook, axes), ...] from one corrupted forward and one backward pass per metric entry."""
+    params, cfg = resolve_params(params, cfg)
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     targets = [resolve_target(cfg, h, a) for h, a in specs]
     names = tuple(dict.fromkeys(t.full_name for t in targets))

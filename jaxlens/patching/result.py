@@ -120,6 +120,12 @@ class PatchResult:
         """The values as a numpy array."""
         return np.asarray(self.values)
 
+    def __treescope_repr__(self, path, subtree_renderer):
+        """treescope: the values over the named axes, with their labels (`jaxlens.treescope_view`)."""
+        from jaxlens.treescope_view import result_repr
+
+        return result_repr(self, path, subtree_renderer)
+
     def __repr__(self) -> str:
         dims = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.shape, strict=True)) or "scalar"
         has = "metric" in self.axes

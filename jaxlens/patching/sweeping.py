@@ -44,7 +44,7 @@ from jaxlens.patching.compute import ChunkSpec, chunk_values
 from jaxlens.patching.plan import CellStatus, Chunk, Plan, Target, default_budget, make_plan, resolve_target
 from jaxlens.patching.prepare import Prepared, prepare
 from jaxlens.patching.result import PatchResult
-from jaxlens.shapes import Params
+from jaxlens.shapes import Params, ParamsLike, resolve_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ class SweepPlan:
 
 
 def sweep(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     corrupted_tokens: Int[Array | np.ndarray, "batch pos"],
     clean,
@@ -235,6 +235,7 @@ def sweep(
             scalar (or the declared vector), a budget too small for one patch, labels of the wrong length, a
             checkpoint of another sweep.
     """
+    params, cfg = resolve_params(params, cfg)
     s = _setup(params, cfg, corrupted_tokens, clean, metric, hook, axes, metric_names, layers, prefix_reuse,
                memory_budget, chunk_size, max_windows, devices)
     plan, prep = s.plan, s.prep
@@ -256,7 +257,7 @@ def sweep(
 
 
 def plan_sweep(
-    params: Params,
+    params: ParamsLike,
     cfg: Config,
     corrupted_tokens: Int[Array | np.ndarray, "batch pos"],
     clean,
@@ -288,8 +289,9 @@ def plan_sweep(
         SweepPlan (`print` it for a summary).
 
     Raises:
-        As `sweep`, for everything decided before the first chunk.
+        UnknownHookError, InputError: as `sweep`, for everything decided before the first chunk.
     """
+    params, cfg = resolve_params(params, cfg)
     s = _setup(params, cfg, corrupted_tokens, clean, metric, hook, axes, metric_names, layers, prefix_reuse,
                memory_budget, chunk_size, max_windows, devices)
     return _report(s)
