@@ -122,6 +122,19 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         `grad_metric(output)`, needed with layer bounds) with respect to each cached activation (TL's backward
         hooks), honouring the layer bounds and `attention_mask`. `pos_slice` (TL's Slice: int, list, tuple,
         slice) keeps those positions of every cached activation (the query positions of patterns).
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from jaxlens import HookedTransformer, init_params, testing
+            >>> cfg = testing.tiny_config()              # 3 layers, 5 heads of 8, d_model 40, vocab 97
+            >>> model = HookedTransformer(cfg, init_params(cfg, jax.random.key(0)))
+            >>> tokens = jnp.array([[1, 5, 9, 2, 7]])
+            >>> logits, cache = model.run_with_cache(tokens)
+            >>> cache["pattern", 0].shape                # [batch head_index query_pos key_pos]
+            (1, 5, 5, 5)
+            >>> _, z_only = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_z"))
+            >>> list(z_only.keys())
+            ['blocks.0.attn.hook_z', 'blocks.1.attn.hook_z', 'blocks.2.attn.hook_z']
         """
         names = tuple(self.hook_table().select(names_filter, start_at_layer=start_at_layer,
                                                stop_at_layer=stop_at_layer, enabled=self.enabled_hooks))
@@ -173,6 +186,20 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
 
         The hooks apply to this call only (nothing persists). For gradients use run_with_cache(incl_bwd=True)
         or `jax.grad` through an `Add` intervention.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from jaxlens import HookedTransformer, init_params, testing, zero_ablate
+            >>> cfg = testing.tiny_config()
+            >>> model = HookedTransformer(cfg, init_params(cfg, jax.random.key(0)))
+            >>> tokens = jnp.array([[1, 5, 9, 2, 7]])
+            >>> def ablate_head_2(z, hook):              # returns the new activation; edits nothing
+            ...     return z.at[:, :, 2].set(0.0)
+            >>> hooked = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", ablate_head_2)])
+            >>> as_data = model(tokens, interventions={
+            ...     "blocks.1.attn.hook_z": zero_ablate((jnp.arange(cfg.n_heads) == 2)[:, None])})
+            >>> bool(jnp.allclose(hooked, as_data, atol=1e-5))
+            True
         """
         if bwd_hooks:
             raise JaxlensError("bwd_hooks are not supported: take gradients with "

@@ -279,6 +279,25 @@ def _rows(index_df, axes: tuple, cfg) -> np.ndarray:
 
 get_act_patch_resid_pre = _sweep_function(
     "resid_pre", "Patch the residual stream entering each block, by position.")
+get_act_patch_resid_pre.__doc__ += """
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlens import HookedTransformer, init_params, patching, testing
+        >>> cfg = testing.tiny_config()                  # 3 layers, vocab 97
+        >>> model = HookedTransformer(cfg, init_params(cfg, jax.random.key(0)))
+        >>> clean = jnp.array([[1, 5, 9, 2, 7]])
+        >>> corrupted = clean.at[0, 2].set(11)           # the prompts differ at position 2
+        >>> _, clean_cache = model.run_with_cache(clean)
+        >>> def metric(logits):
+        ...     return logits[0, -1, 3] - logits[0, -1, 4]
+        >>> grid = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric, progress=False)
+        >>> grid.shape                                   # [layer pos]
+        (3, 5)
+        >>> bool(jnp.allclose(grid[0, 2], metric(model(clean)), atol=1e-4))  # layer 0, pos 2: the clean run
+        True
+        >>> bool(jnp.allclose(grid[:, :2], metric(model(corrupted)), atol=1e-4))  # before pos 2: no change
+        True
+    """
 get_act_patch_resid_mid = _sweep_function(
     "resid_mid", "Patch the residual stream between attention and MLP, by position.")
 get_act_patch_attn_out = _sweep_function("attn_out", "Patch each attention layer's output, by position.")

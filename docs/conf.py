@@ -1,0 +1,111 @@
+"""Sphinx configuration of the jaxlens documentation (see docs/README.md for why Sphinx, and how to build).
+
+Build: `bash scripts/build_docs.sh` (strict: `sphinx-build -W --keep-going -n`) -> docs/_build/html, which
+opens from disk (file://): Sphinx's search loads its index through a <script> tag, and the furo theme ships
+its fonts, scripts and styles with the build (no CDN at view time).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(DOCS / "_ext"))
+
+project = "jaxlens"
+author = "jaxlens contributors"
+copyright = "jaxlens contributors"
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "myst_nb",
+    "jaxlens_dialect",
+    "jaxlens_apigen",
+]
+
+# The API reference: one page per package, generated from what each exports (docs/_ext/jaxlens_apigen.py).
+# To document a new package, add its import name here (modules it re-exports, like jaxlens.hook_names, get a
+# page of their own automatically).
+jaxlens_api_packages = [
+    "jaxlens",
+    "jaxlens.patching",
+    "jaxlens.analysis",
+    "jaxlens.cache",
+    "jaxlens.encoder",
+    "jaxlens.converters",
+    "jaxlens.hub",
+    "jaxlens.weight_processing",
+    "jaxlens.viz",
+    "jaxlens.testing",
+    "jaxlens.errors",
+    "jaxlens.dictionaries",
+    "jaxlens.circuits",
+    "jaxlens.flax",
+    "jaxlens.nnx",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+root_doc = "index"
+
+# docstrings: Google style, `x` is code (jaxlens's docstrings use single backticks for code)
+default_role = "code"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autosummary_generate = False
+add_module_names = False
+
+# Names from other libraries appear in signatures; without network there is no intersphinx inventory for
+# them, so strict mode (-n) would flag each one. They are ignored by pattern; jaxlens's own must resolve.
+nitpick_ignore_regex = [
+    ("py:.*", r"(jax|jaxlib|enum|jaxtyping|numpy|np|jnp|collections|typing|pathlib|os|flax|optax|matplotlib|"
+              r"tokenizers|transformers|torch|pandas|safetensors|gguf|tqdm|concurrent|types|dataclasses)(\..*)?"),
+    ("py:.*", r"(Array|Float|Int|Bool|Num|Shaped|Key|ArrayLike|Callable|Sequence|Mapping|Iterable|Iterator|"
+              r"Any|Literal|Path|Figure|PyTree|DTypeLike|Self|Device|Sharding|Mesh|NoneType|ndarray)(\[.*)?"),
+    ("py:class", r"(int|float|str|bool|dict|list|tuple|set|frozenset|bytes|object|type|slice|Exception|"
+                 r"KeyError|ValueError|IndexError|AssertionError|TypeError|RuntimeError|OSError)"),
+]
+
+# notebooks: rendered as stored (their outputs come from a recorded run; nothing executes at build time)
+nb_execution_mode = "off"
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+html_theme = "furo"
+html_title = "jaxlens"
+html_static_path = []
+templates_path = ["_templates"]  # page.html: furo's footer without its links to the web
+# Search works from file:// (the index is a <script>), but its result summaries fetch() each page, which
+# browsers refuse from file:// (CORS): summaries off, results only.
+html_show_search_summary = False
+html_copy_source = False
+html_show_sourcelink = False
+
+
+def _copy_notebooks(app) -> None:
+    """The notebooks live in notebooks/ at the repository root; Sphinx reads copies from docs/notebooks/. A
+    notebook saved without language metadata gets Python's, so its cells are highlighted (strict mode
+    otherwise flags each cell)."""
+    import json
+
+    out = DOCS / "notebooks"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        data = json.loads(nb.read_text())
+        meta = data.setdefault("metadata", {})
+        meta.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+        meta.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
+        (out / nb.name).write_text(json.dumps(data, indent=1))
+
+
+def setup(app):
+    app.connect("builder-inited", _copy_notebooks, priority=400)
