@@ -27,6 +27,24 @@ def perturb_hf_model(model, scale: float = 0.1, seed: int = 0):
     return model
 
 
+def numpy_params(cfg, seed: int, scale: float = 0.3) -> dict:
+    """Random params drawn with numpy (no compile): every tensor `scale` * N(0, 1), norm gains 1 + that;
+    shapes from `jaxlens.param_shapes`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlens.params import param_shapes
+
+    rng = np.random.RandomState(seed)
+    is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_entry)
+    out = []
+    for path, (_, shape) in paths:
+        x = scale * rng.randn(*shape) + jax.tree_util.keystr(path).endswith("['w']")
+        out.append(jnp.asarray(x, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def random_hf_model(config_cls_name: str, model_cls_name: str, seed: int = 0, **config):
     """A randomly initialised `transformers` model in float32 eval mode, eager attention, gains perturbed."""
     import torch
@@ -77,6 +95,17 @@ def save_hf_model(model, path: Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def saved_random_hf_model(path: Path, config_cls_name: str, model_cls_name: str, seed: int, n_tokens: int,
+                          **config):
+    """`random_hf_model` saved into `path` (with a tiny trained tokenizer when vocab_size is 300) and random
+    tokens [2, n_tokens] for it: (model, tokens)."""
+    hf = random_hf_model(config_cls_name, model_cls_name, seed=seed, **config)
+    tokens = np.random.RandomState(seed).randint(0, config["vocab_size"], (2, n_tokens))
+    tok = train_tiny_tokenizer(path) if config["vocab_size"] == 300 else None
+    save_hf_model(hf, path, tok)
+    return hf, tokens
 
 
 def hf_outputs(model, tokens: np.ndarray) -> dict[str, np.ndarray]:

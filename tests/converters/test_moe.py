@@ -41,12 +41,10 @@ def built(tmp_path_factory):
     def get(case):
         if case not in cache:
             cls, model_cls, conf, _ = CASES[case]
-            seed = 60 + sorted(CASES).index(case)
-            hf = testing.random_hf_model(cls, model_cls, seed=seed, **{"initializer_range": 0.2, **conf})
-            tokens = np.random.RandomState(seed).randint(0, conf["vocab_size"], (2, T))
             path = tmp_path_factory.mktemp(case)
-            tok = testing.train_tiny_tokenizer(path) if conf["vocab_size"] == 300 else None
-            testing.save_hf_model(hf, path, tok)
+            seed = 60 + sorted(CASES).index(case)
+            hf, tokens = testing.saved_random_hf_model(path, cls, model_cls, seed, T,
+                                                       **{"initializer_range": 0.2, **conf})
             ref = testing.hf_outputs(hf, tokens)
             with torch.no_grad():
                 out = hf(torch.as_tensor(tokens), output_router_logits=True)

@@ -10,7 +10,6 @@ from jaxlens import testing
 from jaxlens.dictionaries.probes import Probe, probe_inputs, train_probe, train_probes
 from jaxlens.errors import InputError
 from jaxlens.model.forward import forward
-from jaxlens.params import param_shapes
 
 
 def planted(seed: int, n: int = 2000, d: int = 24, margin: float = 1.5):
@@ -83,16 +82,7 @@ def test_all_layers_at_once_equals_a_loop_over_layers():
     assert all(cosine(p.direction(), u) > 0.9 for p, u in zip(fits.probes, us, strict=True))
 
 
-def random_params(cfg, seed: int, scale: float = 0.3):
-    """Normal weights, norm gains near 1, drawn with numpy (no compile)."""
-    rng = np.random.RandomState(seed)
-    is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_entry)
-    out = []
-    for path, (_, shape) in paths:
-        x = scale * rng.randn(*shape) + jax.tree_util.keystr(path).endswith("['w']")
-        out.append(jnp.asarray(x, jnp.float32))
-    return jax.tree_util.tree_unflatten(treedef, out)
+random_params = testing.numpy_params
 
 
 @pytest.fixture(scope="module")

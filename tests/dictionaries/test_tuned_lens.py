@@ -22,22 +22,12 @@ from jaxlens.dictionaries.tuned_lens import (
 from jaxlens.errors import CheckpointError, InputError, UnsafeCheckpointError
 from jaxlens.hooked_transformer import HookedTransformer
 from jaxlens.model.forward import forward
-from jaxlens.params import param_shapes
 
 CFG = testing.tiny_config(n_heads=6, n_key_value_heads=2, d_head=6, normalization_type="RMS",
                           positional_embedding_type="rotary", gated_mlp=True, act_fn="silu")
 
 
-def random_params(cfg, seed: int, scale: float = 0.3):
-    """Normal weights, norm gains near 1, drawn with numpy (no compile)."""
-    rng = np.random.RandomState(seed)
-    is_entry = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_entry)
-    out = []
-    for path, (_, shape) in paths:
-        x = scale * rng.randn(*shape) + jax.tree_util.keystr(path).endswith("['w']")
-        out.append(jnp.asarray(x, jnp.float32))
-    return jax.tree_util.tree_unflatten(treedef, out)
+random_params = testing.numpy_params
 
 
 @pytest.fixture(scope="module")
