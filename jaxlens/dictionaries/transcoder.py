@@ -88,19 +88,10 @@ class Transcoder(Dictionary):
     def training_loss(self, x, target=None, *, coefficients: Mapping[str, Any] | None = None, dead_mask=None):
         y = _transcoder_target(self.cfg, x, target)
         h = self.hidden_pre(x)
-        act = self.cfg.activation
-        if act == "jumprelu":
-            acts, terms = jumprelu_terms(
-                self.cfg, h, self.threshold[...], self.decoder_norms(), coefficients, dead_mask
-            )
-        else:
-            acts = activate(self.cfg, h, None)
-            terms = {}
+        acts, terms = _training_acts(self, h, coefficients, dead_mask)
         recon = self.decode(acts) + self.skip(x)
         y = self.check_input(y, self.cfg.out_width)
-        if act == "relu":
-            terms["l1"] = coefficient(coefficients, "l1") * _weighted_l1(acts, self.decoder_norms(), self.cfg)
-        elif act == "topk":
+        if self.cfg.activation == "topk":
             terms["auxk"] = coefficient(coefficients, "auxk") * auxk_loss(
                 y, recon, h, self.W_dec[...], dead_mask
             )
@@ -162,16 +153,7 @@ class CrossLayerTranscoder(Dictionary):
 
     def training_loss(self, x, target=None, *, coefficients: Mapping[str, Any] | None = None, dead_mask=None):
         y = _transcoder_target(self.cfg, x, target)
-        h = self.hidden_pre(x)
-        act = self.cfg.activation
-        if act == "jumprelu":
-            acts, terms = jumprelu_terms(
-                self.cfg, h, self.threshold[...], self.decoder_norms(), coefficients, dead_mask
-            )
-        else:
-            acts, terms = activate(self.cfg, h, None), {}
-        if act == "relu":
-            terms["l1"] = coefficient(coefficients, "l1") * _weighted_l1(acts, self.decoder_norms(), self.cfg)
+        acts, terms = _training_acts(self, self.hidden_pre(x), coefficients, dead_mask)
         recon = self.decode(acts)
         y = self.check_layers(y, self.cfg.out_width)
         flat = lambda a: a.reshape(a.shape[:-2] + (-1,))
@@ -179,6 +161,18 @@ class CrossLayerTranscoder(Dictionary):
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+def _training_acts(tc, h: jax.Array, coefficients, dead_mask) -> tuple[jax.Array, dict]:
+    """A transcoder's (per-layer or cross-layer) training activations and sparsity terms: JumpReLU's
+    straight-through terms, ReLU's decoder-norm-weighted L1, none for top-k
+    (its AuxK needs the reconstruction)."""
+    if tc.cfg.activation == "jumprelu":
+        return jumprelu_terms(tc.cfg, h, tc.threshold[...], tc.decoder_norms(), coefficients, dead_mask)
+    acts, terms = activate(tc.cfg, h, None), {}
+    if tc.cfg.activation == "relu":
+        terms["l1"] = coefficient(coefficients, "l1") * _weighted_l1(acts, tc.decoder_norms(), tc.cfg)
+    return acts, terms
+
+
 def activate(cfg: DictionaryConfig, h: jax.Array, threshold) -> jax.Array:
     """The inference activation of a transcoder: relu, relu(h) * 1[h > threshold], or top-k."""
     if cfg.activation == "relu":
