@@ -26,9 +26,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("JAXLENS_REF_ENVS", Path.home() / ".cache" / "jaxlens" / "ref-envs"))
 
 
+LOCKS = Path(__file__).parent / "ref_locks"
+
+
+def locked(name: str, *first: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Steps installing the pinned set `tests/ref_locks/<name>.txt` (a `pip freeze` of a working environment)
+    with --no-deps after the steps `first` (e.g. TORCH_CPU): no dependency resolution, so a build takes the
+    time of its downloads (sae-lens's resolver alone took minutes) and every build gets the same versions."""
+    return (*first, ("--no-deps", "-r", str(LOCKS / f"{name}.txt")))
+
+
 def _key(name: str, steps: tuple[tuple[str, ...], ...], python: str) -> str:
-    digest = hashlib.sha256(repr((steps, python)).encode()).hexdigest()[:12]
-    return f"{name}-{digest}"
+    h = hashlib.sha256(repr((steps, python)).encode())
+    for step in steps:  # a requirements file's contents, not only its path, decide the environment
+        for flag, arg in zip(step, step[1:], strict=False):
+            if flag == "-r":
+                h.update(Path(arg).read_bytes())
+    return f"{name}-{h.hexdigest()[:12]}"
 
 
 def ensure_env(name: str, steps, *, python: str | None = None) -> Path:

@@ -3,28 +3,10 @@
 
 import ref_envs
 
-SAELENS_STEPS = (
-    ref_envs.TORCH_CPU,
-    (
-        "sae-lens==6.54.12",
-        "transformer-lens==3.9.0",
-        "transformers==5.24.0",
-        "torch==2.13.0",
-        "--extra-index-url",
-        "https://download.pytorch.org/whl/cpu",
-    ),
-)
-
-CIRCUIT_TRACER_STEPS = (
-    ref_envs.TORCH_CPU,
-    (
-        "circuit-tracer==0.5.0",
-        "transformers==4.57.3",
-        "torch==2.13.0",
-        "--extra-index-url",
-        "https://download.pytorch.org/whl/cpu",
-    ),
-)
+# sae-lens 6.54.12 beside TransformerLens 3.9, transformers 5.24 and torch 2.13.0 CPU; circuit-tracer 0.5.0
+# with transformers 4.57.3 (pip chose transformer-lens 3.2.1, nnsight 0.8.1): full sets in tests/ref_locks/.
+SAELENS_STEPS = ref_envs.locked("saelens", ref_envs.TORCH_CPU)
+CIRCUIT_TRACER_STEPS = ref_envs.locked("circuit-tracer", ref_envs.TORCH_CPU)
 
 
 def saelens_python():

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ref_envs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = [["transformers==4.57.3", "flax==0.12.8", "jax==0.10.2", "jaxlib==0.10.2", "jaxtyping==0.3.11",
-          "einops==0.8.2", "tqdm", "numpy==2.4.6", "treescope==0.1.10", "optax==0.2.8", "chex==0.1.92"]]
+# transformers 4.57.3 (the last with Flax models) beside the project's jax / flax pins: tests/ref_locks/
+STEPS = ref_envs.locked("flax-gpt2")
 
 SCRIPT = r'''
 import jax, jax.numpy as jnp, numpy as np
