@@ -76,7 +76,7 @@ def test_stream_transform_equals_the_whole_transform(dtype):
     from jaxlens._loading import numpy_to_jax, stream_transform
     from jaxlens.weight_processing import process_weights
 
-    cfg = testing.tiny_config(gated_mlp=True, act_fn="silu", n_key_value_heads=1)
+    cfg = testing.tiny_config(gated_mlp=True, act_fn="silu", n_key_value_heads=1, normalization_type="RMS")
     dt = getattr(jnp, dtype)
 
     def fn(p):
