@@ -2,9 +2,9 @@
 converter writes them from a random `transformers` model, loaded back through jaxlens: logits within 1e-4 of
 the HF model; an architecture jaxlens does not map is named with the ones it maps.
 
-The writer takes tensor names from the gguf package's own Hugging Face -> GGUF table
-(`gguf.get_tensor_name_map`), permutes Llama's q/k rows as llama.cpp does, and stacks Mixtral's experts per
-projection ([expert, ...], as `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps` hold them).
+The writer is test_smollm2's `write_like_llama_cpp` (tensor names from the gguf package's own Hugging Face ->
+GGUF table, Llama's q/k rows permuted as llama.cpp does), given Mixtral's experts split per projection
+([expert, ...], as `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps` hold them).
 """
 
 import gguf
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_smollm2 import write_like_llama_cpp
 
 from jaxlens import HookedTransformer, testing
 from jaxlens.converters import _gguf
@@ -31,11 +32,6 @@ CASES = {
 }
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's `LlamaModel.permute`: rotate-half rows -> interleaved pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _hf_tensors(hf) -> dict[str, np.ndarray]:
     """The HF state dict with batched experts split per projection (gguf's `mlp.experts.<proj>` names)."""
     out = {}
@@ -50,44 +46,6 @@ def _hf_tensors(hf) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(hf, arch: str, path):
-    c = hf.config
-    H, G = c.num_attention_heads, c.num_key_value_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // H
-    w = gguf.GGUFWriter(path, arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(H)
-    w.add_head_count_kv(G)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim)
-    if hasattr(c, "num_local_experts"):
-        w.add_expert_count(c.num_local_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3 if arch == "qwen3" else gguf.MODEL_ARCH.LLAMA,
-                                     c.num_hidden_layers)
-    for name, data in _hf_tensors(hf).items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        if arch == "llama" and ".q_proj." in name:
-            data = _permute(data, H)
-        if arch == "llama" and ".k_proj." in name:
-            data = _permute(data, G)
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        assert gguf_name is not None, name
-        w.add_tensor(gguf_name if gguf_name.endswith((".weight", ".bias")) else gguf_name + ".weight", data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = {}
@@ -97,7 +55,8 @@ def built(tmp_path_factory):
             arch, cls, model_cls, conf = CASES[case]
             hf = testing.random_hf_model(cls, model_cls, seed=90 + len(case),
                                          **{"initializer_range": 0.2, **conf})
-            path = write_gguf(hf, arch, tmp_path_factory.mktemp(case) / f"{case}.gguf")
+            path = write_like_llama_cpp(hf, arch, tmp_path_factory.mktemp(case) / f"{case}.gguf",
+                                        tensors=_hf_tensors(hf))
             tokens = np.random.RandomState(9).randint(0, conf["vocab_size"], (2, T))
             cache[case] = path, tokens, testing.hf_outputs(hf, tokens)["logits"]
         return cache[case]

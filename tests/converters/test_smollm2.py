@@ -44,7 +44,7 @@ CASES = {
         pad_token_id=0)),
 }
 GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
-             "phi3": gguf.MODEL_ARCH.PHI3}
+             "phi3": gguf.MODEL_ARCH.PHI3, "qwen3": gguf.MODEL_ARCH.QWEN3}
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,10 +53,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None = None,
-                         quantise: dict | None = None) -> Path:
+                         quantise: dict | None = None, tensors: dict | None = None) -> Path:
     """Write `hf` (a transformers model) as an F32 GGUF file the way llama.cpp's converter does.
 
-    `quantise` maps GGUF tensor names to a `gguf.GGMLQuantizationType` to store them in instead of F32.
+    `quantise` maps GGUF tensor names to a `gguf.GGMLQuantizationType` to store them in instead of F32;
+    `tensors` replaces the model's state dict (as numpy arrays, HF names), e.g. with experts split per
+    projection.
     """
     c = hf.config
     H, G = c.num_attention_heads, c.num_key_value_heads
@@ -72,17 +74,21 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(c.vocab_size)
-    if arch == "gemma":
+    if arch in ("gemma", "qwen3") or hasattr(c, "num_local_experts"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if hasattr(c, "num_local_experts"):
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
     if arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(c.max_position_embeddings)
         w.add_sliding_window(c.sliding_window or 0)
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], c.num_hidden_layers)
-    for name, t in hf.state_dict().items():
+    if tensors is None:
+        tensors = {name: t.detach().float().numpy().copy() for name, t in hf.state_dict().items()}
+    for name, data in tensors.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        data = t.detach().float().numpy().copy()
         if arch == "llama" and ".q_proj." in name:
             data = llama_cpp_permute(data, H)
         if arch == "llama" and ".k_proj." in name:
@@ -91,6 +97,8 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
             data = data + 1  # llama.cpp stores Gemma's 1 + w
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
+        if not gguf_name.endswith((".weight", ".bias")):  # stacked experts: the table names them bare
+            gguf_name += ".weight"
         qtype = (quantise or {}).get(gguf_name)
         if qtype is None:
             w.add_tensor(gguf_name, data)
