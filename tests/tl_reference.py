@@ -37,3 +37,16 @@ def boot(path, **compat) -> TransformerBridge:
     br = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
     br.enable_compatibility_mode(disable_warnings=True, **compat)
     return br
+
+
+def shared_hooks(path, tokens):
+    """TransformerLens 4.3 (no processing) and jaxlens (`from_pretrained_no_processing`) on the same saved
+    model and tokens, logits compared: (jaxlens cache, TL cache, the legacy TL names jaxlens also caches)."""
+    from jaxlens import HookedTransformer
+
+    br = boot(path, no_processing=True)
+    with torch.no_grad():
+        tl_logits, tc = br.run_with_cache(torch.as_tensor(np.asarray(tokens)))
+    logits, jc = HookedTransformer.from_pretrained_no_processing(path).run_with_cache(tokens)
+    close(logits, tl_logits, "logits")
+    return jc, tc, [n for n in legacy(tc.keys()) if n in jc]

@@ -121,18 +121,11 @@ def test_processing_keeps_log_probs(built, case):
 def test_qwen3_hooks_match_transformer_lens(built):
     pytest.importorskip("torch")
     pytest.importorskip("transformer_lens.model_bridge")
-    import torch
-    from tl_reference import boot, close, legacy
+    from tl_reference import close, shared_hooks
 
     path, tokens, _ = built("qwen3-gqa")
-    br = boot(path, no_processing=True)
-    with torch.no_grad():
-        tl_logits, tc = br.run_with_cache(torch.as_tensor(tokens))
-    model = HookedTransformer.from_pretrained_no_processing(path)
-    logits, jc = model.run_with_cache(tokens)
-    close(logits, tl_logits, "logits")
-    shared = [n for n in legacy(tc.keys()) if n in jc]
-    assert len(shared) >= 20 * model.cfg.n_layers // 2, shared
+    jc, tc, shared = shared_hooks(path, tokens)
+    assert len(shared) >= 20 * CASES["qwen3-gqa"][2]["num_hidden_layers"] // 2, shared
     for name in shared:
         want = tc[name]
         if name.endswith("hook_attn_scores"):  # -inf where masked: compare the causal part

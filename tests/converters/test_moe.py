@@ -103,17 +103,10 @@ def test_processing_keeps_log_probs(built, case):
 
 def test_mixtral_hooks_match_transformer_lens(built):
     pytest.importorskip("transformer_lens.model_bridge")
-    import torch
-    from tl_reference import boot, close, legacy
+    from tl_reference import close, shared_hooks
 
     path, tokens, _ = built("mixtral")
-    br = boot(path, no_processing=True)
-    with torch.no_grad():
-        tl_logits, tc = br.run_with_cache(torch.as_tensor(tokens))
-    model = HookedTransformer.from_pretrained_no_processing(path)
-    logits, jc = model.run_with_cache(tokens)
-    close(logits, tl_logits, "logits")
-    shared = [n for n in legacy(tc.keys()) if n in jc]
+    jc, tc, shared = shared_hooks(path, tokens)
     assert {"blocks.1.mlp.hook_expert_weights", "blocks.1.mlp.hook_expert_indices", "blocks.0.hook_mlp_out"
             } <= set(shared)
     for name in shared:
