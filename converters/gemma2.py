@@ -47,8 +47,15 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
 
 
 def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) -> dict:
+    return params_from_pre_post_norm_layout(t, cfg, hf, "gemma2")
+
+
+def params_from_pre_post_norm_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any],
+                                     family: str) -> dict:
+    """Gemma 2 / Gemma 3 tensors: Llama's layout with norms before and after attention and MLP (stored as
+    w - 1), the embedding scaled by sqrt(d_model), tied unembedding by default."""
     bias = bool(hf.get("attention_bias", False))
     norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
              "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
-    return params_from_llama_layout(t, cfg, hf, "gemma2", qkv_bias=bias, o_bias=bias, norm_offset=1.0,
+    return params_from_llama_layout(t, cfg, hf, family, qkv_bias=bias, o_bias=bias, norm_offset=1.0,
                                     norm_names=norms, embed_scale=math.sqrt(cfg.d_model), tied_default=True)

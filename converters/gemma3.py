@@ -21,7 +21,8 @@ from jaxlens.converters import _rope
 from jaxlens.converters._checkpoint import TensorSource
 from jaxlens.converters._hf_config import check_hf_config
 from jaxlens.converters.gemma import gemma_act_fn
-from jaxlens.converters.llama import llama_like_config, params_from_llama_layout
+from jaxlens.converters.gemma2 import params_from_pre_post_norm_layout
+from jaxlens.converters.llama import llama_like_config
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3TextModel")
 HANDLED = frozenset({
@@ -62,11 +63,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
 
 
 def params_from_checkpoint(t: TensorSource, cfg: Config, hf: Mapping[str, Any]) -> dict:
-    bias = bool(hf.get("attention_bias", False))
-    norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
-             "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
-    return params_from_llama_layout(t, cfg, hf, "gemma3", qkv_bias=bias, o_bias=bias, norm_offset=1.0,
-                                    norm_names=norms, embed_scale=math.sqrt(cfg.d_model), tied_default=True)
+    return params_from_pre_post_norm_layout(t, cfg, hf, "gemma3")
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> tuple[dict, dict]:
