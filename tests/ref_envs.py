@@ -37,11 +37,18 @@ def locked(name: str, *first: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
 
 
 def _key(name: str, steps: tuple[tuple[str, ...], ...], python: str) -> str:
-    h = hashlib.sha256(repr((steps, python)).encode())
-    for step in steps:  # a requirements file's contents, not only its path, decide the environment
-        for flag, arg in zip(step, step[1:], strict=False):
-            if flag == "-r":
-                h.update(Path(arg).read_bytes())
+    """The cache key of an environment: the pip steps with each requirements file's contents in place of its
+    path, and the interpreter's version (not its path), so every checkout of the same tree shares one venv."""
+    parts = []
+    for step in steps:
+        prev = None
+        for arg in step:
+            parts.append(Path(arg).read_text() if prev == "-r" else arg)
+            prev = arg
+        parts.append("\0")
+    version = subprocess.run([python, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
+                             check=True).stdout
+    h = hashlib.sha256(repr((parts, version)).encode())
     return f"{name}-{h.hexdigest()[:12]}"
 
 

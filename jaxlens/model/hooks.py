@@ -62,15 +62,20 @@ class Hooks:
 
     def _apply(self, iv, x: jax.Array, hook: HookPoint, on=None) -> jax.Array:
         """`iv` at `x` (reading and updating the carry if it uses one); where `on` is False, x and the carry
-        stay as they were."""
-        if getattr(iv, "uses_carry", False):
-            y, carry = iv(x, hook, self.carry)
-        else:
-            y, carry = iv(x, hook), self.carry
-        if on is not None:
-            y = jnp.where(on, y, x)
-            carry = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), carry, self.carry)
-        self.carry = carry
+        stay as they were. A traced `on` (the layer index of a scan) runs `iv` under `lax.cond`, so an
+        intervention addressed to one layer costs that layer only (a vmapped `on` makes it a select)."""
+        def call(x, carry):
+            return iv(x, hook, carry) if getattr(iv, "uses_carry", False) else (iv(x, hook), carry)
+
+        if on is None:
+            y, self.carry = call(x, self.carry)
+            return y
+
+        def chosen(x, carry):  # both branches of a cond return the same shapes and dtypes
+            y, carry = call(x, carry)
+            return jnp.broadcast_to(y, x.shape).astype(x.dtype), carry
+
+        y, self.carry = jax.lax.cond(on, chosen, lambda x, carry: (x, carry), x, self.carry)
         return y
 
     def _full(self, name: str, layer) -> str:
