@@ -17,8 +17,10 @@ optional `threshold_{i}`) and `W_dec_{i}.safetensors` (`W_dec_{i} [d_sae n_layer
 circuit-tracer's JumpReLU is h * 1[h > threshold] without the ReLU; it equals jaxlens's whenever the
 threshold is >= 0 (always after SAELens or circuit-tracer training); a file with a negative threshold is
 refused. Hook names are TransformerLens's relative block names (`hook_resid_mid`, `ln2.hook_normalized`,
-`hook_mlp_out`; circuit-tracer's `mlp.hook_in` / `mlp.hook_out` are read as `ln2.hook_normalized` /
-`hook_mlp_out`), placed at `blocks.{layer}.`.
+`hook_mlp_out`; circuit-tracer's `mlp.hook_out` is read as `hook_mlp_out`), placed at `blocks.{layer}.`.
+circuit-tracer's `mlp.hook_in` (the MLP's input, after ln2's weights: not `ln2.hook_normalized`, which is
+before them) stays `mlp.hook_in`; jaxlens has no such hook, and the attribution-graph replacement model reads
+it by applying ln2's weights (`jaxlens.graphs.replacement`).
 """
 
 import re
@@ -33,7 +35,7 @@ from jaxlens.converters._checkpoint import read_safetensors, write_safetensors
 from jaxlens.dictionaries.base import DictionaryConfig, DictionaryError, init_dictionary
 from jaxlens.dictionaries.transcoder import CrossLayerTranscoder, Transcoder
 
-_HOOK_ALIASES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
+_HOOK_ALIASES = {"mlp.hook_out": "hook_mlp_out"}
 _CONFIG_KEYS = frozenset(
     {
         "model_kind",
@@ -101,11 +103,9 @@ def save_circuit_tracer(obj, path: str | Path, *, model_name: str | None = None)
         first = obj[min(obj)]
         for i, tc in obj.items():
             _write(_plt_tensors(tc), path / f"layer_{i}.safetensors")
-        conf = {
-            "model_kind": "transcoder_set",
-            **_hooks_of(first.cfg),
-            "transcoders": [f"layer_{i}.safetensors" for i in sorted(obj)],
-        }
+        conf = {"model_kind": "transcoder_set", **_hooks_of(first.cfg)}
+        if sorted(obj) == list(range(len(obj))):  # a list is read by position: only for layers 0..n-1
+            conf["transcoders"] = [f"layer_{i}.safetensors" for i in sorted(obj)]
     elif isinstance(obj, CrossLayerTranscoder):
         for i, (enc, dec) in enumerate(_clt_tensors(obj)):
             _write(enc, path / f"W_enc_{i}.safetensors")
@@ -283,6 +283,8 @@ def _plt_tensors(tc: Transcoder) -> dict[str, np.ndarray]:
     }
     if tc.cfg.activation == "jumprelu":
         out["activation_function.threshold"] = np.asarray(tc.threshold[...])
+    if tc.cfg.activation == "batchtopk":  # stored as JumpReLU at its running threshold
+        out["activation_function.threshold"] = np.full((tc.cfg.d_sae,), float(tc.topk_threshold[...]))
     if hasattr(tc, "W_skip"):
         out["W_skip"] = np.asarray(tc.W_skip[...])
     return out

@@ -7,6 +7,7 @@
     graph.save_html("france.html")
 """
 
+from jaxlens.graphs.attribute import attribute as attribute
 from jaxlens.graphs.graph import AttributionGraph
 
-__all__ = ["AttributionGraph"]
+__all__ = ["AttributionGraph", "attribute"]

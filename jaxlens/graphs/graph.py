@@ -41,7 +41,7 @@ class AttributionGraph:
     """An attribution graph (built by `jaxlens.graphs.attribute`).
 
     Attributes:
-        prompt: the prompt as given.
+        prompt: the tokens the model read, decoded (special prefix included: circuit-tracer's input_string).
         tokens: [n_pos] token ids (with the special prefix).
         token_strings: [n_pos] each token decoded.
         active_features: [n_active, 3] (layer, pos, feature) of every active feature (prefix zeroed).

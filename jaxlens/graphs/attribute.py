@@ -1,0 +1,303 @@
+"""Attribution: the adjacency A[target, source] of one prompt's attribution graph (Ameisen et al. 2025,
+"Circuit Tracing"; circuit-tracer 0.5 `attribution/attribute.py`, ../shared/RESEARCH.md 1.3-1.7).
+
+    graph = attribute(model, transcoders, "The capital of France is", max_feature_nodes=2000)
+    graph.adjacency                        # [n_nodes, n_nodes], circuit-tracer's node order (graph.py)
+
+One forward of the replacement model (`replacement.py`) gives the active features, the error vectors
+(MLP output minus the transcoder's reconstruction) and the logits. A row of A is one vector-Jacobian product
+of the frozen forward with respect to the additive source sites (the embedding, every MLP output), with the
+cotangent one-hot at the target's (layer, position) times its encoder row (a feature) or the demeaned
+unembedding column at the final normalised residual, last position (a logit); the gradients are contracted
+with the sources' vectors (a_s W_dec_s at every layer the feature writes, the error vectors, the token
+embeddings). Rows are vmapped in chunks of `batch_size`, all in one compiled program.
+
+As circuit-tracer: the logits kept are the most probable up to `max_n_logits`, the smallest prefix whose
+cumulative probability reaches `desired_logit_prob`; features and errors at the first `zero_positions`
+positions (the BOS) are zeroed; with `max_feature_nodes`, feature rows are computed in order of their partial
+influence on the logits, recomputed every `UPDATE_INTERVAL` batches, and only the visited features stay nodes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlens.errors import InputError, JaxlensError
+from jaxlens.graphs.graph import AttributionGraph
+from jaxlens.graphs.replacement import (
+    Sources,
+    TranscoderSet,
+    embedding,
+    encode,
+    frozen_forward,
+    numpy_decoder_rows,
+    reconstruct,
+    transcoder_set,
+    zero_sources,
+)
+
+# einsum letters: b=row l=layer p=pos d=d_model
+
+#: Feature batches between two updates of the influence ranking (circuit-tracer's `update_interval`).
+UPDATE_INTERVAL = 4
+
+
+def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+              max_feature_nodes: int | None = None, batch_size: int | None = None,
+              zero_positions: int | None = None) -> AttributionGraph:
+    """The attribution graph of `prompt` on `model` with `transcoders` replacing its MLPs.
+
+    Args:
+        model: a decoder HookedTransformer (`.params`, `.cfg`, `.tokenizer`), loaded the way the transcoders
+            were trained (circuit-tracer's: `from_pretrained_no_processing`).
+        transcoders: {layer: Transcoder} (plain or skip), a CrossLayerTranscoder, or a circuit-tracer path
+            (`jaxlens.dictionaries.load_circuit_tracer`).
+        prompt: a string (tokenised without special tokens, then a special token, BOS first, prepended unless
+            the first token is special: circuit-tracer's `ensure_tokenized`), or token ids [pos] / [1 pos]
+            (given a tokenizer, the same prefix rule applies).
+        max_n_logits: at most this many logit nodes.
+        desired_logit_prob: keep the most probable logits until their cumulative probability reaches this.
+        max_feature_nodes: the budget of feature nodes (None: every active feature). It counts features only:
+            error (n_layers * n_pos), token (n_pos) and logit nodes are always in the graph.
+        batch_size: rows per batch of the visiting order (circuit-tracer's batch_size) and at most per
+            compiled call; None fits `default_batch_size`'s memory budget.
+        zero_positions: how many leading positions have their features and errors zeroed (default 1: BOS).
+
+    Returns:
+        An AttributionGraph (adjacency in circuit-tracer's node order, unpruned).
+
+    Raises:
+        TranscoderError: transcoders whose hooks, widths or layers do not fit the model.
+        InputError: an empty prompt, one longer than the context, a string without a tokenizer, options out
+            of range (a feature budget below 1, max_n_logits outside [1, d_vocab], ...).
+    """
+    cfg, params = model.cfg, model.params
+    ts = transcoder_set(transcoders, cfg)
+    _check_options(cfg, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size)
+    tokens = prompt_tokens(model, prompt)
+    n_pos, L = len(tokens), cfg.n_layers
+    zp = 1 if zero_positions is None else zero_positions
+    if not isinstance(zp, int | np.integer) or not 0 <= zp < n_pos:
+        raise InputError(f"zero_positions={zero_positions!r} must be an int in [0, n_pos={n_pos}): how many "
+                         "leading positions (the BOS, a chat prefix) have their features and errors zeroed.")
+    resid0, clean, acts = _clean_run(params, cfg, ts, jnp.asarray(tokens, jnp.int32)[None])
+    acts = np.asarray(acts).copy()
+    acts[:, :zp] = 0
+    recon = np.asarray(reconstruct(ts, jnp.asarray(acts), clean.inputs))
+    errors = np.asarray(clean.mlp_out) - recon
+    errors[:, :zp] = 0
+    active = np.stack(np.nonzero(acts), axis=1).astype(np.int64)  # layer-major, then pos, then feature
+    values = acts[tuple(active.T)].astype(np.float32)
+    logit_ids, probs, logit_vecs = select_logits(np.asarray(clean.logits[0, -1]),
+                                                 np.asarray(params["unembed"]["W_U"]), max_n_logits,
+                                                 desired_logit_prob)
+    n_active, n_logits = len(active), len(logit_ids)
+    dec = numpy_decoder_rows(ts, active, values)
+    enc_vecs = np.asarray(ts.W_enc)[active[:, 0], :, active[:, 2]] if n_active else np.zeros((0, cfg.d_model))
+    tok_vecs = np.asarray(params["embed"]["W_E"])[tokens]
+    budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    bs = batch_size or default_batch_size(cfg, n_pos, len(dec[0]), ts.d_sae)
+    chunk = min(bs, _pow2(max(n_logits, budget, 1)))
+    rows = functools.partial(_rows, params, cfg, ts, resid0, dec, errors, tok_vecs, n_active, chunk)
+
+    logit_offset = n_active + (L + 1) * n_pos
+    edges = np.zeros((budget + n_logits, logit_offset + n_logits), np.float32)
+    row_node = np.zeros(budget + n_logits, np.int64)
+    for i in range(0, n_logits, bs):  # logit rows first
+        k = min(bs, n_logits - i)
+        edges[i:i + k, :logit_offset] = rows(np.full(k, L), np.full(k, n_pos - 1), logit_vecs[i:i + k])
+        row_node[i:i + k] = logit_offset + np.arange(i, i + k)
+    st, visited = n_logits, np.zeros(n_active, bool)
+    while st - n_logits < budget:
+        if budget == n_active:
+            pending = np.arange(n_active)
+        else:
+            infl = partial_influences(edges[:st], probs, row_node[:st])
+            rank = np.argsort(-infl[:n_active], kind="stable")
+            pending = rank[~visited[rank]][:min(UPDATE_INTERVAL * bs, budget - (st - n_logits))]
+        for j in range(0, len(pending), bs):
+            idx = pending[j:j + bs]
+            edges[st:st + len(idx), :logit_offset] = rows(active[idx, 0], active[idx, 1], enc_vecs[idx])
+            row_node[st:st + len(idx)] = idx
+            visited[idx] = True
+            st += len(idx)
+
+    selected = np.nonzero(visited)[0]
+    if budget < n_active:
+        edges = edges[:, np.concatenate([selected, np.arange(n_active, logit_offset + n_logits)])]
+    edges = edges[np.argsort(row_node, kind="stable")]
+    n_nodes = edges.shape[1]
+    adjacency = np.zeros((n_nodes, n_nodes), np.float32)
+    adjacency[:budget] = edges[:budget]
+    adjacency[n_nodes - n_logits:] = edges[budget:]
+    tok = model.tokenizer
+    decode = (lambda ids: tok.decode([int(i) for i in ids])) if tok is not None else (
+        lambda ids: " ".join(str(int(i)) for i in ids))
+    return AttributionGraph(
+        prompt=decode(tokens), tokens=tokens,
+        token_strings=[decode([t]) for t in tokens], active_features=active, activation_values=values,
+        selected_features=selected.astype(np.int64), adjacency=adjacency, logit_tokens=logit_ids,
+        logit_probabilities=probs, logit_strings=[decode([t]) for t in logit_ids], n_layers=L,
+        vocab_size=cfg.d_vocab, model_name=str(getattr(model, "model_name", "") or ""),
+        transcoder_name=ts.name, feature_input_hook=ts.input_hook, feature_output_hook=ts.output_hook,
+        zero_positions=int(zp))
+
+
+def prompt_tokens(model, prompt) -> np.ndarray:
+    """[n_pos] token ids of `prompt` as circuit-tracer's `ensure_tokenized` makes them (see `attribute`).
+
+    Raises:
+        InputError: a string without a tokenizer, ids that are not one sequence, an empty prompt, or one
+            longer than the model's context.
+    """
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        if tok is None:
+            raise InputError("This model has no tokenizer, so the prompt must be token ids [pos]; found a "
+                             "string. Pass ids, or give the model a tokenizer.")
+        ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    else:
+        arr = np.asarray(prompt)
+        if arr.ndim == 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"A prompt of token ids must be one integer sequence [pos] or [1 pos]; found "
+                             f"shape {arr.shape}, dtype {arr.dtype}.")
+        ids = [int(i) for i in arr]
+    if tok is not None and (not ids or ids[0] not in tok.all_special_ids):
+        candidates = [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, *tok.all_special_ids]
+        first = next((c for c in candidates if c is not None), None)
+        if first is not None:
+            ids = [first] + ids
+    if not ids:
+        raise InputError("The prompt is empty: it has no tokens (and the tokenizer no special token to start "
+                         "it). Pass some text or ids.")
+    n_ctx = model.cfg.n_ctx
+    if len(ids) > n_ctx:
+        raise InputError(f"The prompt has {len(ids)} tokens (with the special token prepended first), more "
+                         f"than the model's context n_ctx={n_ctx}. Shorten it to at most {n_ctx} tokens.")
+    return np.asarray(ids, np.int64)
+
+
+def select_logits(last_logits: np.ndarray, W_U: np.ndarray, max_n_logits: int, desired_logit_prob: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """circuit-tracer's salient logits: the top `max_n_logits` by probability, cut to the smallest prefix
+    whose cumulative probability reaches `desired_logit_prob`. Returns (ids [n], probabilities [n], demeaned
+    unembedding columns [n d_model])."""
+    x = last_logits.astype(np.float64)
+    p = np.exp(x - x.max())
+    p = (p / p.sum()).astype(np.float32)
+    top = np.argsort(-p, kind="stable")[:max_n_logits]
+    cut = int(np.searchsorted(np.cumsum(p[top]), desired_logit_prob)) + 1
+    ids = top[:cut]
+    W = W_U.astype(np.float32)
+    return ids.astype(np.int64), p[ids], (W[:, ids] - W.mean(-1, keepdims=True)).T
+
+
+def partial_influences(edges: np.ndarray, logit_probs: np.ndarray, row_node: np.ndarray,
+                       max_iter: int = 128) -> np.ndarray:
+    """Every node's influence on the logits through the rows computed so far (circuit-tracer's
+    `compute_partial_influences`): |A| row-normalised, influence = sum_k p_logits N^k, by power iteration.
+
+    Args:
+        edges: [n_rows, n_nodes] the rows computed so far (logit rows first).
+        logit_probs: [n_logits] the logits' probabilities (the last n_logits nodes).
+        row_node: [n_rows] the node of each row.
+    """
+    N = np.abs(edges)
+    N /= np.maximum(N.sum(1, keepdims=True), 1e-8)
+    infl = np.zeros(edges.shape[1], np.float32)
+    prod = np.zeros(edges.shape[1], np.float32)
+    prod[len(prod) - len(logit_probs):] = logit_probs
+    for _ in range(max_iter):
+        prod = prod[row_node] @ N
+        if not prod.any():
+            return infl
+        infl += prod
+    raise JaxlensError(f"Partial influences did not vanish after {max_iter} steps: the rows computed do not "
+                       "form an acyclic graph (a bug: please report it).")
+
+
+def default_batch_size(cfg, n_pos: int, n_decoder_rows: int, d_sae: int, budget: int = 2**30) -> int:
+    """Rows per compiled call so that one call's backward passes and gathered gradients fit `budget` bytes (at
+    least 1, at most 512, circuit-tracer's default)."""
+    per_row = 4 * (n_decoder_rows * cfg.d_model + cfg.n_layers * n_pos * (
+        8 * cfg.d_model + 2 * cfg.n_heads * n_pos + 3 * cfg.d_mlp + d_sae))
+    return int(np.clip(budget // max(per_row, 1), 1, 512))
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _check_options(cfg, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size) -> None:
+    if not isinstance(max_n_logits, int | np.integer) or not 1 <= max_n_logits <= cfg.d_vocab:
+        raise InputError(f"max_n_logits={max_n_logits!r} must be an int in [1, d_vocab={cfg.d_vocab}].")
+    if not 0 < float(desired_logit_prob) <= 1:
+        raise InputError(f"desired_logit_prob={desired_logit_prob!r} must be a probability in (0, 1].")
+    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int | np.integer)
+                                          or max_feature_nodes < 1):
+        raise InputError(
+            f"max_feature_nodes={max_feature_nodes!r}: the node budget counts feature nodes only (the "
+            "error, token and logit nodes, up to max_n_logits of them, are always in the graph), so it must "
+            "be an int >= 1, or None for every active feature.")
+    if batch_size is not None and (not isinstance(batch_size, int | np.integer) or batch_size < 1):
+        raise InputError(f"batch_size={batch_size!r} must be a positive int (rows per batch), or None.")
+
+
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _clean_run(params, cfg, ts: TranscoderSet, tokens):
+    resid0 = embedding(params, cfg, tokens)
+    out = frozen_forward(params, cfg, ts, resid0, zero_sources(cfg, tokens.shape[1]))
+    return resid0, out, encode(ts, out.inputs)
+
+
+def _rows(params, cfg, ts, resid0, dec, errors, tok_vecs, n_active: int, chunk: int, layers, positions,
+          vecs) -> np.ndarray:
+    """Rows [n, n_active + (n_layers + 1) * n_pos] for targets at (layer, pos) with cotangent vectors (layer
+    n_layers: the final normalised residual), `chunk` rows per compiled call (the last one padded)."""
+    n = len(layers)
+    out = []
+    dec = tuple(jnp.asarray(a) for a in dec)
+    errors, tok_vecs = jnp.asarray(errors, jnp.float32), jnp.asarray(tok_vecs, jnp.float32)
+    for i in range(0, n, chunk):
+        k = min(chunk, n - i)
+        part = [_padded(np.asarray(a), i, k, chunk) for a in (layers, positions, vecs)]
+        got = _rows_jit(params, cfg, ts, resid0, dec, errors, tok_vecs, jnp.asarray(part[0], jnp.int32),
+                        jnp.asarray(part[1], jnp.int32), jnp.asarray(part[2], jnp.float32), n_active)
+        out.append(np.asarray(got)[:k])
+    return np.concatenate(out)
+
+
+def _padded(a: np.ndarray, i: int, k: int, chunk: int) -> np.ndarray:
+    """a[i:i + k], padded to `chunk` rows by repeating its first."""
+    return np.concatenate([a[i:i + k], np.repeat(a[i:i + 1], chunk - k, axis=0)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_active"))
+def _rows_jit(params, cfg, ts, resid0, dec, errors, tok_vecs, layers, positions, vecs, n_active):
+    L, n_pos, D = cfg.n_layers, resid0.shape[1], cfg.d_model
+    dec_vecs, dec_layer, dec_pos, dec_src = dec
+
+    def targets(src: Sources):
+        out = frozen_forward(params, cfg, ts, resid0, src)
+        return out.inputs, out.final
+
+    _, vjp = jax.vjp(targets, zero_sources(cfg, n_pos))
+
+    def one(layer, pos, vec):
+        at_input = layer < L
+        ct_in = jnp.zeros((L, n_pos, D), jnp.float32).at[jnp.minimum(layer, L - 1), pos].set(
+            jnp.where(at_input, vec, 0.0))
+        ct_final = jnp.zeros((n_pos, D), jnp.float32).at[n_pos - 1].set(jnp.where(at_input, 0.0, vec))
+        (g,) = vjp((ct_in, ct_final))
+        feat = jnp.einsum("rd,rd->r", g.mlp_out[dec_layer, dec_pos], dec_vecs)
+        feat = jax.ops.segment_sum(feat, dec_src, num_segments=n_active)
+        err = jnp.einsum("lpd,lpd->lp", g.mlp_out, errors).reshape(L * n_pos)
+        tok = jnp.einsum("pd,pd->p", g.embed, tok_vecs)
+        return jnp.concatenate([feat, err, tok])
+
+    return jax.vmap(one)(layers, positions, vecs)
