@@ -138,6 +138,10 @@ class TensorSource:
     def has(self, name: str) -> bool:
         return name in self._readers
 
+    def reader(self, name: str) -> Callable[[], np.ndarray] | np.ndarray:
+        """The reader of `name` (nothing read, nothing marked as used): to build a source over a subset."""
+        return self._readers[name]
+
     def strip_prefix(self, prefix: str) -> None:
         """Rename `prefix + x` to `x` when every tensor that matters has the prefix (HF base-model checkpoints
         saved with or without `transformer.` / `model.`)."""

@@ -67,6 +67,18 @@ def load_converted(path: str | os.PathLike) -> tuple[Config, dict]:
         CheckpointError: the files are missing, not a jaxlens conversion, of a newer format version, or do not
             fit their config.
     """
+    cfg, params_path = converted_config(path)
+    params = unflatten_params({name: read() for name, read in read_safetensors(params_path).items()})
+    check_params(params, cfg)
+    return cfg, params
+
+
+def converted_config(path: str | os.PathLike) -> tuple[Config, Path]:
+    """(Config, the params file) of what `save_converted` wrote, reading no tensor.
+
+    Raises:
+        CheckpointError: as `load_converted`.
+    """
     path = Path(path)
     params_path, config_path = _files(path)
     if not params_path.is_file() or not config_path.is_file():
@@ -83,10 +95,7 @@ def load_converted(path: str | os.PathLike) -> tuple[Config, dict]:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{config_path} is format version {meta.get('version')!r}; this jaxlens reads "
                               f"version {VERSION}. Convert the model again with this version.")
-    cfg = config_from_json(meta["config"])
-    params = unflatten_params({name: read() for name, read in read_safetensors(params_path).items()})
-    check_params(params, cfg)
-    return cfg, params
+    return config_from_json(meta["config"]), params_path
 
 
 def is_converted(path: str | os.PathLike) -> bool:

@@ -44,7 +44,8 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
                         center_unembed: bool = True, fold_value_biases: bool = True,
                         refactor_factored_attn_matrices: bool = False, dtype=jnp.float32, tokenizer=None,
                         allow_pickle: bool = False, default_prepend_bos: bool | None = None,
-                        default_padding_side: str | None = None) -> "HookedTransformer":
+                        default_padding_side: str | None = None, mesh=None,
+                        fsdp: bool = False) -> "HookedTransformer":
         """Load a local Hugging Face directory or an in-memory `transformers` model, processed as TL does.
 
         Args:
@@ -60,6 +61,9 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
             allow_pickle: accept pickled `*.bin` weights (they can execute code when loaded).
             default_prepend_bos: whether `to_tokens` prepends BOS by default (None: the family's default).
             default_padding_side: "right" or "left": sets the tokenizer's `padding_side`, as TL does.
+            mesh: a ("data", "model") mesh (`jaxlens.scale.make_mesh`): params sharded on it, each process
+                reading only its shards (`jaxlens.scale.load_sharded`); None: on the default device.
+            fsdp: with `mesh`, also split d_model of every matrix over `data` (`jaxlens.scale.RULES`).
         """
         from jaxlens import converters, hub
 
@@ -69,7 +73,13 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         # a directory, a .gguf file, a cached HF repo id or a packaged model name
         if hub.is_path_like(source):
             source = hub.resolve(source)
-        cfg, params = converters.load(source, allow_pickle=allow_pickle)
+        if mesh is None:
+            cfg, params = converters.load(source, allow_pickle=allow_pickle)
+            params = numpy_to_jax(params)
+        else:
+            from jaxlens.scale import load_sharded
+
+            cfg, params = load_sharded(source, mesh, fsdp=fsdp, allow_pickle=allow_pickle)
         if tokenizer is None and isinstance(source, Path):
             tokenizer = converters.load_tokenizer(source)
         flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
@@ -82,7 +92,11 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
             c, p = process_weights(cfg, p, **flags)
             return cast_params(refactor_attn(c, p)[1] if refactor_factored_attn_matrices else p, dtype)
 
-        params = stream_transform(processed, numpy_to_jax(params))  # tensor by tensor: never two full copies
+        params = stream_transform(processed, params)  # tensor by tensor: never two full copies
+        if mesh is not None:  # processed leaves have XLA's shardings: placed by the rule table
+            from jaxlens.scale import shard_params
+
+            params = shard_params(params, new_cfg, mesh, fsdp=fsdp)
         if default_prepend_bos is not None:
             new_cfg = new_cfg.replace(default_prepend_bos=default_prepend_bos)
         model = cls(new_cfg, params)

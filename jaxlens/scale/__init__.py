@@ -1,5 +1,16 @@
 """Scale: one ("data", "model") mesh over every device of every process, sharded weights, multi-host jobs."""
 
 from jaxlens.scale.mesh import AXES, make_mesh, replicated, split_leading
+from jaxlens.scale.sharded_loading import load_sharded
+from jaxlens.scale.sharding import (
+    FSDP_RULES,
+    RULES,
+    check_divisible,
+    param_shardings,
+    param_specs,
+    shard_params,
+    sharded_bytes_per_device,
+)
 
-__all__ = ["AXES", "make_mesh", "replicated", "split_leading"]
+__all__ = ["AXES", "FSDP_RULES", "RULES", "check_divisible", "load_sharded", "make_mesh", "param_shardings",
+           "param_specs", "replicated", "shard_params", "sharded_bytes_per_device", "split_leading"]
