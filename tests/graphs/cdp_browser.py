@@ -30,12 +30,11 @@ class Browser:
         cmd_r, self._cmd_w = os.pipe()
         self._out_r, out_w = os.pipe()
 
-        def wire():  # in the child: its fd 3 reads our commands, its fd 4 carries its replies
-            os.dup2(cmd_r, 3)
-            os.dup2(out_w, 4)
-
-        self.proc = subprocess.Popen([exe, *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
-                                      "about:blank"], pass_fds=(3, 4), preexec_fn=wire,
+        # the browser's fd 3 reads our commands, its fd 4 carries its replies: bash moves the pipe ends
+        # there (a preexec_fn would make subprocess fork, and JAX warns at every fork)
+        move = f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w} {cmd_r}<&- {out_w}>&-'
+        self.proc = subprocess.Popen(["/bin/bash", "-c", move, exe, *FLAGS, "--remote-debugging-pipe",
+                                      f"--user-data-dir={profile}", "about:blank"], pass_fds=(cmd_r, out_w),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(cmd_r)
         os.close(out_w)
