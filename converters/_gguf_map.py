@@ -1,6 +1,6 @@
 """GGUF names -> Hugging Face names: a llama.cpp file's metadata and tensors as the config dict and tensor
-names that the family converters (`jaxlens.converters.llama`, `qwen2`, `qwen3`, `gemma`, `phi3`) already
-read.
+names that the family converters (`jaxlens.converters.llama`, `qwen2`, `qwen3`, `gemma`, `phi3`, `olmo2`,
+`gpt_bigcode` for llama.cpp's `starcoder`, `cohere` for `command-r`) already read.
 
 llama.cpp's `convert_hf_to_gguf.py` renames every Hugging Face tensor
 (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata
@@ -74,6 +74,17 @@ LLAMA_BLOCK = {
 }
 # Qwen3 (and Qwen3-MoE): the Llama layout plus the per-head q/k norms.
 QWEN3_BLOCK = {**LLAMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# OLMo 2: Qwen3's attention (q/k norms over the whole projection) with norms after attention and the MLP only.
+OLMO2_BLOCK = {**QWEN3_BLOCK, "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"}
+# StarCoder (GPT-BigCode): GPT-2's module names under `transformer.h.N`, the fused multi-query `c_attn`.
+STARCODER_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                   "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+STARCODER_GLOBAL = {
+    "token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
 # Phi-3 keeps Hugging Face's fused projections: attn_qkv is qkv_proj, ffn_up is gate_up_proj ([gate; up]).
 PHI3_BLOCK = {
     "attn_norm": "input_layernorm",
@@ -94,6 +105,10 @@ class Architecture(NamedTuple):
     permute_qk: bool = False  # undo llama.cpp's rotary row permutation of attn_q / attn_k
     norm_offset: float = 0.0  # added to every norm weight (Gemma stores 1 + w)
     bias_flag: str | None = None  # HF config key set when attn_q has a bias
+    config_keys: Mapping[str, str] = {}  # `<arch>.<key>` -> HF key, beyond (or instead of) CONFIG_KEYS
+    global_tensors: Mapping[str, str] = GLOBAL_TENSORS  # whole-model tensors: GGUF -> Hugging Face
+    layer_prefix: str = "model.layers"  # the Hugging Face path of block N is `<layer_prefix>.N`
+    flags: Mapping[str, str] = {}  # HF config key -> GGUF tensor whose presence sets it True
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -105,6 +120,18 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": Architecture("Phi3ForCausalLM", PHI3_BLOCK, {"hidden_act": "silu"}),
     "qwen3": Architecture("Qwen3ForCausalLM", QWEN3_BLOCK, {"hidden_act": "silu"},
                           bias_flag="attention_bias"),
+    "olmo2": Architecture("Olmo2ForCausalLM", OLMO2_BLOCK, {"hidden_act": "silu"},
+                          bias_flag="attention_bias"),
+    # llama.cpp writes StarCoder with one key/value head (head_count_kv 1) and feed_forward_length 4 * n_embd;
+    # the gpt_bigcode converter reads the generic names (hidden_size, ...) and checks them against the tensors
+    "starcoder": Architecture(
+        "GPTBigCodeForCausalLM", STARCODER_BLOCK, {}, global_tensors=STARCODER_GLOBAL,
+        layer_prefix="transformer.h",
+        config_keys={"feed_forward_length": "n_inner", "attention.layer_norm_epsilon": "layer_norm_epsilon"}),
+    "command-r": Architecture(
+        "CohereForCausalLM", LLAMA_BLOCK, {"hidden_act": "silu"}, bias_flag="attention_bias",
+        config_keys={"attention.layer_norm_epsilon": "layer_norm_eps", "logit_scale": "logit_scale"},
+        flags={"use_qk_norm": "blk.0.attn_q_norm.weight"}),
 }
 SUPPORTED = tuple(ARCHITECTURES)
 
@@ -187,14 +214,15 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
     spec = ARCHITECTURES[arch]
     prefix = arch + "."
     meta = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
-    unknown = sorted(prefix + k for k in meta if k not in CONFIG_KEYS and k not in CHECKED_KEYS)
+    keys = {**CONFIG_KEYS, **spec.config_keys}
+    unknown = sorted(prefix + k for k in meta if k not in keys and k not in CHECKED_KEYS)
     if unknown:
         raise CheckpointError(
             f"GGUF metadata key(s) {unknown} are not understood by jaxlens' {arch} mapping "
             "(converters/_gguf_map.py). They may change the architecture, so jaxlens refuses to guess."
         )
     hf: dict[str, Any] = {"architectures": [spec.hf_architecture], **spec.extra_config}
-    for key, hf_key in CONFIG_KEYS.items():
+    for key, hf_key in keys.items():
         if key in meta:
             value = meta[key]
             if isinstance(value, list):
@@ -215,6 +243,8 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
     hf["tie_word_embeddings"] = "output.weight" not in shapes
     if spec.bias_flag:
         hf[spec.bias_flag] = "blk.0.attn_q.bias" in shapes
+    for key, tensor in spec.flags.items():
+        hf[key] = tensor in shapes
 
     _check_head_dims(meta, hf, prefix)
     if meta.get("expert_count", 0):
@@ -251,13 +281,14 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 
 def hf_tensor_name(name: str, arch: str) -> str | None:
     """The Hugging Face name of GGUF tensor `name` for `arch`, or None when it has none."""
-    if name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[name]
+    spec = ARCHITECTURES[arch]
+    if name in spec.global_tensors:
+        return spec.global_tensors[name]
     m = _BLOCK_NAME.fullmatch(name)
-    if m is None or m.group(2) not in ARCHITECTURES[arch].block:
+    if m is None or m.group(2) not in spec.block:
         return None
     layer, key, kind = m.groups()
-    return f"model.layers.{layer}.{ARCHITECTURES[arch].block[key]}.{kind}"
+    return f"{spec.layer_prefix}.{layer}.{spec.block[key]}.{kind}"
 
 
 def reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:

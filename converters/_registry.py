@@ -15,16 +15,19 @@ import numpy as np
 
 from jaxlens.config import Config
 from jaxlens.converters import (
+    cohere,
     gemma,
     gemma2,
     gemma3,
     gpt2,
+    gpt_bigcode,
     gpt_neo,
     gpt_neox,
     gptj,
     llama,
     mistral,
     mixtral,
+    olmo2,
     opt,
     phi,
     phi3,
@@ -40,7 +43,7 @@ from jaxlens.params import check_params
 
 FAMILIES: tuple[ModuleType, ...] = (
     gpt2, gpt_neo, gptj, gpt_neox, opt, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, gemma,
-    gemma2, gemma3, phi, phi3, stablelm)
+    gemma2, gemma3, phi, phi3, stablelm, olmo2, gpt_bigcode, cohere)
 #: Hugging Face architecture name -> its converter module.
 REGISTRY: dict[str, ModuleType] = {arch: module for module in FAMILIES for arch in module.ARCHITECTURES}
 

@@ -88,9 +88,11 @@ def params_from_llama_layout(t: TensorSource, cfg: Config, hf: Mapping[str, Any]
         attn[f"b_{X}"] = (c.bias_heads(t.take_layers(a + f"{n}_proj.bias", L, (g * E,)), g) if qkv_bias
                           else c.zeros(L, g, E))
     attn["b_O"] = t.take_layers(a + "o_proj.bias", L, (D,)) if o_bias else c.zeros(L, D)
-    if cfg.use_qk_norm:  # per-head RMSNorm weights over d_head (Qwen3, Gemma 3)
-        for n in ("q_norm", "k_norm"):
-            attn[n] = {"w": t.take_layers(a + f"{n}.weight", L, (E,)) + norm_offset}
+    if cfg.use_qk_norm:  # RMSNorm weights over d_head (Qwen3, Gemma 3) or over all heads at once (OLMo 2)
+        for n, g in (("q_norm", H), ("k_norm", G)):
+            w = (c.bias_heads(t.take_layers(a + f"{n}.weight", L, (g * E,)), g) if cfg.qk_norm_over_heads
+                 else t.take_layers(a + f"{n}.weight", L, (E,)))
+            attn[n] = {"w": w + norm_offset}
     mlp = (mlp_reader or _gated_mlp)(t, cfg)
     blocks = {"attn": attn, "mlp": mlp}
     for ours, theirs in names.items():

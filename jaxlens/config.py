@@ -77,6 +77,9 @@ class Config:
             Qwen3-MoE's `norm_topk_prob`).
         use_qk_norm: RMSNorm each query and key head over d_head before the rotary embedding (Qwen3, OLMo 2,
             Gemma 3: `attn.q_norm`, `attn.k_norm`, weights [layer, d_head]).
+        qk_norm_over_heads: with use_qk_norm, one RMSNorm over all heads of the query (and of the key)
+            together, [head_index d_head] at once, instead of one per head (OLMo 2 normalises the whole q / k
+            projection): weights [layer, head_index, d_head], hook_scale [batch pos 1 1].
         gated_mlp: SwiGLU-style MLP with `W_gate` (hook_pre is the gate, hook_pre_linear the linear branch).
         parallel_attn_mlp: attention and MLP both read resid_pre and add into resid_post (GPT-J, NeoX, Phi).
         attn_scale: what attention scores are divided by. None at construction means sqrt(d_head); 1.0 turns
@@ -86,6 +89,9 @@ class Config:
         attn_scores_soft_cap, output_logits_soft_cap: tanh softcapping (Gemma 2); None for none.
         use_normalization_before_and_after: extra norms on the attention and MLP outputs (Gemma 2:
             `ln1_post`, `ln2_post`).
+        use_pre_norms: whether attention and MLP read a normalised residual (ln1, ln2). False for OLMo 2,
+            whose blocks normalise only the sublayer outputs (set use_normalization_before_and_after too);
+            ln_final stays.
         attention_dir: "causal" for decoders, "bidirectional" for encoders.
         default_prepend_bos: whether `to_tokens` prepends BOS by default.
 
@@ -114,6 +120,7 @@ class Config:
     rotary_dynamic_ntk: tuple[float, int] | None = None
     rotary_local_freqs: tuple[float, ...] | None = None
     use_qk_norm: bool = False
+    qk_norm_over_heads: bool = False
     num_experts: int | None = None
     experts_per_token: int | None = None
     normalize_expert_weights: bool = True
@@ -125,6 +132,7 @@ class Config:
     attn_scores_soft_cap: float | None = None
     output_logits_soft_cap: float | None = None
     use_normalization_before_and_after: bool = False
+    use_pre_norms: bool = True
     attention_dir: AttentionDir = "causal"
     default_prepend_bos: bool = True
 
@@ -151,6 +159,9 @@ class Config:
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
         self._resolve_rotary()
+        if self.qk_norm_over_heads and not self.use_qk_norm:
+            raise ConfigError("Config.qk_norm_over_heads=True says how the query/key norm is taken, but "
+                              "use_qk_norm is False: set use_qk_norm=True or leave qk_norm_over_heads False.")
         if (self.num_experts is None) != (self.experts_per_token is None) or (
                 self.num_experts is not None and not 0 < self.experts_per_token <= self.num_experts):
             raise ConfigError(

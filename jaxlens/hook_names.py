@@ -176,7 +176,8 @@ def decoder_table(cfg: Config) -> HookTable:
         before.append(("hook_pos_embed", "batch pos d_model"))
     ln = lambda n: [(f"{n}.hook_scale", "batch pos 1"), (f"{n}.hook_normalized", "batch pos d_model")]
     post_norms = cfg.use_normalization_before_and_after and has_norm
-    block = [("hook_resid_pre", "batch pos d_model")] + (ln("ln1") if has_norm else [])
+    pre_norms = has_norm and cfg.use_pre_norms
+    block = [("hook_resid_pre", "batch pos d_model")] + (ln("ln1") if pre_norms else [])
     block += [
         ("hook_q_input", "batch pos head_index d_model"),
         ("hook_k_input", "batch pos kv_head_index d_model"),
@@ -186,9 +187,10 @@ def decoder_table(cfg: Config) -> HookTable:
         ("attn.hook_v", "batch pos kv_head_index d_head"),
     ]
     if cfg.use_qk_norm:
-        block += [("attn.q_norm.hook_scale", "batch pos head_index 1"),
+        q, k = ("1", "1") if cfg.qk_norm_over_heads else ("head_index", "kv_head_index")  # OLMo 2: one scale
+        block += [("attn.q_norm.hook_scale", f"batch pos {q} 1"),
                   ("attn.q_norm.hook_normalized", "batch pos head_index d_head"),
-                  ("attn.k_norm.hook_scale", "batch pos kv_head_index 1"),
+                  ("attn.k_norm.hook_scale", f"batch pos {k} 1"),
                   ("attn.k_norm.hook_normalized", "batch pos kv_head_index d_head")]
     if cfg.positional_embedding_type == "rotary":
         block += [("attn.hook_rot_q", "batch pos head_index d_head"),
@@ -202,7 +204,7 @@ def decoder_table(cfg: Config) -> HookTable:
     block += (ln("ln1_post") if post_norms else []) + [("hook_attn_out", "batch pos d_model")]
     if not cfg.parallel_attn_mlp:
         block.append(("hook_resid_mid", "batch pos d_model"))
-    block += [("hook_mlp_in", "batch pos d_model")] + (ln("ln2") if has_norm else [])
+    block += [("hook_mlp_in", "batch pos d_model")] + (ln("ln2") if pre_norms else [])
     if cfg.num_experts:  # TL's MoE names: the routing, then each expert's gated MLP (over every token)
         block += [("mlp.hook_expert_indices", "batch pos expert_slot"),
                   ("mlp.hook_expert_weights", "batch pos expert")]

@@ -62,7 +62,10 @@ def param_shapes(cfg: Config) -> dict[str, Any]:
             mlp["shared_expert"] = {"W_in": ("layer d_model d_shared", (L, D, S)),
                                     "W_gate": ("layer d_model d_shared", (L, D, S)),
                                     "W_out": ("layer d_shared d_model", (L, S, D))}
-    if cfg.use_qk_norm:
+    if cfg.use_qk_norm and cfg.qk_norm_over_heads:  # OLMo 2: one norm over all heads of q (of k)
+        attn["q_norm"] = {"w": ("layer head_index d_head", (L, H, E))}
+        attn["k_norm"] = {"w": ("layer kv_head_index d_head", (L, G, E))}
+    elif cfg.use_qk_norm:
         attn["q_norm"] = {"w": ("layer d_head", (L, E))}
         attn["k_norm"] = {"w": ("layer d_head", (L, E))}
     blocks: dict[str, Any] = {"attn": attn, "mlp": mlp}

@@ -49,6 +49,21 @@ def fold_ln(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
         return cfg, params
     is_ln = cfg.normalization_type == "LN"
     blocks = dict(params["blocks"])
+    if cfg.use_pre_norms:  # OLMo 2 has no ln1 / ln2 (its post-norms stay): only ln_final folds
+        blocks = _fold_pre_norms(cfg, blocks, is_ln)
+    out = {**params, "blocks": blocks}
+    lnf = out.pop("ln_final")
+    unembed = dict(params["unembed"])
+    if is_ln:
+        unembed["b_U"] = unembed["b_U"] + lnf["b"] @ unembed["W_U"]
+    W_U = unembed["W_U"] * lnf["w"][:, None]
+    unembed["W_U"] = W_U - W_U.mean(0, keepdims=True) if is_ln else W_U
+    out["unembed"] = unembed
+    return processed_config(cfg, fold_ln=True), out
+
+
+def _fold_pre_norms(cfg: Config, blocks: dict, is_ln: bool) -> dict:
+    """`blocks` with ln1 folded into W_Q/W_K/W_V and ln2 into the MLP (or the router and experts)."""
     attn, mlp = dict(blocks["attn"]), dict(blocks["mlp"])
     ln1, ln2 = blocks.pop("ln1"), blocks.pop("ln2")
     for X in ("Q", "K", "V"):
@@ -79,15 +94,7 @@ def fold_ln(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:
             W = mlp[n] * ln2["w"][:, :, None]
             mlp[n] = W - W.mean(1, keepdims=True) if is_ln else W
     blocks["attn"], blocks["mlp"] = attn, mlp
-    out = {**params, "blocks": blocks}
-    lnf = out.pop("ln_final")
-    unembed = dict(params["unembed"])
-    if is_ln:
-        unembed["b_U"] = unembed["b_U"] + lnf["b"] @ unembed["W_U"]
-    W_U = unembed["W_U"] * lnf["w"][:, None]
-    unembed["W_U"] = W_U - W_U.mean(0, keepdims=True) if is_ln else W_U
-    out["unembed"] = unembed
-    return processed_config(cfg, fold_ln=True), out
+    return blocks
 
 
 def center_writing_weights(cfg: Config, params: ParamsLike) -> tuple[Config, Params]:

@@ -1,7 +1,8 @@
 """Multi-head / grouped-query attention with TransformerLens's hook points.
 
 Hooks: hook_q_input/k_input/v_input (only computed if asked: the residual repeated per head), attn.hook_q/k/v
-(k and v at n_key_value_heads), attn.q_norm/k_norm.hook_scale/hook_normalized (`use_qk_norm`),
+(k and v at n_key_value_heads), attn.q_norm/k_norm.hook_scale/hook_normalized (`use_qk_norm`; per head, or
+over all heads with `qk_norm_over_heads`),
 attn.hook_rot_q/rot_k (rotary models), attn.hook_attn_scores (-inf where
 masked, as TL), attn.hook_pattern, attn.hook_z, attn.hook_result (only computed if asked).
 
@@ -75,9 +76,10 @@ def attention_sublayer(
     q = hooks("attn.hook_q", q + p["b_Q"])
     k = hooks("attn.hook_k", k + p["b_K"])
     v = hooks("attn.hook_v", v + p["b_V"])
-    if cfg.use_qk_norm:  # per-head RMSNorm over d_head, before the rotary embedding (Qwen3, OLMo 2, Gemma 3)
-        q = norm(p["q_norm"], q, cfg, hooks, "attn.q_norm")
-        k = norm(p["k_norm"], k, cfg, hooks, "attn.k_norm")
+    if cfg.use_qk_norm:  # RMSNorm before rotary: per head (Qwen3, Gemma 3) or over all heads (OLMo 2)
+        n = 2 if cfg.qk_norm_over_heads else 1
+        q = norm(p["q_norm"], q, cfg, hooks, "attn.q_norm", n)
+        k = norm(p["k_norm"], k, cfg, hooks, "attn.k_norm", n)
     if cfg.positional_embedding_type == "rotary":
         local = window < _GLOBAL_WINDOW
         q = hooks("attn.hook_rot_q", apply_rotary(q, ctx.positions, cfg, local))

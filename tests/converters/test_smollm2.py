@@ -12,6 +12,7 @@ own code), one model each shared by the tests; logits, processed log-probs, gree
 and the dequantisation cache on the second load.
 """
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,8 +44,7 @@ CASES = {
         _LLAMA, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
         pad_token_id=0)),
 }
-GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "gemma": gguf.MODEL_ARCH.GEMMA,
-             "phi3": gguf.MODEL_ARCH.PHI3, "qwen3": gguf.MODEL_ARCH.QWEN3}
+GGUF_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "llama" -> MODEL_ARCH.LLAMA
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,36 +53,18 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None = None,
-                         quantise: dict | None = None, tensors: dict | None = None) -> Path:
+                         quantise: dict | None = None, tensors: dict | None = None, hparams=None) -> Path:
     """Write `hf` (a transformers model) as an F32 GGUF file the way llama.cpp's converter does.
 
     `quantise` maps GGUF tensor names to a `gguf.GGMLQuantizationType` to store them in instead of F32;
     `tensors` replaces the model's state dict (as numpy arrays, HF names), e.g. with experts split per
-    projection.
+    projection; `hparams(writer, hf_config)` writes the architecture's metadata instead of the Llama-style
+    keys (`llama_hparams`).
     """
     c = hf.config
     H, G = c.num_attention_heads, c.num_key_value_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // H
     w = gguf.GGUFWriter(path, arch)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(H)
-    w.add_head_count_kv(G)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(c.vocab_size)
-    if arch in ("gemma", "qwen3") or hasattr(c, "num_local_experts"):
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if hasattr(c, "num_local_experts"):
-        w.add_expert_count(c.num_local_experts)
-        w.add_expert_used_count(c.num_experts_per_tok)
-    if arch == "phi3":
-        w.add_rope_scaling_orig_ctx_len(c.max_position_embeddings)
-        w.add_sliding_window(c.sliding_window or 0)
+    (hparams or partial(llama_hparams, arch=arch))(w, c)
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], c.num_hidden_layers)
     if tensors is None:
         tensors = {name: t.detach().float().numpy().copy() for name, t in hf.state_dict().items()}
@@ -114,6 +96,30 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def llama_hparams(w, c, arch: str) -> None:
+    """The metadata llama.cpp writes for Llama-style architectures (llama, qwen2/3, gemma, phi3, olmo2)."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(c.vocab_size)
+    if arch in ("gemma", "qwen3") or hasattr(c, "num_local_experts"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if hasattr(c, "num_local_experts"):
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(c.max_position_embeddings)
+        w.add_sliding_window(c.sliding_window or 0)
 
 
 @pytest.fixture(scope="module")
