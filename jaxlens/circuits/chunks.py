@@ -3,137 +3,97 @@ split across devices, and resumable from finished chunks on disk.
 
     values = map_chunks(fn, args, items, chunk_size=64)      # fn(args, item) -> value; items [N, ...]
 
-Each chunk is padded to `chunk_size` (a multiple of the device count) so one program serves every chunk; the
-items axis is sharded over a one-axis mesh and `args` (weights, the corrupted run) are replicated. With
-`checkpoint_dir`, each finished chunk is written atomically and a rerun skips the chunks already there
+Each chunk is padded to `chunk_size` (a multiple of the `data` axis size) so one program serves every chunk;
+the items axis is split over the `data` axis of a `jaxlens.scale` mesh (by default every device of every
+process) and `args` (weights, the corrupted run) are replicated. With `checkpoint_dir`, each finished chunk is
+written atomically (`jaxlens.scale.store`) and a rerun skips the chunks already there
 (`jaxlens.testing.interrupt_after` stops a run part-way, as a killed job would).
 """
 
 import functools
-import hashlib
-import io
-import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxlens import _atomic
 from jaxlens.errors import InputError
+from jaxlens.scale import distributed
+from jaxlens.scale.mesh import replicated, split_leading
+from jaxlens.scale.store import ChunkStore
+from jaxlens.scale.store import fingerprint as fingerprint_of
 
 
 def map_chunks(fn: Callable, args, items: np.ndarray, *, chunk_size: int, devices: Sequence | None = None,
-               checkpoint_dir: str | os.PathLike | None = None, fingerprint: str = "", progress: bool = False,
+               mesh: Mesh | None = None, checkpoint_dir: str | os.PathLike | None = None,
+               fingerprint: str = "", progress: bool = False,
                on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """[N, ...] values of `fn(args, item)` for every item, in order.
+
+    Several processes (`jaxlens.scale.distributed.initialize`): every process makes the same call with the
+    same values and gets every value.
 
     Args:
         fn: a pure function of (args, one item) returning an array; hashable (the compiled program is
             cached on it).
-        args: pytree of arrays shared by every item (replicated on every device).
+        args: pytree of arrays shared by every item (replicated on every device; leaves already sharded on
+            `mesh` are kept as they are).
         items: [N, ...] numpy array of items.
-        chunk_size: items per compiled call (rounded up to a multiple of the device count).
-        devices: devices to split each chunk across (default: all local devices).
-        checkpoint_dir: store finished chunks here; reuse those already there.
+        chunk_size: items per compiled call (rounded up to a multiple of the `data` axis size).
+        devices: devices to split each chunk across (default: every device of every process; in a single
+            process, all local devices).
+        mesh: a `jaxlens.scale` mesh instead: items split over its `data` axis.
+        checkpoint_dir: store finished chunks here; reuse those already there (`jaxlens.scale.store`;
+            several processes: process 0 writes).
         fingerprint: identifies the computation; a checkpoint_dir holding another one is refused.
         progress: show a tqdm bar over chunks.
         on_chunk: called as on_chunk(chunks_done, chunks_total) after each chunk is stored.
 
     Raises:
-        InputError: a non-positive chunk size, or a checkpoint_dir of another computation.
+        InputError: a non-positive chunk size, a checkpoint_dir of another computation, both `mesh` and
+            `devices`, processes given different items.
     """
     items = np.asarray(items)
-    devices = list(devices) if devices is not None else jax.local_devices()
+    mesh = distributed.data_mesh(mesh, devices)
     if chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of items; found {chunk_size}.")
-    n_dev = len(devices)
+    n_dev = mesh.shape["data"]
     C = -(-int(chunk_size) // n_dev) * n_dev
     n = len(items)
     n_chunks = -(-n // C)
-    store = _Store(checkpoint_dir, fingerprint, C)
-    done = store.load(n_chunks)
-    todo = [c for c in range(n_chunks) if c not in done]
-    mesh = Mesh(np.asarray(devices), ("items",))
-    rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("items"))
+    if not n_chunks:
+        return np.zeros((0,), np.float32)
+    distributed.check_same(fingerprint_of(fingerprint, items, str(C)), "map_chunks items")
+    store = ChunkStore(checkpoint_dir, fingerprint, what="map_chunks", details={"chunk_size": C})
+    rep, split = replicated(mesh), split_leading(mesh)
+    args_d = distributed.place(args, rep)
+    out = jax.eval_shape(fn, args_d, items[0])
+    values, done = np.zeros((n,) + out.shape, out.dtype), np.zeros(n, bool)
+    store.load(values, done)
+    todo = [c for c in range(n_chunks) if not done[c * C:(c + 1) * C].all()]
     compiled = _compiled(fn, mesh)
-    args_d = jax.device_put(args, rep)
-    bar = tqdm(total=len(todo), disable=not progress, desc="circuits", unit="chunk")
+    bar = tqdm(total=len(todo), disable=not (progress and distributed.is_writer()), desc="circuits",
+               unit="chunk")
     try:
         for k, c in enumerate(todo):
-            part = items[c * C:(c + 1) * C]
-            pad = np.concatenate([part, np.repeat(part[-1:], C - len(part), axis=0)])
-            out = np.asarray(compiled(args_d, jax.device_put(pad, split)))[: len(part)]
-            done[c] = out
-            store.save(c, out)
+            rows = np.arange(c * C, min((c + 1) * C, n))
+            pad = np.concatenate([rows, np.repeat(rows[-1:], C - len(rows))])
+            part = distributed.gather(compiled(args_d, distributed.place(items[pad], split)))[: len(rows)]
+            values[rows] = part
+            store.save(c, rows, part)
             bar.update(1)
             if on_chunk is not None:
                 on_chunk(k + 1, len(todo))
     finally:
         bar.close()
-    if not n_chunks:
-        return np.zeros((0,), np.float32)
-    return np.concatenate([done[c] for c in range(n_chunks)])
-
-
-def fingerprint_of(*parts) -> str:
-    """A short hash of strings and arrays (what identifies a checkpointed computation)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, str):
-            h.update(part.encode())
-            continue
-        for leaf in jax.tree_util.tree_leaves(part):
-            a = np.asarray(leaf)
-            h.update(repr((a.shape, a.dtype.str)).encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:32]
+    return values
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(fn: Callable, mesh: Mesh):
-    split = NamedSharding(mesh, PartitionSpec("items"))
-    return jax.jit(jax.vmap(fn, in_axes=(None, 0)), out_shardings=split)
-
-
-class _Store:
-    """Finished chunks on disk: one .npy per chunk, written atomically, under a fingerprinted directory."""
-
-    def __init__(self, directory, fingerprint: str, chunk_size: int):
-        self.dir = None if directory is None else Path(directory)
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta, want = self.dir / "circuit_chunks.json", {"fingerprint": fingerprint, "chunk_size": chunk_size}
-        if meta.exists():
-            found = json.loads(meta.read_text())
-            if found != want:
-                raise InputError(
-                    f"checkpoint_dir {str(self.dir)!r} holds another computation ({found}; this one is "
-                    f"{want}: other model, prompts, metric, items or chunk size). Use a new directory or "
-                    "empty this one.")
-        else:
-            _atomic.write_bytes(meta, json.dumps(want).encode(), durable=True)
-
-    def load(self, n_chunks: int) -> dict[int, np.ndarray]:
-        if self.dir is None:
-            return {}
-        out = {}
-        for c in range(n_chunks):
-            f = self.dir / f"chunk_{c:06d}.npy"
-            if f.exists():
-                out[c] = np.load(f)
-        return out
-
-    def save(self, c: int, values: np.ndarray) -> None:
-        if self.dir is None:
-            return
-        buf = io.BytesIO()
-        np.save(buf, values)
-        _atomic.write_bytes(self.dir / f"chunk_{c:06d}.npy", buf.getvalue(), durable=True)
+    return jax.jit(jax.vmap(fn, in_axes=(None, 0)), out_shardings=split_leading(mesh))
 
 
 def default_chunk_size(n_src: int, batch: int, n_pos: int, d_model: int, n_heads: int, itemsize: int,

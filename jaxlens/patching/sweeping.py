@@ -4,8 +4,9 @@ Activation patching (Meng et al. 2022, "Locating and Editing Factual Association
 IOI) runs the model on a corrupted prompt, replaces one activation by its value on a clean prompt, and
 measures how far a metric of the logits moves back. A sweep does that for every cell of a grid (layer x
 position x head, ...). Here the whole grid is data: each cell is a mask over the activation's axes, a chunk of
-cells is vmapped under one `jax.jit`, the chunk axis is split across all local devices, and finished chunks
-can be written to disk so an interrupted sweep resumes where it stopped.
+cells is vmapped under one `jax.jit`, the chunk axis is split over the `data` axis of a `jaxlens.scale` mesh
+(by default every device of every process: `jaxlens.scale.distributed` for several hosts), and finished
+chunks can be written to disk (`jaxlens.scale.store`) so an interrupted sweep resumes where it stopped.
 
     print(plan_sweep(params, cfg, corrupted_tokens, clean_cache, metric, hook="attn.hook_z",
                      axes=("layer", "pos", "head")))       # cells, chunks, programs, FLOPs: nothing runs
@@ -21,21 +22,16 @@ its patch changes, reading earlier keys and values from the corrupted run.
 
 import dataclasses
 import functools
-import hashlib
-import io
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Int
 from tqdm import tqdm
 
-from jaxlens import _atomic
 from jaxlens.config import Config
 from jaxlens.errors import InputError
 from jaxlens.model.forward import check_tokens
@@ -44,6 +40,9 @@ from jaxlens.patching.compute import ChunkSpec, chunk_values
 from jaxlens.patching.plan import CellStatus, Chunk, Plan, Target, default_budget, make_plan, resolve_target
 from jaxlens.patching.prepare import Prepared, prepare
 from jaxlens.patching.result import PatchResult
+from jaxlens.scale import distributed
+from jaxlens.scale.mesh import replicated, split_leading
+from jaxlens.scale.store import ChunkStore, fingerprint
 from jaxlens.shapes import Params, ParamsLike, resolve_params
 
 
@@ -53,7 +52,7 @@ class Program:
 
     Attributes:
         window: positions computed, [n_pos - window, n_pos) (earlier ones are the corrupted run's).
-        chunk_size: cells per call, a multiple of the device count (the last chunk of a layer is padded).
+        chunk_size: cells per call, a multiple of the `data` axis size (the last chunk of a layer is padded).
         n_chunks: calls of this program.
         n_cells: cells it computes (padding not counted).
         layers: the patched layers of its chunks (each chunk holds cells of one layer).
@@ -82,7 +81,7 @@ class SweepPlan:
         status: [*shape] the CellStatus of every cell.
         programs: one per window length (each compiles once).
         chunks: the chunks in the order the sweep runs them; `chunk.bucket` indexes `programs`.
-        n_devices: devices the cells of a chunk are split across.
+        n_devices: devices the cells of a chunk are split across (the mesh's `data` axis).
         memory_budget: bytes of activations per device the chunk sizes were chosen for.
         batch, n_pos: the prompts' shape.
         n_logits: logits per batch row and cell the metric reads (positions x vocabulary entries).
@@ -188,6 +187,7 @@ def sweep(
     chunk_size: int | None = None,
     max_windows: int = 4,
     devices: Sequence | None = None,
+    mesh: Mesh | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -215,15 +215,22 @@ def sweep(
         layers: compute only these layers; other cells hold `fill`.
         prefix_reuse: skip the layers below each patch and (causal models) the positions before it.
         memory_budget: bytes of activations per device for one chunk (default: `plan.default_budget`).
-        chunk_size: cells per compiled call (rounded up to a multiple of the device count); overrides the
-            budget's choice.
+        chunk_size: cells per compiled call (rounded up to a multiple of the `data` axis size); overrides
+            the budget's choice.
         max_windows: at most this many static window lengths (one compile each) for position reuse.
-        devices: devices to split the cells across (default: all local devices).
-        checkpoint_dir: write finished chunks here and reuse those already there.
+        devices: devices to split the cells across (default: every device of every process; in a single
+            process, all local devices).
+        mesh: a `jaxlens.scale` mesh instead: cells split over its `data` axis; params already sharded on it
+            (weights split over `model`) are kept as they are, others replicated.
+        checkpoint_dir: write finished chunks here and reuse those already there (`jaxlens.scale.store`;
+            several processes: process 0 writes, on a file system every host sees).
         progress: show a tqdm bar over chunks.
         on_chunk: called as on_chunk(chunks_done, chunks_total) after each chunk is stored.
         labels: labels for some axes, e.g. {"pos": str_tokens}.
         fill: value of cells outside `layers`.
+
+    Several processes (`jaxlens.scale.distributed.initialize`): every process makes the same call with the
+    same values and gets the whole result.
 
     Returns:
         PatchResult over `axes` (+ "metric"), its baseline the unpatched corrupted run's metric. `plan_sweep`
@@ -233,11 +240,11 @@ def sweep(
         UnknownHookError: `hook` is not a hook point.
         InputError: bad axes, clean and corrupted of different shapes, a metric whose output is not a
             scalar (or the declared vector), a budget too small for one patch, labels of the wrong length, a
-            checkpoint of another sweep.
+            checkpoint of another sweep, both `mesh` and `devices`, processes that planned different sweeps.
     """
     params, cfg = resolve_params(params, cfg)
     s = _setup(params, cfg, corrupted_tokens, clean, metric, hook, axes, metric_names, layers, prefix_reuse,
-               memory_budget, chunk_size, max_windows, devices)
+               memory_budget, chunk_size, max_windows, devices, mesh)
     plan, prep = s.plan, s.prep
     m_shape = () if metric_names is None else (len(metric_names),)
     out_axes = s.target.axes + (("metric",) if metric_names is not None else ())
@@ -248,7 +255,14 @@ def sweep(
             raise InputError(f"labels[{a!r}] has {len(l)} entries for an axis of size {n}.")
     values = np.zeros((len(plan.idx),) + m_shape, np.float32)
     done = np.zeros(len(plan.idx), bool)
-    store = _Store(checkpoint_dir, _fingerprint(cfg, s.target, s.tokens, prep, layers, metric_names))
+    fp = fingerprint(repr(cfg), s.target.rel, repr(s.target.axes),
+                     repr(None if layers is None else sorted(layers)), repr(metric_names), s.tokens,
+                     prep.data["source"], prep.base)
+    if jax.process_count() > 1:  # processes that planned different chunks would run different programs
+        chunks = [(np.asarray([c.layer, c.bucket]), c.cells) for c in plan.chunks]
+        distributed.check_same(fingerprint(fp, repr((plan.chunk_sizes, plan.windows)), plan.idx, plan.status,
+                                           chunks), "sweep plan")
+    store = ChunkStore(checkpoint_dir, fp, what="patching sweep")
     store.load(values, done)
     _run_chunks(s, values, done, store, progress, on_chunk)
     values[plan.status == CellStatus.NO_OP] = prep.base
@@ -272,6 +286,7 @@ def plan_sweep(
     chunk_size: int | None = None,
     max_windows: int = 4,
     devices: Sequence | None = None,
+    mesh: Mesh | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -293,7 +308,7 @@ def plan_sweep(
     """
     params, cfg = resolve_params(params, cfg)
     s = _setup(params, cfg, corrupted_tokens, clean, metric, hook, axes, metric_names, layers, prefix_reuse,
-               memory_budget, chunk_size, max_windows, devices)
+               memory_budget, chunk_size, max_windows, devices, mesh)
     return _report(s)
 
 
@@ -303,7 +318,7 @@ class _Setup:
     tokens: jax.Array
     target: Target
     metric: Callable
-    devices: list
+    mesh: Mesh
     reuse: bool
     budget: int
     prep: Prepared
@@ -311,21 +326,22 @@ class _Setup:
 
 
 def _setup(params, cfg, corrupted_tokens, clean, metric, hook, axes, metric_names, layers, reuse,
-           memory_budget, chunk_size, max_windows, devices) -> _Setup:
+           memory_budget, chunk_size, max_windows, devices, mesh) -> _Setup:
     """Everything `sweep` decides before the first chunk: the corrupted run, the source, the plan."""
     tokens = check_tokens(jnp.asarray(corrupted_tokens), cfg)
     target = resolve_target(cfg, hook, axes)
-    devices = list(devices) if devices is not None else jax.local_devices()
+    mesh = distributed.data_mesh(mesh, devices)
     prep = prepare(params, cfg, tokens, clean, target, metric, metric_names, reuse)
     b, P = tokens.shape
     sizes = dict(zip(target.act_axes, prep.target_act.shape[-len(target.act_axes):], strict=True))
     sizes["layer"] = cfg.n_layers
     itemsize = jnp.dtype(prep.logits.dtype).itemsize
-    budget = memory_budget if memory_budget is not None else default_budget(devices[0])
+    if memory_budget is None:  # the same on every process: the smallest
+        memory_budget = distributed.min_over_processes(default_budget(mesh.local_devices[0]))
     plan = make_plan(target, sizes, prep.diff, P, layers=layers, reuse=reuse, max_buckets=max_windows,
-                     cell_bytes=cost.cell_bytes_fn(cfg, b, P, itemsize, prep.n_logits), budget=budget,
-                     n_devices=len(devices), chunk_size=chunk_size)
-    return _Setup(params, tokens, target, metric, devices, reuse, budget, prep, plan)
+                     cell_bytes=cost.cell_bytes_fn(cfg, b, P, itemsize, prep.n_logits), budget=memory_budget,
+                     n_devices=mesh.shape["data"], chunk_size=chunk_size)
+    return _Setup(params, tokens, target, metric, mesh, reuse, memory_budget, prep, plan)
 
 
 def _spec(s: _Setup, window: int, point_layer: bool = True, reuse: bool | None = None) -> ChunkSpec:
@@ -338,7 +354,7 @@ def _report(s: _Setup) -> SweepPlan:
     cfg, plan, (b, P) = s.target.cfg, s.plan, s.tokens.shape
     itemsize = jnp.dtype(s.prep.logits.dtype).itemsize
     cell_bytes = cost.cell_bytes_fn(cfg, b, P, itemsize, s.prep.n_logits)
-    n_dev, programs = len(s.devices), []
+    n_dev, programs = s.mesh.shape["data"], []
     for k, S in enumerate(plan.windows):
         spec, C = _spec(s, S), plan.chunk_sizes[k]
         mine = [c for c in plan.chunks if c.bucket == k]
@@ -374,55 +390,9 @@ def _span(layers: tuple[int, ...]) -> str:
     return ", ".join(map(str, layers))
 
 
-def _fingerprint(cfg, target, tokens, prep: Prepared, layers, metric_names) -> str:
-    h = hashlib.sha256()
-    for part in (repr(cfg), target.rel, repr(target.axes), repr(None if layers is None else sorted(layers)),
-                 repr(metric_names)):
-        h.update(part.encode())
-    for arr in (tokens, prep.data["source"], prep.base):
-        a = np.asarray(arr)
-        h.update(repr((a.shape, a.dtype.str)).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:32]
-
-
-class _Store:
-    """Finished chunks on disk: one .npz per chunk (cell numbers and values), written atomically."""
-
-    def __init__(self, directory, fingerprint: str):
-        self.dir = None if directory is None else Path(directory)
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "sweep.json"
-        if meta.exists():
-            found = json.loads(meta.read_text()).get("fingerprint")
-            if found != fingerprint:
-                raise InputError(f"checkpoint_dir {str(self.dir)!r} holds a different sweep (other model, "
-                                 "prompts, hook, axes or metric). Use a new directory or empty this one.")
-        else:
-            _atomic.write_bytes(meta, json.dumps({"fingerprint": fingerprint}).encode(), durable=True)
-
-    def load(self, values: np.ndarray, done: np.ndarray) -> None:
-        if self.dir is None:
-            return
-        for f in sorted(self.dir.glob("chunk_*.npz")):
-            with np.load(f) as z:
-                values[z["cells"]] = z["values"]
-                done[z["cells"]] = True
-
-    def save(self, number: int, cells: np.ndarray, vals: np.ndarray) -> None:
-        if self.dir is None:
-            return
-        buf = io.BytesIO()
-        np.savez(buf, cells=cells, values=vals)
-        _atomic.write_bytes(self.dir / f"chunk_{number:06d}.npz", buf.getvalue(), durable=True)
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(spec: ChunkSpec, mesh: Mesh):
-    split = NamedSharding(mesh, PartitionSpec("cells"))
-    return jax.jit(functools.partial(chunk_values, spec), out_shardings=split)
+    return jax.jit(functools.partial(chunk_values, spec), out_shardings=split_leading(mesh))
 
 
 def _run_chunks(s: _Setup, values, done, store, progress, on_chunk):
@@ -430,19 +400,20 @@ def _run_chunks(s: _Setup, values, done, store, progress, on_chunk):
     todo = [(i, c) for i, c in enumerate(plan.chunks) if not done[c.cells].all()]
     if not todo:
         return
-    mesh = Mesh(np.asarray(s.devices), ("cells",))
-    rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("cells"))
-    params_d, data_d = jax.device_put((s.params, s.prep.data), rep)
+    mesh = s.mesh
+    rep, split = replicated(mesh), split_leading(mesh)
+    params_d, data_d = distributed.place((s.params, s.prep.data), rep)
     total = len(todo)
-    bar = tqdm(total=total, disable=not progress, desc="patching", unit="chunk")
+    show = progress and distributed.is_writer()
+    bar = tqdm(total=total, disable=not show, desc="patching", unit="chunk")
     pending = None
     try:
         for n, (number, chunk) in enumerate(todo):
             fn = _compiled(_spec(s, plan.windows[chunk.bucket]), mesh)
             C = plan.chunk_sizes[chunk.bucket]
             cells = np.concatenate([chunk.cells, np.repeat(chunk.cells[-1:], C - len(chunk.cells))])
-            idx = jax.device_put(plan.idx[cells], split)
-            out = fn(params_d, data_d, jax.device_put(np.int32(chunk.layer), rep), idx)
+            idx = distributed.place(plan.idx[cells], split)
+            out = fn(params_d, data_d, distributed.place(np.int32(chunk.layer), rep), idx)
             if pending is not None:
                 _finish(*pending, values, done, store, bar, on_chunk, total)
             pending = (n, number, chunk, out)
@@ -452,7 +423,7 @@ def _run_chunks(s: _Setup, values, done, store, progress, on_chunk):
 
 
 def _finish(n, number, chunk, out, values, done, store, bar, on_chunk, total):
-    vals = np.asarray(out)[: len(chunk.cells)]
+    vals = distributed.gather(out)[: len(chunk.cells)]
     values[chunk.cells] = vals
     done[chunk.cells] = True
     store.save(number, chunk.cells, vals)
