@@ -44,6 +44,8 @@ jaxlens_api_packages = [
     "jaxlens.errors",
     "jaxlens.dictionaries",
     "jaxlens.circuits",
+    "jaxlens.graphs",
+    "jaxlens.scale",
     "jaxlens.flax",
     "jaxlens.nnx",
 ]
