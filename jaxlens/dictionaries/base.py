@@ -52,7 +52,7 @@ ARCHITECTURES: tuple[str, ...] = (
     "skip_transcoder",
     "clt",
 )
-ACTIVATIONS = ("relu", "jumprelu", "topk")
+ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 #: SAELens's default weights of each loss term (l1_coefficient, l0_coefficient, aux_loss_coefficient).
 DEFAULT_COEFFICIENTS = {"l1": 1.0, "sparsity": 1.0, "auxk": 1.0, "pre_act": 0.0}
 #: Architectures whose training keeps unit-norm decoder rows (their loss is not weighted by decoder norms).
@@ -71,7 +71,9 @@ class DictionaryConfig:
         architecture: one of `ARCHITECTURES`.
         d_in, d_sae: input width and number of features; d_out: output width (transcoders; default d_in).
         k: active features per token (topk, batchtopk, and activation "topk").
-        activation: transcoders and CLTs: "relu", "jumprelu" or "topk" (SAEs: implied by the architecture).
+        activation: transcoders and CLTs: "relu", "jumprelu" or "topk" (per-layer transcoders also
+            "batchtopk": trained as BatchTopK, saved as JumpReLU at its threshold; SAEs: implied by the
+            architecture).
         hook_name: the hook the dictionary reads (TransformerLens name); hook_name_out: the hook a transcoder
             writes. A CLT's names hold "{layer}" (e.g. "blocks.{layer}.ln2.hook_normalized").
         n_layers: a CLT's number of layers.
@@ -132,6 +134,9 @@ class DictionaryConfig:
                 f"needs "
                 f"k in [1, d_sae={self.d_sae}]; found k={self.k!r}."
             )
+        if self.architecture == "clt" and self.activation == "batchtopk":
+            raise DictionaryError("A cross-layer transcoder has no batchtopk activation; use relu, jumprelu "
+                                  "or topk, or per-layer transcoders.")
         if self.architecture == "clt" and (self.n_layers is None or self.n_layers <= 0):
             raise DictionaryError(f"A cross-layer transcoder needs n_layers > 0; found {self.n_layers!r}.")
         if self.is_transcoder and self.apply_b_dec_to_input:
@@ -170,7 +175,7 @@ class DictionaryConfig:
     @property
     def uses_topk(self) -> bool:
         return self.architecture in ("topk", "batchtopk") or (
-            self.is_transcoder and self.activation == "topk"
+            self.is_transcoder and self.activation in ("topk", "batchtopk")
         )
 
     @property

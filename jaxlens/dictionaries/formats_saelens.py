@@ -279,7 +279,7 @@ def config_from_saelens(raw: dict, *, strict: bool = True, where: str = CFG_FILE
 
 def config_to_saelens(cfg: DictionaryConfig) -> dict[str, Any]:
     """cfg.json of a 6.x SAELens directory for `cfg`."""
-    if cfg.architecture == "clt" or (cfg.is_transcoder and cfg.activation == "topk"):
+    if cfg.architecture == "clt" or (cfg.is_transcoder and cfg.activation in ("topk", "batchtopk")):
         raise DictionaryError(
             f"SAELens has no format for a {cfg.architecture} with activation "
             f"{cfg.activation!r}; "

@@ -190,12 +190,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _activate_train(self, h):
         acts = batch_topk(h, self.cfg.k)
-        pos = acts > 0
-        smallest = jnp.min(jnp.where(pos, acts, jnp.inf)).astype(jnp.float32)
-        lr = self.cfg.topk_threshold_lr
-        old = self.topk_threshold[...]
-        new = jnp.where(pos.any(), (1 - lr) * old + lr * smallest, old)
-        return acts, {"topk_threshold": jax.lax.stop_gradient(new)}
+        return acts, {"topk_threshold": running_threshold(acts, self.topk_threshold[...], self.cfg)}
 
 
 @register
@@ -234,6 +229,16 @@ def batch_topk(h: jax.Array, k: int | float) -> jax.Array:
     n = int(k * (flat.shape[0] // h.shape[-1]))
     vals, idx = jax.lax.top_k(flat, n)
     return jnp.zeros_like(flat).at[idx].set(vals).reshape(h.shape)
+
+
+def running_threshold(acts: jax.Array, old: jax.Array, cfg: DictionaryConfig) -> jax.Array:
+    """BatchTopK's running threshold after one batch: (1 - lr) old + lr * the smallest surviving activation
+    (lr = `cfg.topk_threshold_lr`; unchanged when nothing fired), gradient stopped."""
+    pos = acts > 0
+    smallest = jnp.min(jnp.where(pos, acts, jnp.inf)).astype(jnp.float32)
+    lr = cfg.topk_threshold_lr
+    new = jnp.where(pos.any(), (1 - lr) * old + lr * smallest, old)
+    return jax.lax.stop_gradient(new)
 
 
 def jumprelu_terms(cfg: DictionaryConfig, h, threshold, norms, coefficients, dead_mask):

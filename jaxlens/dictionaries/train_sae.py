@@ -14,6 +14,10 @@ another source), stream activations with `ActivationStore`, train with `train_di
 (`formats_saelens.save_saelens`) and `metrics.json`, each file atomically. Running the same command again
 resumes from the last checkpoint; with a larger `--tokens` it continues the same run (the data order and the
 optimiser state carry on, so the result equals one run of the larger budget when no LR decay is set).
+
+The pieces every training command shares (`TrainingSettings`, `load_model_and_text`, `activation_store`,
+`train_config`, `run_summary`, `add_training_arguments`, `settings_from_args`) live here too;
+`train_transcoders.py` (`jaxlens train-transcoders`) builds on them.
 """
 
 import argparse
@@ -32,15 +36,12 @@ from jaxlens.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainSaeSettings:
-    """Everything `jaxlens train-sae` takes (defaults are SAELens's where it has them)."""
+class TrainingSettings:
+    """What every dictionary-training command takes (defaults are SAELens's where it has them)."""
 
     model: str
-    hook: str
-    architecture: str = "topk"
     d_sae: int = 4096
     k: int | None = 32
-    hook_out: str | None = None
     tokens: int = 2_000_000
     context_size: int = 128
     batch_size: int = 4096
@@ -52,11 +53,21 @@ class TrainSaeSettings:
     sparsity_coefficient: float = 1.0
     coefficient_warm_up_steps: int = 0
     dead_feature_window: int = 1000
+    topk_threshold_lr: float = 0.01
     checkpoint_every: int = 100
     seed: int = 0
     train_text: str = corpus_mod.TRAIN_SOURCE
     eval_text: str = corpus_mod.HELDOUT_SOURCE
     eval_sequences: int = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSaeSettings(TrainingSettings):
+    """Everything `jaxlens train-sae` takes: the common settings, the hook(s) and the architecture."""
+
+    hook: str
+    architecture: str = "topk"
+    hook_out: str | None = None
 
 
 def train_sae(settings: TrainSaeSettings, out: str | Path, *, progress: bool = True) -> dict:
@@ -67,12 +78,9 @@ def train_sae(settings: TrainSaeSettings, out: str | Path, *, progress: bool = T
             the model lacks; NonFiniteActivationsError: NaN or inf in the activations.
     """
     from jaxlens.dictionaries.formats_saelens import save_saelens
-    from jaxlens.hooked_transformer import HookedTransformer
 
     s, out, t0 = settings, Path(out), time.perf_counter()
-    if s.tokens <= 0 or s.d_sae <= 0 or s.batch_size <= 0:
-        raise InputError(f"--tokens, --d-sae and --batch-size must be positive; found {s.tokens}, {s.d_sae}, "
-                         f"{s.batch_size}.")
+    check_sizes(s)
     if s.architecture not in ARCHITECTURES or s.architecture == "clt":
         known = ", ".join(a for a in ARCHITECTURES if a != "clt")
         raise InputError(f"--architecture must be one of {known}; found {s.architecture!r}.")
@@ -81,49 +89,84 @@ def train_sae(settings: TrainSaeSettings, out: str | Path, *, progress: bool = T
         raise InputError("A transcoder reads --hook and writes --hook-out: give --hook-out with a transcoder "
                          f"architecture and only then; found --architecture {s.architecture} and --hook-out "
                          f"{s.hook_out!r}.")
-    model = HookedTransformer.from_pretrained(s.model)
-    if model.tokenizer is None:
-        raise InputError(f"The model {s.model!r} has no tokenizer beside its weights; train-sae tokenises "
-                         "text with it.")
-    train_corpus = corpus_mod.load_corpus(s.train_text, model.tokenizer)
-    held_out = corpus_mod.load_corpus(s.eval_text, model.tokenizer)
+    model, train_corpus, held_out = load_model_and_text(s, "train-sae")
     hooks = [s.hook] + ([s.hook_out] if transcoder else [])
-    forward_batch = 8
-    per_row = s.context_size - 1
-    buffer = s.buffer_sequences or forward_batch * max(1, math.ceil(2 * s.batch_size / per_row
-                                                                     / forward_batch))
-    buffer = min(buffer, forward_batch * (train_corpus.n_sequences(s.context_size) // forward_batch))
-    store = ActivationStore(model.params, model.cfg, train_corpus, hooks, context_size=s.context_size,
-                            batch_size=s.batch_size, buffer_sequences=max(buffer, forward_batch),
-                            forward_batch=forward_batch, key=s.seed)
+    store = activation_store(model, train_corpus, hooks, s)
     k = s.k if s.architecture in ("topk", "batchtopk") else None
-    meta = (("model_name", s.model), ("context_size", s.context_size), ("prepend_bos", True),
-            ("dataset_path", s.train_text), ("training_architecture", s.architecture))
     dcfg = DictionaryConfig(architecture=s.architecture, d_in=store.widths[s.hook], d_sae=s.d_sae, k=k,
                             d_out=store.widths[s.hook_out] if transcoder else None, hook_name=s.hook,
-                            hook_name_out=s.hook_out, metadata=meta)
-    steps = math.ceil(s.tokens / s.batch_size)
-    tc = TrainConfig(steps=steps, lr=s.lr, lr_warm_up_steps=s.lr_warm_up_steps,
-                     lr_decay_steps=s.lr_decay_steps,
-                     coefficients=(("l1", s.l1_coefficient), ("sparsity", s.sparsity_coefficient)),
-                     coefficient_warm_up_steps=s.coefficient_warm_up_steps,
-                     dead_feature_window=s.dead_feature_window, checkpoint_every=s.checkpoint_every,
-                     seed=s.seed)
+                            hook_name_out=s.hook_out, metadata=metadata(s, s.architecture),
+                            topk_threshold_lr=s.topk_threshold_lr)
+    tc = train_config(s)
     result = train_dictionaries(dcfg, store.batch, tc, out_dir=out, progress=progress)
     sae = result.dictionaries[0]
     metrics = evaluate(sae, model.params, model.cfg, held_out, context_size=s.context_size,
                        n_sequences=s.eval_sequences)
     metrics["eval_tokens"] = metrics.pop("tokens")
     final = result.history[-1] if result.history else {}
-    metrics |= {"tokens": steps * s.batch_size, "steps": steps, "seconds": time.perf_counter() - t0,
-                "steps_this_run": len(result.history),
-                "train_loss": final.get("loss", [None])[0], "train_l0": final.get("l0", [None])[0],
+    metrics |= run_summary(s, tc, result, t0)
+    metrics |= {"train_loss": final.get("loss", [None])[0], "train_l0": final.get("l0", [None])[0],
                 "train_explained_variance": final.get("explained_variance", [None])[0],
                 "model": s.model, "hook": s.hook, "hook_out": s.hook_out, "architecture": s.architecture,
                 "d_sae": s.d_sae, "k": k, "train_text": s.train_text, "eval_text": s.eval_text}
     save_saelens(sae, out)
     _atomic.write_json(out / "metrics.json", metrics)
     return metrics
+
+
+# -- shared by the training commands -----------------------------------------------------------------------
+def check_sizes(s: TrainingSettings) -> None:
+    """Raise InputError unless the token budget, width and batch size are positive."""
+    if s.tokens <= 0 or s.d_sae <= 0 or s.batch_size <= 0:
+        raise InputError(f"--tokens, --d-sae and --batch-size must be positive; found {s.tokens}, {s.d_sae}, "
+                         f"{s.batch_size}.")
+
+
+def load_model_and_text(s: TrainingSettings, command: str):
+    """(model, training corpus, held-out corpus): the model with TransformerLens's weight processing (as
+    SAELens trains on `HookedTransformer`), both texts tokenised with its tokenizer."""
+    from jaxlens.hooked_transformer import HookedTransformer
+
+    model = HookedTransformer.from_pretrained(s.model)
+    if model.tokenizer is None:
+        raise InputError(f"The model {s.model!r} has no tokenizer beside its weights; {command} tokenises "
+                         "text with it.")
+    return (model, corpus_mod.load_corpus(s.train_text, model.tokenizer),
+            corpus_mod.load_corpus(s.eval_text, model.tokenizer))
+
+
+def activation_store(model, corpus, hooks, s: TrainingSettings) -> ActivationStore:
+    """The store of `hooks` over `corpus`: forwards of 8 rows, a shuffle buffer of about two batches."""
+    forward_batch = 8
+    per_row = s.context_size - 1
+    buffer = s.buffer_sequences or forward_batch * max(1, math.ceil(2 * s.batch_size / per_row
+                                                                     / forward_batch))
+    buffer = min(buffer, forward_batch * (corpus.n_sequences(s.context_size) // forward_batch))
+    return ActivationStore(model.params, model.cfg, corpus, hooks, context_size=s.context_size,
+                           batch_size=s.batch_size, buffer_sequences=max(buffer, forward_batch),
+                           forward_batch=forward_batch, key=s.seed)
+
+
+def metadata(s: TrainingSettings, architecture: str) -> tuple:
+    """The dictionary config's metadata pairs (model, context, dataset, architecture)."""
+    return (("model_name", s.model), ("context_size", s.context_size), ("prepend_bos", True),
+            ("dataset_path", s.train_text), ("training_architecture", architecture))
+
+
+def train_config(s: TrainingSettings) -> TrainConfig:
+    """The optimisation settings of `s` (steps = ceil(tokens / batch_size))."""
+    return TrainConfig(steps=math.ceil(s.tokens / s.batch_size), lr=s.lr, lr_warm_up_steps=s.lr_warm_up_steps,
+                       lr_decay_steps=s.lr_decay_steps,
+                       coefficients=(("l1", s.l1_coefficient), ("sparsity", s.sparsity_coefficient)),
+                       coefficient_warm_up_steps=s.coefficient_warm_up_steps,
+                       dead_feature_window=s.dead_feature_window, checkpoint_every=s.checkpoint_every,
+                       seed=s.seed)
+
+
+def run_summary(s: TrainingSettings, tc: TrainConfig, result, t0: float) -> dict:
+    """tokens, steps, seconds and steps_this_run of a finished training."""
+    return {"tokens": tc.steps * s.batch_size, "steps": tc.steps, "seconds": time.perf_counter() - t0,
+            "steps_this_run": len(result.history)}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -138,6 +181,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hook-out", default=None, help="transcoders: the hook written (blocks.3.hook_mlp_out)")
     p.add_argument("--architecture", default=d.architecture,
                    choices=[a for a in ARCHITECTURES if a != "clt"])
+    add_training_arguments(p, d)
+    p.set_defaults(func=_run, subparser=p)
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser, d: TrainingSettings) -> None:
+    """The options every training command shares (defaults from `d`)."""
     p.add_argument("--k", type=int, default=d.k, help=f"active features per token, topk/batchtopk ({d.k})")
     p.add_argument("--d-sae", type=int, required=True, help="number of features")
     p.add_argument("--tokens", type=int, required=True, help="training activations (tokens)")
@@ -151,19 +201,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sparsity-coefficient", type=float, default=d.sparsity_coefficient, help="JumpReLU")
     p.add_argument("--coefficient-warm-up-steps", type=int, default=d.coefficient_warm_up_steps)
     p.add_argument("--dead-feature-window", type=int, default=d.dead_feature_window)
+    p.add_argument("--topk-threshold-lr", type=float, default=d.topk_threshold_lr,
+                   help="BatchTopK's running-threshold rate")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--train-text", default=d.train_text, help="registered source or text file (fortunes)")
     p.add_argument("--eval-text", default=d.eval_text, help="held-out source or text file (jargon)")
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run, subparser=p)
-    return p
+
+
+def settings_from_args(cls, args):
+    """`cls` (a settings dataclass) from parsed arguments (the fields it has)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _run(args) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainSaeSettings)}
-    settings = TrainSaeSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    settings = settings_from_args(TrainSaeSettings, args)
     m = train_sae(settings, args.out, progress=not args.quiet)
     print(f"Trained a {settings.architecture} dictionary ({settings.d_sae} features) at {settings.hook} on "
           f"{m['tokens']} tokens in {m['seconds']:.0f} s; held-out: explained variance "

@@ -15,8 +15,10 @@
     loss, aux = tc.training_loss(mlp_in, mlp_out, coefficients={"l1": 1e-3})
 
 Training losses as the SAE of the same activation (`sae.py`): relu -> L1 weighted by decoder norms, jumprelu
--> step/tanh sparsity, topk -> AuxK (per-layer transcoders only). A CLT feature's decoder norm is taken over
-every layer it writes.
+-> step/tanh sparsity, topk and batchtopk -> AuxK (per-layer transcoders only). A batchtopk transcoder trains
+with BatchTopK (the k * n_tokens largest activations of the batch survive) and keeps the running threshold
+`topk_threshold` (an `nnx.BatchStat`, as `BatchTopKSAE`); it encodes, and is saved, as JumpReLU at it.
+A CLT feature's decoder norm is taken over every layer it writes.
 """
 
 from collections.abc import Mapping
@@ -37,7 +39,7 @@ from jaxlens.dictionaries.base import (
     register,
     topk_acts,
 )
-from jaxlens.dictionaries.sae import _total, init_decoder, jumprelu_terms
+from jaxlens.dictionaries.sae import _total, batch_topk, init_decoder, jumprelu_terms, running_threshold
 from jaxlens.shapes import AnyArray
 
 # einsum letters: l=layer (source) o=layer (target) i=d_in f=d_sae d=d_out
@@ -63,6 +65,8 @@ class Transcoder(Dictionary):
         self.b_dec = nnx.Param(jnp.zeros((cfg.out_width,), dt))
         if cfg.activation == "jumprelu":
             self.threshold = nnx.Param(jnp.full((cfg.d_sae,), cfg.jumprelu_init_threshold, jnp.float32))
+        if cfg.activation == "batchtopk":
+            self.topk_threshold = nnx.BatchStat(jnp.zeros((), jnp.float32))
         if cfg.architecture == "skip_transcoder":
             self.W_skip = nnx.Param(jnp.zeros((cfg.out_width, cfg.d_in), dt))
 
@@ -70,7 +74,8 @@ class Transcoder(Dictionary):
         return self.check_input(x) @ self.W_enc[...] + self.b_enc[...]
 
     def encode(self, x: Float[AnyArray, "..."]) -> Float[AnyArray, "..."]:
-        return activate(self.cfg, self.hidden_pre(x), getattr(self, "threshold", None))
+        thr = getattr(self, "threshold", getattr(self, "topk_threshold", None))
+        return activate(self.cfg, self.hidden_pre(x), thr)
 
     def decode(self, acts: Float[AnyArray, "..."]) -> Float[AnyArray, "..."]:
         return acts @ self.W_dec[...] + self.b_dec[...]
@@ -89,13 +94,14 @@ class Transcoder(Dictionary):
         y = _transcoder_target(self.cfg, x, target)
         h = self.hidden_pre(x)
         acts, terms = _training_acts(self, h, coefficients, dead_mask)
+        extra = {"topk_threshold": terms.pop("topk_threshold")} if "topk_threshold" in terms else {}
         recon = self.decode(acts) + self.skip(x)
         y = self.check_input(y, self.cfg.out_width)
-        if self.cfg.activation == "topk":
+        if self.cfg.activation in ("topk", "batchtopk"):
             terms["auxk"] = coefficient(coefficients, "auxk") * auxk_loss(
                 y, recon, h, self.W_dec[...], dead_mask
             )
-        return _total({"mse": mse(recon, y), **terms}, acts)
+        return _total({"mse": mse(recon, y), **terms}, acts, extra)
 
 
 @register
@@ -167,6 +173,9 @@ def _training_acts(tc, h: jax.Array, coefficients, dead_mask) -> tuple[jax.Array
     (its AuxK needs the reconstruction)."""
     if tc.cfg.activation == "jumprelu":
         return jumprelu_terms(tc.cfg, h, tc.threshold[...], tc.decoder_norms(), coefficients, dead_mask)
+    if tc.cfg.activation == "batchtopk":
+        acts = batch_topk(h, tc.cfg.k)
+        return acts, {"topk_threshold": running_threshold(acts, tc.topk_threshold[...], tc.cfg)}
     acts, terms = activate(tc.cfg, h, None), {}
     if tc.cfg.activation == "relu":
         terms["l1"] = coefficient(coefficients, "l1") * _weighted_l1(acts, tc.decoder_norms(), tc.cfg)
@@ -174,10 +183,11 @@ def _training_acts(tc, h: jax.Array, coefficients, dead_mask) -> tuple[jax.Array
 
 
 def activate(cfg: DictionaryConfig, h: jax.Array, threshold) -> jax.Array:
-    """The inference activation of a transcoder: relu, relu(h) * 1[h > threshold], or top-k."""
+    """The inference activation of a transcoder: relu, relu(h) * 1[h > threshold] (jumprelu; batchtopk at
+    its running threshold, as saved), or top-k."""
     if cfg.activation == "relu":
         return jax.nn.relu(h)
-    if cfg.activation == "jumprelu":
+    if cfg.activation in ("jumprelu", "batchtopk"):
         return jax.nn.relu(h) * (h > threshold.astype(h.dtype)).astype(h.dtype)
     return topk_acts(h, cfg.k)
 
