@@ -6,7 +6,9 @@
                   --out DIR
     jaxlens convert NAME_OR_PATH --out DIR_OR_FILE.safetensors
     jaxlens train-sae --model NAME --hook HOOK --architecture topk --k 32 --d-sae N --tokens T --out DIR
+    jaxlens train-transcoders --model NAME --activation batchtopk --k 32 --d-sae N --tokens T --out DIR
     jaxlens circuit --model NAME --task ioi --out DIR
+    jaxlens graph "PROMPT" --model NAME --transcoders DIR --out DIR
 
 Every command works offline. Outputs are written to a temporary name and renamed into place, so an interrupted
 run never leaves a half-written folder or file. Bad arguments exit with status 2 and a message saying what was
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "packaged model name, Hugging Face folder, .gguf file or `jaxlens convert` checkpoint"
     parser = argparse.ArgumentParser(prog="jaxlens",
                                      description="Mechanistic interpretability in JAX, offline.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,sweep,convert,train-sae,circuit}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{demo,sweep,convert,train-sae,train-transcoders,circuit,graph}")
 
     run = sub.add_parser("demo", help="find induction heads and an IOI circuit in SmolLM2-135M",
                          description="Induction heads and an IOI-style patching analysis on a real model; "
@@ -81,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxlens.dictionaries import train_sae  # its logic lives there
 
     train_sae.add_parser(sub)
+    from jaxlens.dictionaries import train_transcoders  # its logic lives there
+
+    train_transcoders.add_parser(sub)
     from jaxlens.circuits import task as circuit_task  # its logic lives there
 
     circuit_task.add_parser(sub)
+    from jaxlens.graphs import cli as graph_cli  # its logic lives there
+
+    graph_cli.add_parser(sub)
     return parser
 
 

@@ -5,9 +5,11 @@
     graph.scores()                    # (replacement, completeness)
     graph.save_circuit_tracer("graphs/", "france")
     graph.save_html("france.html")
+    check_graph(model, transcoders, graph, top=10)      # ablations in the real model vs the graph
 """
 
 from jaxlens.graphs.attribute import attribute as attribute
 from jaxlens.graphs.graph import AttributionGraph
+from jaxlens.graphs.interventions import FeatureEdit, check_graph, intervene
 
-__all__ = ["AttributionGraph", "attribute"]
+__all__ = ["AttributionGraph", "FeatureEdit", "attribute", "check_graph", "intervene"]
