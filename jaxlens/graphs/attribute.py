@@ -221,9 +221,9 @@ def partial_influences(edges: np.ndarray, logit_probs: np.ndarray, row_node: np.
 
 
 def default_batch_size(cfg, n_pos: int, n_decoder_rows: int, d_sae: int, budget: int = 2**30) -> int:
-    """Rows per compiled call so that one call's backward passes and gathered gradients fit `budget` bytes (at
-    least 1, at most 512, circuit-tracer's default)."""
-    per_row = 4 * (n_decoder_rows * cfg.d_model + cfg.n_layers * n_pos * (
+    """Rows per compiled call so that one call's backward passes fit `budget` bytes (at least 1, at most 512,
+    circuit-tracer's default)."""
+    per_row = 4 * (n_decoder_rows + cfg.n_layers * n_pos * (  # decoder dots are chunked (_decoder_dots)
         8 * cfg.d_model + 2 * cfg.n_heads * n_pos + 3 * cfg.d_mlp + d_sae))
     return int(np.clip(budget // max(per_row, 1), 1, 512))
 
@@ -294,10 +294,25 @@ def _rows_jit(params, cfg, ts, resid0, dec, errors, tok_vecs, layers, positions,
             jnp.where(at_input, vec, 0.0))
         ct_final = jnp.zeros((n_pos, D), jnp.float32).at[n_pos - 1].set(jnp.where(at_input, 0.0, vec))
         (g,) = vjp((ct_in, ct_final))
-        feat = jnp.einsum("rd,rd->r", g.mlp_out[dec_layer, dec_pos], dec_vecs)
-        feat = jax.ops.segment_sum(feat, dec_src, num_segments=n_active)
-        err = jnp.einsum("lpd,lpd->lp", g.mlp_out, errors).reshape(L * n_pos)
-        tok = jnp.einsum("pd,pd->p", g.embed, tok_vecs)
-        return jnp.concatenate([feat, err, tok])
+        return g.mlp_out, g.embed
 
-    return jax.vmap(one)(layers, positions, vecs)
+    g_mlp, g_embed = jax.vmap(one)(layers, positions, vecs)  # [batch layer pos d], [batch pos d]
+    feat = _decoder_dots(g_mlp.reshape(len(layers), L * n_pos, D), dec_layer * n_pos + dec_pos, dec_vecs)
+    feat = jax.ops.segment_sum(feat.T, dec_src, num_segments=n_active).T
+    err = jnp.einsum("blpd,lpd->blp", g_mlp, errors).reshape(len(layers), L * n_pos)
+    tok = jnp.einsum("bpd,pd->bp", g_embed, tok_vecs)
+    return jnp.concatenate([feat, err, tok], axis=1)
+
+
+def _decoder_dots(grads, sites, dec_vecs, budget: int = 2**26):
+    """[batch rows]: each row's gradient at its decoder row's (layer, pos) site dotted with that decoder
+    vector, in chunks of decoder rows so the gathered gradients ([batch chunk d_model]) stay within `budget`
+    bytes instead of [batch n_decoder_rows d_model] at once."""
+    B, _, D = grads.shape
+    n = sites.shape[0]
+    chunk = int(max(1, min(n, budget // (4 * B * D))))
+    pad = -n % chunk
+    sites = jnp.pad(sites, (0, pad)).reshape(-1, chunk)
+    vecs = jnp.pad(dec_vecs, ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    dots = jax.lax.map(lambda sv: jnp.einsum("brd,rd->br", grads[:, sv[0]], sv[1]), (sites, vecs))
+    return jnp.moveaxis(dots, 0, 1).reshape(B, -1)[:, :n]

@@ -10,7 +10,7 @@ import pytest
 from jaxlens import forward
 from jaxlens.errors import InputError
 from jaxlens.graphs import attribute
-from jaxlens.graphs.attribute import prompt_tokens
+from jaxlens.graphs.attribute import _decoder_dots, prompt_tokens
 from jaxlens.graphs.replacement import TranscoderError
 from tests.graphs.graph_models import TOKENS, random_transcoders, tiny_model
 
@@ -169,3 +169,15 @@ def test_prompt_tokens_prepend_a_special_token_unless_present(gpt2):
     np.testing.assert_array_equal(prompt_tokens(model, np.array([[0, 5, 6]])), [0, 5, 6])
     with pytest.raises(InputError, match=r"13 tokens \(with the special token prepended first\)"):
         prompt_tokens(model, "abcdefghijkl")
+
+
+@pytest.mark.parametrize("budget", [4 * 3 * 5, 4 * 3 * 5 * 4, 2**20])  # one row per chunk, 4 (padded), all
+def test_decoder_dots_in_chunks_equal_one_gather(budget):
+    """Each row's gradient at its decoder row's site dotted with the vector, however the rows are chunked."""
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(3, 6, 5)).astype(np.float32)  # [batch sites d_model]
+    sites = rng.integers(0, 6, size=11)
+    vecs = rng.normal(size=(11, 5)).astype(np.float32)
+    want = np.stack([[grads[b, sites[r]] @ vecs[r] for r in range(11)] for b in range(3)])
+    got = _decoder_dots(jnp.asarray(grads), jnp.asarray(sites), jnp.asarray(vecs), budget=budget)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
