@@ -34,14 +34,11 @@ folder and loaded, unprocessed, into both TransformerLens 4.3 (`TransformerBridg
 """
 
 import argparse
-import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -55,11 +52,22 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's progress bar
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _patching_report import NOTES, render  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _sweep_analysis import (  # noqa: E402
+    ANSWER,
+    WRONG,
+    analyse_sweep,
+    chunk_sizes,
+    compile_totals,
+    med,
+    metric,
+    timed,
+    windows,
+)
 
 import jaxlens  # noqa: E402
 from jaxlens import HookedTransformer, patching  # noqa: E402
 from jaxlens.patching import CellStatus  # noqa: E402
-from jaxlens.patching.cost import block_flops, unembed_flops  # noqa: E402
 from jaxlens.patching.plan import default_budget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,14 +79,6 @@ SMOL_CFG = jaxlens.Config(d_model=576, n_layers=30, n_heads=9, d_head=64, d_mlp=
                           positional_embedding_type="rotary", rotary_dim=64, rotary_base=100000.0,
                           gated_mlp=True, default_prepend_bos=False)
 N_POS = 16
-ANSWER, WRONG = 100, 200  # the metric's two vocabulary ids
-
-
-def metric(logits):
-    """Logit difference of two answers at the last position, mean over the batch (an IOI-style metric)."""
-    return (logits[:, -1, ANSWER] - logits[:, -1, WRONG]).mean()
-
-
 def prompts(d_vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Clean and corrupted token ids [1, 16]: random, differing at positions 1 and 9 (two swapped names), so
     only the cells at position 0 are no-ops for a causal patch."""
@@ -91,17 +91,6 @@ def prompts(d_vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- timing --------------------------------------------------------------------------------------------------
-def timed(fn):
-    """(result, wall s, process CPU s) of one call."""
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - w, time.process_time() - c
-
-
-def med(xs):
-    return float(statistics.median(xs))
-
-
 def matmul_fn(n: int, dtype):
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
@@ -163,93 +152,6 @@ def build_smollm2(args):
 # -- FLOPs and compiled functions ---------------------------------------------------------------------------
 # The analytic counts (matmuls and attention) are the package's own (`jaxlens.patching.cost`), which
 # `patching.plan_sweep` reports.
-def cost(compiled) -> float:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", float("nan")))
-
-
-@dataclasses.dataclass
-class SweepInfo:
-    plan: patching.SweepPlan
-    specs: dict  # program -> dict(window, chunk, lower_s, compile_s, flops, temp_bytes, arg_bytes)
-    prep_compile_s: float
-    prep_compile_cpu_s: float
-    flops_xla: float  # the whole sweep, loop body x trips
-    flops_analytic: float
-    naive_flops_xla: float  # one full forward per cell, all cells of the grid
-    naive_flops_analytic: float
-    block_xla: float  # one block over all positions, per cell (XLA)
-    block_analytic: float
-
-
-def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, budget=None, chunk_size=None,
-                  compile_prep=True) -> SweepInfo:
-    """Plan the sweep (`patching.plan_sweep`, as `patching.sweep` plans it) and compile its chunk functions
-    afresh (`SweepPlan.lower`): timing, XLA's cost and memory analyses; the analytic FLOPs are the plan's."""
-    toks = jnp.asarray(tokens)
-    plan = patching.plan_sweep(params, cfg, toks, clean_cache, metric, hook=hook, axes=axes,
-                               prefix_reuse=reuse, memory_budget=budget, chunk_size=chunk_size)
-    prep_s = prep_cpu = float("nan")
-    if compile_prep:
-        k = "blocks.attn.hook_rot_k" if cfg.positional_embedding_type == "rotary" else "blocks.attn.hook_k"
-        names = tuple(dict.fromkeys((plan.hook, f"blocks.{cfg.n_layers - 1}.hook_resid_post",
-                                     "blocks.hook_resid_pre", k, "blocks.attn.hook_v")))
-
-        def prep_fn(p, t):  # a fresh function: nothing from jit's cache
-            return jaxlens.model.forward.run(p, cfg, t, cache_names=names)[:2]
-
-        _, prep_s, prep_cpu = timed(lambda: jax.jit(prep_fn).lower(params, toks).compile())
-    P = plan.n_pos
-    read_flops = unembed_flops(cfg, plan.n_logits)  # per cell: the logits the metric reads
-    specs = {}
-    for k_, prog in enumerate(plan.programs):
-        low, lower_s, lower_cpu = timed(functools.partial(plan.lower, k_))
-        comp, compile_s, compile_cpu = timed(low.compile)
-        ma = comp.memory_analysis()
-        specs[k_] = dict(window=prog.window, chunk=prog.chunk_size, lower_s=lower_s, compile_s=compile_s,
-                         cpu_s=lower_cpu + compile_cpu, flops=cost(comp), point=prog.point,
-                         temp_bytes=int(getattr(ma, "temp_size_in_bytes", -1)),
-                         arg_bytes=int(getattr(ma, "argument_size_in_bytes", -1)))
-        if prog.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
-            specs[k_]["window_block_flops"] = cost(plan.lower(k_, point_layer=False).compile()) - \
-                prog.chunk_size * read_flops
-    # one block over all P positions per cell, as XLA counts it: a reuse chunk of window P, one cell
-    comp_full = plan.lower(window=P, chunk_size=1, point_layer=False, prefix_reuse=True).compile()
-    block_xla = cost(comp_full) - read_flops
-    fwd = jax.jit(lambda p, t: jaxlens.forward(p, cfg, t)[0]).lower(params, toks).compile()
-    fwd_once = cost(fwd)  # embedding + one block (the scanned body) + full unembedding
-    naive_xla = plan.n_cells * (fwd_once + (cfg.n_layers - 1) * block_xla)
-    flops_xla = 0.0
-    for ch in plan.chunks:
-        sp = specs[ch.bucket]
-        C = sp["chunk"]
-        trips = cfg.n_layers - ch.layer if reuse else cfg.n_layers
-        if reuse and sp["point"]:  # counted once: the one-position block and the loop body (trips - 1 runs)
-            flops_xla += sp["flops"] + (trips - 2) * sp["window_block_flops"]
-        elif reuse:
-            flops_xla += sp["flops"] * trips
-        else:  # the naive chunk scans every layer; XLA counts its body once
-            flops_xla += sp["flops"] + C * (cfg.n_layers - 1) * block_xla
-    return SweepInfo(plan, specs, prep_s, prep_cpu, flops_xla, plan.flops, naive_xla, plan.naive_flops,
-                     block_xla, block_flops(cfg, P, P))
-
-
-def windows(info: SweepInfo) -> list[int]:
-    return [p.window for p in info.plan.programs]
-
-
-def chunk_sizes(info: SweepInfo) -> list[int]:
-    return [p.chunk_size for p in info.plan.programs]
-
-
-def compile_totals(info: SweepInfo) -> tuple[float, float]:
-    """(wall s, CPU s) to lower and compile the corrupted forward and every chunk function, in turn."""
-    return (info.prep_compile_s + sum(s["lower_s"] + s["compile_s"] for s in info.specs.values()),
-            info.prep_compile_cpu_s + sum(s["cpu_s"] for s in info.specs.values()))
-
-
-# -- TransformerLens -----------------------------------------------------------------------------------------
 class _Stop(Exception):
     pass
 
@@ -500,114 +402,6 @@ def bench_smollm2(args, R: dict, log):
 
 
 # -- report --------------------------------------------------------------------------------------------------
-def fmt_s(x):
-    return f"{x:.2f} s" if x < 100 else f"{x:.0f} s"
-
-
-def render(R: dict, cmd: str) -> str:
-    m, g = R["machine"], R["gpt2"]
-    ex, fl, rt, mem = g["exact_sweep"], g["flops"], g["rate"], g["memory"]
-    tl, at, nr = g.get("tl"), g["attribution"], g["no_reuse_sweep"]
-    lines = [
-        f"### Activation patching, head x position ({R['dtype']}, {R['device_kind']}, {m['date']})",
-        "",
-        f"- Command: `{cmd}`",
-        f"- Machine: {m['nproc']} x {m['cpu']}; JAX backend {m['backend']} ({m['device']}, {m['n_devices']} "
-        f"device(s)); jax {m['jax']}; load average {m['load_average_start']:.1f} at start"
-        + (f"; transformer-lens {R['versions'].get('transformer-lens')}, torch {R['versions'].get('torch')} "
-           f"({R['threads']} threads)" if tl else ""),
-        f"- GPT-2-small shape, random weights, batch 1, {g['tokens']} tokens, {g['cells']} cells "
-        f"(`get_act_patch_attn_head_out_by_pos`, metric: logit difference at the last position); clean and "
-        f"corrupted differ at positions 1 and 9 ({g['plan']['noop']} cells found to be no-ops and skipped; "
-        "TL computes every cell). Times: median of "
-        f"{len(ex['wall_all'])} warm runs; ratios from the same run.",
-        "",
-        "| quantity | value | target |",
-        "|---|---:|---:|",
-    ]
-    row = lambda a, b, c="": lines.append(f"| {a} | {b} | {c} |")  # noqa: E731
-    row("jaxlens exact sweep, wall (per cell)", f"{fmt_s(ex['wall_s'])} ({ex['wall_per_cell_ms']:.2f} ms)")
-    row("jaxlens exact sweep, process CPU time", fmt_s(ex["cpu_s"]))
-    if tl:
-        row(f"TransformerLens 4.3, per cell (first {tl['cells_timed']} cells, median of {tl['rounds']} "
-            "rounds)",
-            f"{tl['wall_per_cell_ms']:.1f} ms wall, {tl['cpu_per_cell_ms']:.1f} ms CPU")
-        row("TransformerLens, whole grid (extrapolated per cell)",
-            f"{fmt_s(tl['extrapolated_full_grid_wall_s'])} wall")
-        row("**speedup vs TransformerLens** (wall; CPU time)",
-            f"**{tl['speedup_wall']:.1f}x**; {tl['speedup_cpu']:.1f}x", ">= 20x")
-        row("max abs diff jaxlens vs TL on the cells TL ran", f"{tl['max_abs_diff_vs_jaxlens']:.1e}")
-    row("FLOPs: naive sweep (one full forward per cell), XLA / analytic",
-        f"{fl['naive_full_forward_per_cell_xla'] / 1e12:.2f} / "
-        f"{fl['naive_full_forward_per_cell_analytic'] / 1e12:.2f} TFLOP")
-    row("FLOPs: jaxlens sweep, XLA / analytic",
-        f"{fl['reuse_xla'] / 1e12:.3f} / {fl['reuse_analytic'] / 1e12:.3f} TFLOP")
-    row("**FLOPs jaxlens / naive** (XLA; analytic)",
-        f"**{100 * fl['ratio_reuse_vs_naive_xla']:.1f}%**; {100 * fl['ratio_reuse_vs_naive_analytic']:.1f}%",
-        "<= 35%")
-    row("FLOPs with `prefix_reuse=False` / naive (XLA; analytic)",
-        f"{100 * fl['ratio_no_reuse_vs_naive_xla']:.1f}%; "
-        f"{100 * fl['ratio_no_reuse_vs_naive_analytic']:.1f}%")
-    row(f"`prefix_reuse=False` sweep, wall (first {nr['layers_timed']} layers' cells, extrapolated); "
-        "CPU ratio", f"{fmt_s(nr['wall_s'])} ({nr['wall_s'] / ex['wall_s']:.2f}x the reuse sweep); "
-        f"{nr['cpu_s'] / ex['cpu_s']:.2f}x")
-    row(f"plain {rt['matmul_n']}^3 matmul rate (median of rounds)",
-        f"{rt['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    row("jaxlens sweep rate (XLA FLOPs / wall)", f"{rt['sweep_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    row("**sweep rate / matmul rate** (per round, wall; CPU time)",
-        f"**{100 * rt['fraction_of_matmul']:.0f}%**; {100 * rt['fraction_of_matmul_cpu_time']:.0f}%",
-        ">= 70%")
-    c = R.get("compile")
-    if c:
-        n_fn = len(c["layers_12"]["chunk_functions_s"])
-        row(f"**compile**, 12 layers (corrupted forward + {n_fn} chunk functions), wall; CPU",
-            f"**{c['layers_12']['total_s']:.2f} s**; {c['layers_12']['total_cpu_s']:.2f} s", "<= 5 s")
-        row("**compile**, 30 layers, wall; CPU (ratio to 12 layers, wall; CPU)",
-            f"**{c['layers_30']['total_s']:.2f} s**; {c['layers_30']['total_cpu_s']:.2f} s "
-            f"(**{c['ratio_30_vs_12']:.2f}x**; {c['ratio_30_vs_12_cpu']:.2f}x)", "<= 1.3x")
-    row("first call minus warm call (compile + tracing, 12 layers)",
-        f"{ex['compile_overhead_cold_minus_warm_s']:.1f} s")
-    row("windows (positions computed) / chunk sizes",
-        f"{g['plan']['windows']} / {mem['default_chunk_sizes']}")
-    row("memory budget (default) -> compiled temp per chunk function",
-        f"{mem['default_budget_bytes'] / 2**20:.0f} MiB -> max "
-        f"{max(mem['default_temp_bytes']) / 2**20:.0f} MiB")
-    row("memory budget 64 MiB -> chunk sizes, compiled temp",
-        f"{mem['small_chunk_sizes']}, max {max(mem['small_temp_bytes']) / 2**20:.0f} MiB")
-    row("weights + cached activations (arguments)", f"{mem['argument_bytes'] / 2**20:.0f} MiB")
-    row("peak RSS of the whole process", f"{R['peak_rss_bytes'] / 2**30:.2f} GiB")
-    row("attribution patching (whole grid), wall", f"{1e3 * at['wall_s']:.0f} ms")
-    if tl:
-        row("**attribution vs TL exact sweep** (wall; CPU)",
-            f"**{tl['attribution_speedup_wall']:.0f}x**; {tl['attribution_speedup_cpu']:.0f}x", ">= 200x")
-    row("attribution vs jaxlens exact sweep; correlation with exact",
-        f"{at['speedup_vs_jaxlens_exact']:.0f}x; {at['correlation_with_exact']:.3f}")
-    s = R.get("smollm2")
-    if s:
-        row(f"SmolLM2-135M shape ({s['layers']}x{s['heads']} heads, {s['kv_heads']} kv), {s['cells']} cells, "
-            "wall",
-            f"{fmt_s(s['wall_s'])} ({s['wall_per_cell_ms']:.2f} ms/cell)")
-        row("SmolLM2: FLOPs / naive (XLA; analytic); compile; rate",
-            f"{100 * s['ratio_reuse_vs_naive_xla']:.1f}%; {100 * s['ratio_reuse_vs_naive_analytic']:.1f}%; "
-            f"{s['compile_s']:.2f} s; {s['sweep_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    lines += ["", "Notes: " + " ".join(R["notes"])]
-    return "\n".join(lines) + "\n"
-
-
-NOTES = [
-    "XLA's cost analysis counts the body of the layer loop once, so the sweep's XLA FLOPs are each chunk "
-    "function's count times the layers it runs (and for the naive reference: one compiled forward plus "
-    "n_layers - 1 compiled blocks); the analytic count is matmuls plus attention (QK and AV over all 16 "
-    "keys).",
-    "TransformerLens was timed on its own function, under torch.no_grad(), stopping after the first cells "
-    "(layer 0, all positions and heads from the start) by a metric that raises; its per-cell time is the "
-    "same "
-    "for every cell (each is a full forward), so the grid time is that times the number of cells.",
-    "The machine may be shared: wall ratios use timings interleaved in the same run; CPU-time ratios count "
-    "the process's CPU seconds (all threads).",
-]
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device-kind", default=None, help="label for the machine (default: cpu or the backend)")
