@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxlens import HookedTransformer, converters, testing
+from jaxlens import HookedTransformer, converters
 from jaxlens.errors import CheckpointError
+from tests.converters.family_checks import assert_matches_hf, case_builder
 
 T = 20  # tokens per sequence
 _LLAMA = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, intermediate_size=100,
@@ -97,34 +98,12 @@ FAMILY_CASES = {case.split("-")[0]: case for case in reversed(CASES)}  # one cas
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """case -> (dir, HF model, tokens, HF outputs), built on first use and shared by the module's tests."""
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            cls, model_cls, conf, _ = CASES[case]
-            seed = sorted(CASES).index(case)
-            hf = testing.random_hf_model(cls, model_cls, seed=seed, **{"initializer_range": 0.1, **conf})
-            tokens = np.random.RandomState(seed).randint(0, conf["vocab_size"], (2, T))
-            path = testing.save_hf_model(hf, tmp_path_factory.mktemp(case))
-            cache[case] = path, hf, tokens, testing.hf_outputs(hf, tokens)
-        return cache[case]
-
-    return get
+    return case_builder(tmp_path_factory, CASES, T)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_hf(built, case):
-    path, _, tokens, ref = built(case)
-    model = HookedTransformer.from_pretrained_no_processing(path)
-    for field, want in CASES[case][3].items():
-        assert getattr(model.cfg, field) == pytest.approx(want), field
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("resid_pre", "pattern")))
-    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer],
-                                   atol=1e-4, rtol=0, err_msg=f"resid_pre {layer}")
-        np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer],
-                                   atol=1e-5, rtol=0, err_msg=f"pattern {layer}")
+    model, _, ref = assert_matches_hf(CASES, built, case)
     for layer, window in enumerate(model.cfg.window_sizes or ()):  # the windows really cut at T tokens
         first_key = ref["attentions"][layer][..., 0]  # [batch head query_pos]
         cut = T if window is None else window

@@ -20,6 +20,7 @@ from jaxlens import Config, HookedTransformer, converters, testing
 from jaxlens.converters import _gguf
 from jaxlens.errors import CheckpointError, ConfigError
 from jaxlens.hook_names import block_hook_axes
+from tests.converters.family_checks import assert_matches_hf, case_builder
 
 T = 12
 # case -> (HF config class, HF model class, config kwargs, Config fields the case must produce)
@@ -48,19 +49,7 @@ FAMILIES = ["olmo2", "gpt_bigcode", "cohere"]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """case -> (dir, HF model, tokens, HF outputs), built on first use and shared by the module's tests."""
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            cls, model_cls, conf, _ = CASES[case]
-            path = tmp_path_factory.mktemp(case)
-            seed = 60 + sorted(CASES).index(case)
-            hf, tokens = testing.saved_random_hf_model(path, cls, model_cls, seed, T,
-                                                       **{"initializer_range": 0.1, **conf})
-            cache[case] = path, hf, tokens, testing.hf_outputs(hf, tokens)
-        return cache[case]
-
-    return get
+    return case_builder(tmp_path_factory, CASES, T, seed_base=60)
 
 
 def _module_io(hf, tokens, modules: dict) -> dict:
@@ -83,17 +72,7 @@ def _module_io(hf, tokens, modules: dict) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_hf(built, case):
-    path, _, tokens, ref = built(case)
-    model = HookedTransformer.from_pretrained_no_processing(path)
-    for field, want in CASES[case][3].items():
-        assert getattr(model.cfg, field) == pytest.approx(want), field
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("resid_pre", "pattern")))
-    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        np.testing.assert_allclose(np.asarray(cache["resid_pre", layer]), ref["hidden_states"][layer],
-                                   atol=1e-4, rtol=0, err_msg=f"resid_pre {layer}")
-        np.testing.assert_allclose(np.asarray(cache["pattern", layer]), ref["attentions"][layer],
-                                   atol=1e-5, rtol=0, err_msg=f"pattern {layer}")
+    assert_matches_hf(CASES, built, case)
 
 
 def test_olmo2_norms_follow_the_sublayers(built):
