@@ -14,7 +14,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from test_smollm2 import write_like_llama_cpp
+from test_smollm2 import text_model_hparams, write_like_llama_cpp
 
 from jaxlens import Config, HookedTransformer, converters, testing
 from jaxlens.converters import _gguf
@@ -190,13 +190,7 @@ def _starcoder_hparams(w, c):
 
 def _command_r_hparams(w, c):
     """llama.cpp's `TextModel.set_gguf_parameters` plus `CommandR2Model`'s logit scale and rope type."""
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    text_model_hparams(w, c)
     w.add_layer_norm_eps(c.layer_norm_eps)
     w.add_logit_scale(c.logit_scale)
     w.add_rope_scaling_type(gguf.RopeScalingType.NONE)

@@ -98,9 +98,8 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
     return path
 
 
-def llama_hparams(w, c, arch: str) -> None:
-    """The metadata llama.cpp writes for Llama-style architectures (llama, qwen2/3, gemma, phi3, olmo2)."""
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+def text_model_hparams(w, c) -> None:
+    """The metadata llama.cpp's `TextModel.set_gguf_parameters` writes for every rotary text model."""
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -108,6 +107,12 @@ def llama_hparams(w, c, arch: str) -> None:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+
+
+def llama_hparams(w, c, arch: str) -> None:
+    """The metadata llama.cpp writes for Llama-style architectures (llama, qwen2/3, gemma, phi3, olmo2)."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    text_model_hparams(w, c)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(c.vocab_size)
