@@ -32,7 +32,7 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
 
     Args:
         path: a `.gguf` file of a supported architecture (`_gguf_map.SUPPORTED`: llama (and Mixtral, llama
-            with experts), qwen2, qwen3, gemma, phi3, olmo2, starcoder, command-r).
+            with experts), qwen2, qwen3, qwen3moe, gemma, gemma3, phi3, olmo2, starcoder, command-r).
         cache_dir: the dequantisation cache; default `default_cache_dir()`.
         progress: show a progress bar while dequantising.
 

@@ -1,6 +1,7 @@
 """GGUF names -> Hugging Face names: a llama.cpp file's metadata and tensors as the config dict and tensor
-names that the family converters (`jaxlens.converters.llama`, `qwen2`, `qwen3`, `gemma`, `phi3`, `olmo2`,
-`gpt_bigcode` for llama.cpp's `starcoder`, `cohere` for `command-r`) already read.
+names that the family converters (`jaxlens.converters.llama`, `mixtral`, `qwen2`, `qwen3`, `qwen3_moe`,
+`gemma`, `gemma3`, `phi3`, `olmo2`, `gpt_bigcode` for llama.cpp's `starcoder`, `cohere` for `command-r`)
+already read.
 
 llama.cpp's `convert_hf_to_gguf.py` renames every Hugging Face tensor
 (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), moves the config into `<arch>.*` metadata
@@ -10,8 +11,19 @@ module undoes all of it:
 - Llama: the rows of `attn_q` / `attn_k` (weights and biases) are permuted per head from the rotate-half order
   of Hugging Face to the interleaved pairs llama.cpp's rope kernel reads; `reverse_permute` restores them (as
   transformers' `LlamaTensorProcessor` does).
-- Gemma: RMSNorm weights are stored as 1 + w; the Hugging Face w is the stored value minus 1.
+- Gemma (and Gemma 3, q/k norms included): RMSNorm weights are stored as 1 + w; the Hugging Face w is the
+  stored value minus 1.
 - The output head is absent when the embeddings are tied (`tie_word_embeddings`).
+- Gemma 3: the file keeps only the window size. llama.cpp's loader fixes the rest, and so does `_gemma3`:
+  every sixth layer global (the others sliding, when the file has a window), local layers rotating with base
+  10000 and no scaling (`rope.scaling.*` scales the global layers only), queries scaled by 1/sqrt(head_dim)
+  except in the 62-layer 27B (1/sqrt(d_model / n_heads)). The sqrt(d_model) embedding scale is Gemma's own.
+  llama.cpp's converter drops the embedding rows past the tokenizer's vocabulary, so d_vocab can be smaller
+  than the Hugging Face `vocab_size`; the logits of the kept tokens are unchanged.
+- Mixture of experts (Mixtral as `llama` with `expert_count`; `qwen3moe`): the experts of each projection are
+  one tensor stacked over experts (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`), the router is
+  `ffn_gate_inp`. llama.cpp's Qwen3-MoE graph always renormalises the chosen experts' weights, so
+  `norm_topk_prob` is True unless the file says otherwise (`expert_weights_norm`).
 
     hf, tensors = to_hf(metadata, {name: array})     # config dict and a TensorSource with HF names
     cfg, params = jaxlens.converters.convert(hf, tensors)
@@ -21,7 +33,7 @@ style rope frequency factors are errors (a silently dropped key or tensor would 
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,6 +86,10 @@ LLAMA_BLOCK = {
 }
 # Qwen3 (and Qwen3-MoE): the Llama layout plus the per-head q/k norms.
 QWEN3_BLOCK = {**LLAMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 3: Qwen3's attention, norms before and after attention and the MLP (`ffn_norm` is the pre-MLP one).
+GEMMA3_BLOCK = {**QWEN3_BLOCK, "ffn_norm": "pre_feedforward_layernorm",
+                "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
 # OLMo 2: Qwen3's attention (q/k norms over the whole projection) with norms after attention and the MLP only.
 OLMO2_BLOCK = {**QWEN3_BLOCK, "post_attention_norm": "post_attention_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"}
@@ -95,6 +111,10 @@ PHI3_BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 
+# finish(meta, hf, shapes, prefix): completes the HF config dict `hf` in place from the `<arch>.*` metadata
+# (prefix removed) and the GGUF tensor shapes; prefix is "<arch>." for messages.
+Finish = Callable[[Mapping[str, Any], dict[str, Any], Mapping[str, tuple[int, ...]], str], None]
+
 
 class Architecture(NamedTuple):
     """How one llama.cpp architecture maps back to a Hugging Face one."""
@@ -109,17 +129,74 @@ class Architecture(NamedTuple):
     global_tensors: Mapping[str, str] = GLOBAL_TENSORS  # whole-model tensors: GGUF -> Hugging Face
     layer_prefix: str = "model.layers"  # the Hugging Face path of block N is `<layer_prefix>.N`
     flags: Mapping[str, str] = {}  # HF config key -> GGUF tensor whose presence sets it True
+    finish: Finish | None = None  # completes the HF config: what the architecture fixes or derives
+    checked_keys: frozenset[str] = frozenset()  # `<arch>.<key>` metadata that `finish` reads
+    experts: bool = False  # whether `<arch>.expert_count` (a mixture of experts) is understood
+
+
+# llama.cpp's Gemma 3 loader: every sixth layer is global, the local layers rotate with base 10000.
+GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
+
+
+def _mixtral(meta: Mapping[str, Any], hf: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+             prefix: str) -> None:
+    """Mixtral is llama.cpp's `llama` with `llama.expert_count`."""
+    if not meta.get("expert_count", 0):
+        return
+    _check_router(meta, shapes, prefix)
+    hf["architectures"] = ["MixtralForCausalLM"]
+    hf["num_local_experts"] = meta["expert_count"]
+    hf["num_experts_per_tok"] = meta.get("expert_used_count", 2)
+    hf.pop("attention_bias", None)
+
+
+def _qwen3moe(meta: Mapping[str, Any], hf: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+              prefix: str) -> None:
+    """Qwen3-MoE: experts of width `expert_feed_forward_length` in every layer (`feed_forward_length` is the
+    unused dense width), top-k weights renormalised as llama.cpp's graph does."""
+    for key in ("expert_count", "expert_used_count"):
+        if not meta.get(key):
+            raise CheckpointError(
+                f"GGUF metadata has no {prefix}{key}, which a {prefix[:-1]} file needs (llama.cpp writes it "
+                "from the Hugging Face config). The file is incomplete.")
+    _check_router(meta, shapes, prefix)
+    hf["num_experts"], hf["num_experts_per_tok"] = meta["expert_count"], meta["expert_used_count"]
+    gate = shapes.get("blk.0.ffn_gate_exps.weight")  # [expert, expert width, d_model]
+    hf["moe_intermediate_size"] = meta.get("expert_feed_forward_length", gate[1] if gate else None)
+    hf["norm_topk_prob"] = bool(meta.get("expert_weights_norm", True))
+
+
+def _gemma3(meta: Mapping[str, Any], hf: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+            prefix: str) -> None:
+    """What llama.cpp's Gemma 3 loader fixes rather than reads (the module docstring lists it)."""
+    n_layers, n_heads = hf.get("num_hidden_layers"), hf["num_attention_heads"]
+    if not n_layers:
+        raise CheckpointError(f"GGUF metadata has no {prefix}block_count (the number of layers).")
+    window = meta.get("attention.sliding_window")
+    hf["layer_types"] = ["full_attention" if not window or (i + 1) % GEMMA3_GLOBAL_EVERY == 0
+                         else "sliding_attention" for i in range(n_layers)]
+    hf.setdefault("sliding_window", window or None)
+    hf["rope_local_base_freq"] = GEMMA3_LOCAL_ROPE_BASE
+    hf.setdefault("head_dim", hf["hidden_size"] // n_heads)
+    hf["query_pre_attn_scalar"] = hf["hidden_size"] // n_heads if n_layers == 62 else hf["head_dim"]
+    hf.setdefault("final_logit_softcapping", None)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("LlamaForCausalLM", LLAMA_BLOCK, {"hidden_act": "silu"}, permute_qk=True,
-                          bias_flag="attention_bias"),
+                          bias_flag="attention_bias", finish=_mixtral, experts=True),
     "qwen2": Architecture("Qwen2ForCausalLM", LLAMA_BLOCK, {"hidden_act": "silu"}),
     "gemma": Architecture("GemmaForCausalLM", LLAMA_BLOCK, {"hidden_activation": "gelu_pytorch_tanh"},
                           norm_offset=-1.0, bias_flag="attention_bias"),
     "phi3": Architecture("Phi3ForCausalLM", PHI3_BLOCK, {"hidden_act": "silu"}),
     "qwen3": Architecture("Qwen3ForCausalLM", QWEN3_BLOCK, {"hidden_act": "silu"},
                           bias_flag="attention_bias"),
+    "qwen3moe": Architecture("Qwen3MoeForCausalLM", QWEN3_BLOCK, {"hidden_act": "silu"},
+                             bias_flag="attention_bias", finish=_qwen3moe, experts=True,
+                             checked_keys=frozenset({"expert_feed_forward_length", "expert_weights_norm"})),
+    "gemma3": Architecture("Gemma3ForCausalLM", GEMMA3_BLOCK, {"hidden_activation": "gelu_pytorch_tanh"},
+                           norm_offset=-1.0, bias_flag="attention_bias", finish=_gemma3,
+                           config_keys={"final_logit_softcapping": "final_logit_softcapping"}),
     "olmo2": Architecture("Olmo2ForCausalLM", OLMO2_BLOCK, {"hidden_act": "silu"},
                           bias_flag="attention_bias"),
     # llama.cpp writes StarCoder with one key/value head (head_count_kv 1) and feed_forward_length 4 * n_embd;
@@ -215,7 +292,7 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
     prefix = arch + "."
     meta = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
     keys = {**CONFIG_KEYS, **spec.config_keys}
-    unknown = sorted(prefix + k for k in meta if k not in keys and k not in CHECKED_KEYS)
+    unknown = sorted(prefix + k for k in meta if k not in keys and k not in CHECKED_KEYS | spec.checked_keys)
     if unknown:
         raise CheckpointError(
             f"GGUF metadata key(s) {unknown} are not understood by jaxlens' {arch} mapping "
@@ -247,23 +324,17 @@ def hf_config(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
         hf[key] = tensor in shapes
 
     _check_head_dims(meta, hf, prefix)
-    if meta.get("expert_count", 0):
-        if arch != "llama":
-            raise CheckpointError(
-                f"GGUF metadata {prefix}expert_count={meta['expert_count']}: jaxlens maps mixture-of-experts "
-                f"GGUF files of llama.cpp's `llama` architecture (Mixtral) only, not {arch!r}. Load the "
-                "model from its Hugging Face directory.")
-        if "blk.0.ffn_gate_inp.weight" not in shapes:
-            raise CheckpointError(
-                f"GGUF metadata {prefix}expert_count={meta['expert_count']} says mixture-of-experts, but the "
-                "file has no router tensor blk.0.ffn_gate_inp.weight. The file is inconsistent.")
-        hf["architectures"] = ["MixtralForCausalLM"]
-        hf["num_local_experts"] = meta["expert_count"]
-        hf["num_experts_per_tok"] = meta.get("expert_used_count", 2)
-        hf.pop("attention_bias", None)
+    if meta.get("expert_count", 0) and not spec.experts:
+        moe = [name for name, a in ARCHITECTURES.items() if a.experts]
+        raise CheckpointError(
+            f"GGUF metadata {prefix}expert_count={meta['expert_count']}: jaxlens maps mixture-of-experts "
+            f"GGUF files of the architectures {moe} (llama: Mixtral) only, not {arch!r}. Load the model from "
+            "its Hugging Face directory.")
     window = meta.get("attention.sliding_window")
     if window:  # 0 means no window (llama.cpp writes 0 for Phi-4)
         hf["sliding_window"] = window
+    if spec.finish is not None:
+        spec.finish(meta, hf, shapes, prefix)
     scaling = meta.get("rope.scaling.type", "none")
     if scaling != "none":  # handed to the family converter, which accepts or refuses the type by name
         hf["rope_scaling"] = {"rope_type": scaling, "factor": meta.get("rope.scaling.factor", 1.0)}
@@ -307,6 +378,13 @@ def reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
                               f"{n_heads} heads of an even size. The head counts in the metadata are wrong.")
     half = rows // n_heads // 2
     return np.ascontiguousarray(w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _check_router(meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], prefix: str) -> None:
+    if "blk.0.ffn_gate_inp.weight" not in shapes:
+        raise CheckpointError(
+            f"GGUF metadata {prefix}expert_count={meta['expert_count']} says mixture-of-experts, but the "
+            "file has no router tensor blk.0.ffn_gate_inp.weight. The file is inconsistent.")
 
 
 def _check_head_dims(meta: Mapping[str, Any], hf: dict[str, Any], prefix: str) -> None:

@@ -399,7 +399,7 @@ def _tiny_bpe_gguf(path: Path) -> Path:
               *(m.replace(" ", "") for m in merges)]
     w = gguf.GGUFWriter(path, arch="llama")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's split alone: the "1 2" merge above is no StarCoder-style one
     w.add_token_list(tokens)
     w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
     w.add_token_merges(merges)
