@@ -9,7 +9,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 EXPECTED = ["01_quickstart", "02_activation_patching_at_scale", "03_induction_heads", "04_ioi_circuit",
-            "06_circuit_discovery", "07_attribution_graphs", "08_flax_and_jax_codebases"]
+            "05_features", "06_circuit_discovery", "07_attribution_graphs", "08_flax_and_jax_codebases"]
 
 
 def test_the_numbered_notebooks_exist():

@@ -124,7 +124,7 @@ def feature_activations(dictionary: Any, params: Params, cfg: Config, tokens: An
 def feature_dashboards(dictionary: Any, params: Params, cfg: Config, tokens: AnyArray, hook: str,
                        features: Sequence[int], *, tokenizer: Any = None, n_contexts: int = 8,
                        window: tuple[int, int] = (10, 4), n_logits: int = 10, bins: int = 30,
-                       batch_size: int = 16) -> list[FeatureDashboard]:
+                       batch_size: int = 16, exclude_bos: bool = False) -> list[FeatureDashboard]:
     """Dashboards for `features`: top contexts, histogram, frequency and logit effects.
 
     Args:
@@ -135,19 +135,29 @@ def feature_dashboards(dictionary: Any, params: Params, cfg: Config, tokens: Any
         window: tokens shown (before, after) the activation.
         n_logits: promoted and suppressed tokens per feature.
         bins: histogram bins.
+        exclude_bos: leave out position 0 of every row (a corpus row starts with BOS, whose activation is
+            the model's huge attention-sink vector; the activation store and `evals` leave it out too): it is
+            never a top context, shows an activation of 0 in windows, and is not counted in the statistics.
 
     Returns:
         One FeatureDashboard per feature, in the order given.
 
     Raises:
-        InputError: as `feature_activations`; a decoder whose width is not d_model (no unembedding applies).
+        InputError: as `feature_activations`; a decoder whose width is not d_model (no unembedding applies);
+            rows of one token with exclude_bos.
     """
     feats = _features(features, _decoder(dictionary).shape[0])
     acts = feature_activations(dictionary, params, cfg, tokens, hook, feats, batch_size=batch_size)
+    if exclude_bos:
+        if acts.shape[1] < 2:
+            raise InputError(f"exclude_bos leaves out position 0, so rows need at least 2 tokens; found "
+                             f"shape {tuple(np.shape(tokens))}. Pass longer rows or exclude_bos=False.")
+        acts[:, 0] = 0.0
     tokens = np.asarray(tokens)
     effects = logit_effects(dictionary, params, cfg, feats)
     to_str = _to_str(tokenizer)
     flat = acts.reshape(-1, len(feats))
+    n_tokens = flat.shape[0] - (acts.shape[0] if exclude_bos else 0)
     k = min(n_contexts, flat.shape[0])
     top = np.argsort(-flat, axis=0, kind="stable")[:k]  # [k n_features]: flat corpus indices
     order = np.argsort(-effects, axis=1, kind="stable")
@@ -162,7 +172,7 @@ def feature_dashboards(dictionary: Any, params: Params, cfg: Config, tokens: Any
         promoted = [(int(t), to_str(int(t)), float(row[t])) for t in order[j, :n_logits]]
         suppressed = [(int(t), to_str(int(t)), float(row[t])) for t in order[j, ::-1][:n_logits]]
         boards.append(FeatureDashboard(
-            feature=f, frequency=float(active.size / col.size), max_act=float(col.max()),
+            feature=f, frequency=float(active.size / n_tokens), max_act=float(col.max()),
             mean_act=float(active.mean()) if active.size else 0.0, histogram=hist, contexts=contexts,
             promoted=promoted, suppressed=suppressed))
     return boards

@@ -121,6 +121,25 @@ def test_dashboard_statistics_equal_a_hand_computation(setup):
     assert [int(round(b.get_height())) for b in bars] == boards[0].histogram[0].tolist()
 
 
+def test_exclude_bos_leaves_out_position_0(setup):
+    params, tokens, sae, _, acts = setup
+    feats = [3, 7, 0]
+    boards = feature_dashboards(sae, params, CFG, tokens, HOOK, feats, n_contexts=5, exclude_bos=True)
+    for board, f in zip(boards, feats, strict=True):
+        a = acts[..., f].copy()
+        rest = a[:, 1:]  # by hand: the statistics of positions 1.., the top contexts with position 0 off
+        np.testing.assert_allclose(board.frequency, np.mean(rest > 0), atol=1e-9)
+        np.testing.assert_allclose(board.max_act, rest.max(), rtol=1e-4)
+        np.testing.assert_allclose(board.mean_act, rest[rest > 0].mean(), rtol=1e-4)
+        assert board.histogram[0].sum() == np.sum(rest > 0)
+        a[:, 0] = 0.0
+        best = np.argsort(-a.reshape(-1), kind="stable")[:5]
+        assert [(c.seq, c.pos) for c in board.contexts] == [divmod(int(i), 16) for i in best]
+        assert all(c.pos > 0 for c in board.contexts)
+    top = [np.argsort(-acts[..., f].reshape(-1), kind="stable")[:5] for f in feats]
+    assert any(int(i) % 16 == 0 for t in top for i in t)  # without exclude_bos, position 0 is a top context
+
+
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -184,3 +203,5 @@ def test_bad_input_is_a_clear_error(setup):
         feature_activations(sae, params, CFG, tokens, "blocks.hook_resid_post")
     with pytest.raises(InputError, match=r"at least one sequence; found shape \(0, 16\)"):
         feature_activations(sae, params, CFG, tokens[:0], HOOK)
+    with pytest.raises(InputError, match=r"rows need at least 2 tokens; found shape \(20, 1\)"):
+        feature_dashboards(sae, params, CFG, tokens[:, :1], HOOK, [3], exclude_bos=True)
