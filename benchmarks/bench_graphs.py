@@ -77,14 +77,9 @@ def measured(fn):
 #: The same sampler in the circuit-tracer process.
 SAMPLER = "import threading, time\n" + inspect.getsource(_rss_mib) + inspect.getsource(measured)
 
-#: Run in the circuit-tracer venv: `script WORKDIR` with WORKDIR/meta.json.
-CT_SCRIPT = SAMPLER + r'''
-import json, sys
-from pathlib import Path
-import torch
-work = Path(sys.argv[1])
-meta = json.loads((work / "meta.json").read_text())
-torch.set_num_threads(meta["threads"])
+#: Builds the Hugging Face Llama folder meta["hf_dir"] from the GGUF meta["gguf"] once (in any venv with
+#: transformers and gguf; `meta`, `Path` and `torch` defined before it). Also run by bench_circuits.py.
+HF_FOLDER = r'''
 hf_dir = Path(meta["hf_dir"])
 if not (hf_dir / "config.json").is_file():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -99,7 +94,17 @@ if not (hf_dir / "config.json").is_file():
     plain.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     tmp.rename(hf_dir)
-from transformers import AutoConfig, AutoTokenizer
+'''
+
+#: Run in the circuit-tracer venv: `script WORKDIR` with WORKDIR/meta.json.
+CT_SCRIPT = SAMPLER + r'''
+import json, sys
+from pathlib import Path
+import torch
+work = Path(sys.argv[1])
+meta = json.loads((work / "meta.json").read_text())
+torch.set_num_threads(meta["threads"])
+''' + HF_FOLDER + r'''from transformers import AutoConfig, AutoTokenizer
 from transformer_lens import loading_from_pretrained as loading
 from circuit_tracer import attribute
 from circuit_tracer.graph import compute_graph_scores
@@ -256,6 +261,14 @@ def write_random_transcoders(model, ids, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def hf_folder(gguf: Path) -> Path:
+    """Where the Hugging Face Llama folder made from `gguf` is cached (built by `HF_FOLDER`)."""
+    import ref_envs
+
+    key = hashlib.sha256(str(gguf.resolve()).encode() + str(gguf.stat().st_size).encode()).hexdigest()[:12]
+    return ref_envs.cache_root() / "outputs" / f"smollm2-hf-{key}"
+
+
 def run_circuit_tracer(gguf: Path, tc_dir: Path, ids, budget, args) -> dict:
     import ref_envs
     import saelens_ref
@@ -264,8 +277,7 @@ def run_circuit_tracer(gguf: Path, tc_dir: Path, ids, budget, args) -> dict:
     check = subprocess.run([str(exe), "-c", "import gguf"], capture_output=True)
     if check.returncode:  # transformers' GGUF loader needs it; into the reference venv only
         subprocess.run([str(exe), "-m", "pip", "install", "-q", "gguf==0.19.0"], check=True)
-    key = hashlib.sha256(str(gguf.resolve()).encode() + str(gguf.stat().st_size).encode()).hexdigest()[:12]
-    hf_dir = ref_envs.cache_root() / "outputs" / f"smollm2-hf-{key}"
+    hf_dir = hf_folder(gguf)
     with tempfile.TemporaryDirectory() as work:
         meta = dict(gguf=str(gguf), hf_dir=str(hf_dir), transcoders=str(tc_dir), ids=ids,
                     max_feature_nodes=budget, batch_size=args.batch_size, threads=args.threads)
