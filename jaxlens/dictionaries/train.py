@@ -21,6 +21,11 @@ all-reduce, so the same code runs on CPU, GPU and TPU. Data order and state are 
 the step (`ActivationStore.batch(step)`), so a run resumed from a checkpoint (state, optimiser state,
 dead-feature counters, scaling factors, step) equals an uninterrupted one exactly.
 
+A TopK SAE trains with a sparse step while none of its features is dead (AuxK is then 0): the k active
+features of each vector are decoded from k gathered decoder rows and the backward pass scatters into the
+rows that fired, instead of multiplying dense [batch d_sae] matrices (about 5x faster on CPU at d_sae 4608,
+k 32); once a feature dies the step switches to the dense loss with AuxK (`jax.lax.cond`).
+
 A NaN or inf in the activations stops training with `NonFiniteActivationsError`, naming the step and the hook;
 the update of that step is discarded and checkpoints already written are kept.
 """
@@ -237,7 +242,7 @@ def _compiled_step(graphdef, cfg: DictionaryConfig, tc: TrainConfig, replicated)
     """The jitted, vmapped training step (cached: a rerun with the same settings compiles nothing)."""
     coeffs, tx = dict(tc.coefficients), _optimizer(tc)
 
-    def one(params, rest, opt, since, x, y, step):
+    def one(params, rest, opt, since, x, y, step, sparse=False):
         warm = 1.0 if not tc.coefficient_warm_up_steps else jnp.minimum(
             (step + 1).astype(jnp.float32) / tc.coefficient_warm_up_steps, 1.0)
         c = {k: base.coefficient(coeffs, k) * warm for k in base.DEFAULT_COEFFICIENTS}
@@ -245,6 +250,8 @@ def _compiled_step(graphdef, cfg: DictionaryConfig, tc: TrainConfig, replicated)
         target = y if cfg.is_transcoder else None
 
         def loss_fn(p):
+            if sparse:
+                return _sparse_topk_loss(p, x, cfg)
             return nnx.merge(graphdef, p, rest).training_loss(x, target, coefficients=c, dead_mask=dead)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -258,7 +265,7 @@ def _compiled_step(graphdef, cfg: DictionaryConfig, tc: TrainConfig, replicated)
             module = nnx.merge(graphdef, new_params, rest)
             base.apply_updates(module, aux)
             new_rest = nnx.split(module, nnx.Param, ...)[2]
-        fired = (aux["acts"] != 0).reshape(-1, cfg.d_sae).any(0)
+        fired = aux["fired"] if sparse else (aux["acts"] != 0).reshape(-1, cfg.d_sae).any(0)
         new_since = jnp.where(fired, 0, since + 1)
         var = jnp.square(y - y.mean(0)).sum(-1).mean()
         metrics = {"loss": loss, "mse": aux["mse"], "l0": aux["l0"],
@@ -271,12 +278,77 @@ def _compiled_step(graphdef, cfg: DictionaryConfig, tc: TrainConfig, replicated)
 
     def step_fn(state, x, y, step):
         x, y = x * state["scale_in"][:, None, None], y * state["scale_out"][:, None, None]
-        p, r, o, s, m = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None))(
-            state["params"], state["rest"], state["opt"], state["since_fired"], x, y, step)
+        args = (state["params"], state["rest"], state["opt"], state["since_fired"], x, y, step)
+        axes = (0, 0, 0, 0, 0, 0, None)
+        dense = lambda: jax.vmap(one, in_axes=axes)(*args)  # noqa: E731
+        if cfg.architecture == "topk":  # the sparse step while no dictionary has dead features (AuxK is 0),
+            # mapped rather than vmapped: batched gathers and scatters are twice as slow on CPU
+            sparse = lambda: jax.lax.map(lambda a: one(*a, step, sparse=True), args[:-1])  # noqa: E731
+            any_dead = (state["since_fired"] > tc.dead_feature_window).any()
+            p, r, o, s, m = jax.lax.cond(any_dead, dense, sparse)
+        else:
+            p, r, o, s, m = dense()
         new = {**state, "params": p, "rest": r, "opt": o, "since_fired": s}
         return new, m
 
-    return jax.jit(step_fn, out_shardings=replicated)
+    return jax.jit(step_fn, out_shardings=replicated, donate_argnums=0)  # the state's buffers are reused
+
+
+def _sparse_topk_loss(p, x, cfg: DictionaryConfig):
+    """`TopKSAE.training_loss` without dead features (AuxK is then 0), computed sparsely: the k active
+    features of each vector are decoded by gathering k decoder rows, and the backward pass scatters into only
+    the rows and columns that fired, instead of multiplying dense [batch d_sae] matrices. The values and
+    gradients are the dense loss's (fp32 rounding apart; tests/dictionaries/test_sparse_topk_step.py).
+    aux: 'mse', 'l0', 'auxk' (0) and 'fired' [d_sae] in place of the dense 'acts'."""
+    x = x.astype(cfg.jnp_dtype)
+    recon, idx, a = _topk_recon(p["W_enc"][...], p["b_enc"][...], p["W_dec"][...], p["b_dec"][...], x,
+                                cfg.k, cfg.b_dec_to_input, cfg.rescale_acts_by_decoder_norm)
+    loss = base.mse(recon, x)
+    fired = jnp.zeros(cfg.d_sae, jnp.int32).at[idx.reshape(-1)].add((a > 0).reshape(-1).astype(jnp.int32)) > 0
+    l0 = (a > 0).sum(-1).astype(jnp.float32).mean()
+    return loss, {"mse": loss, "l0": l0, "auxk": jnp.zeros((), loss.dtype), "fired": fired}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _topk_recon(W_enc, b_enc, W_dec, b_dec, x, k, b_dec_in, rescale):
+    """(recon [batch d_in], idx [batch k], acts [batch k]) of a TopK SAE; only recon carries gradients. With
+    rescale the choice uses pre-activations times the decoder norms and the decode divides by them again, so
+    the reconstruction is relu(pre) W_dec either way (its gradient through the norms is exactly 0)."""
+    return _topk_recon_fwd(W_enc, b_enc, W_dec, b_dec, x, k, b_dec_in, rescale)[0]
+
+
+def _topk_recon_fwd(W_enc, b_enc, W_dec, b_dec, x, k, b_dec_in, rescale):
+    xt = x - b_dec if b_dec_in else x
+    n = jnp.linalg.norm(W_dec, axis=-1) if rescale else None
+    h = xt @ (W_enc * n) + b_enc * n if rescale else xt @ W_enc + b_enc  # norms folded in: one [batch d_sae]
+    vals, idx = jax.lax.top_k(h, k)
+    # materialised: without the barrier XLA fuses the gathers into every decode term (10x slower)
+    idx, pre = jax.lax.optimization_barrier((idx, vals / n[idx] if rescale else vals))
+    a = jax.nn.relu(pre)
+    recon = b_dec + sum(a[:, j, None] * W_dec[idx[:, j]] for j in range(k))  # unrolled: XLA fuses it
+    return (recon, idx, a), (W_enc, W_dec, xt, idx, pre)
+
+
+def _topk_recon_bwd(k, b_dec_in, rescale, res, cts):
+    W_enc, W_dec, xt, idx, pre = res
+    g = cts[0]
+    idx_t, pre_t = idx.T, pre.T
+
+    def body(j, carry):  # one active slot of every vector at a time: small temporaries, reused
+        dW_enc_t, db_enc, dW_dec = carry
+        i, pj = idx_t[j], pre_t[j]
+        dpre = jnp.where(pj > 0, (g * W_dec[i]).sum(-1), 0.0)
+        return (dW_enc_t.at[i].add(dpre[:, None] * xt), db_enc.at[i].add(dpre),
+                dW_dec.at[i].add(jax.nn.relu(pj)[:, None] * g))
+
+    zeros = (jnp.zeros(W_enc.shape[::-1], W_enc.dtype), jnp.zeros(W_enc.shape[1], W_enc.dtype),
+             jnp.zeros_like(W_dec))
+    dW_enc_t, db_enc, dW_dec = jax.lax.fori_loop(0, k, body, zeros)
+    db_dec = g.sum(0) - (W_enc @ db_enc if b_dec_in else 0.0)
+    return dW_enc_t.T, db_enc, dW_dec, db_dec, jnp.zeros_like(xt)
+
+
+_topk_recon.defvjp(_topk_recon_fwd, _topk_recon_bwd)
 
 
 def _optimizer(tc: TrainConfig):
