@@ -31,6 +31,7 @@ from jaxlens.interventions import Add
 from jaxlens.model.forward import check_tokens, run
 from jaxlens.patching.logit_reads import LogitReads, analyse
 from jaxlens.patching.prepare import check_metric
+from jaxlens.scale import distributed
 
 # einsum letters: s=source b=batch p=pos d=d_model l=layer h=head_index (or kv_head_index)
 
@@ -69,7 +70,8 @@ def attribute_edges(model, clean_tokens, corrupted_tokens, metric: Callable, met
         edges: ("exact") patch only these edges (names as `Graph.edge_index` takes them); the others get
             NaN scores, which selection ranks last.
         chunk_size: items per compiled call ("exact": patched edges; "eap-ig-activations": passes).
-        devices: devices to split the items across (default: all local devices).
+        devices: devices to split the items across (default: every device of every process, as
+            `jaxlens.scale.make_mesh()`; in a single process, all local devices).
         checkpoint_dir: ("exact") store finished chunks here and resume from them.
         progress, on_chunk: a tqdm bar over chunks; a callback on_chunk(done, total) ("exact").
 
@@ -167,20 +169,21 @@ def run_masks(pb: Problem, kind: str, items: np.ndarray, chunk_size, devices, ch
               progress=False, on_chunk=None) -> np.ndarray:
     """Metric values of the clean run with the edge masks `items` describe (see `MaskedRun`)."""
     g, cfg = pb.graph, pb.cfg
-    devices = list(devices) if devices is not None else jax.local_devices()
+    mesh = distributed.data_mesh(None, devices)  # default: every device of every process
+    n_dev = mesh.shape["data"]
     if chunk_size is None:
         b, P = pb.clean_tokens.shape
         itemsize = jnp.dtype(pb.clean.resid0.dtype).itemsize
         chunk_size = chunks.default_chunk_size(g.layout.n_src, b, P, cfg.d_model, cfg.n_heads, itemsize,
-                                               len(devices))
-        bucket = max(len(devices), 1 << max(0, len(items) - 1).bit_length())  # few shapes, little padding
+                                               n_dev)
+        bucket = max(n_dev, 1 << max(0, len(items) - 1).bit_length())  # few shapes, little padding
         chunk_size = min(chunk_size, bucket)
     fn = MaskedRun(cfg, g.layout, pb.metric, pb.reads, kind)
     resid0 = edges.embed(pb.params, cfg, pb.clean_tokens)
     args = (pb.params, resid0, pb.corrupted, jnp.asarray(g.edge_src), jnp.asarray(g.edge_dst))
     fp = chunks.fingerprint_of(repr(cfg), kind, pb.clean_tokens, pb.corrupted_tokens, items,
                                np.float32(pb.clean_metric), np.float32(pb.corrupted_metric))
-    return chunks.map_chunks(fn, args, items, chunk_size=chunk_size, devices=devices,
+    return chunks.map_chunks(fn, args, items, chunk_size=chunk_size, mesh=mesh,
                              checkpoint_dir=checkpoint_dir, fingerprint=fp, progress=progress,
                              on_chunk=on_chunk)
 

@@ -17,12 +17,22 @@ What each kind of checkpoint costs in host memory (per process):
                                      whole (the converters need whole tensors); each keeps only its slices.
     a .gguf file, a transformers     the whole model is converted on the host first (one model in float32),
     model                            then placed leaf by leaf, each numpy leaf freed once placed.
+
+Each distinct slice is read once per process, however many of its devices hold it. `record_reads` lists what
+this process read (tensor, region, bytes), to check that a host of a multi-host job read only its shards:
+
+    with record_reads() as log:
+        model = HookedTransformer.from_pretrained("path/to/checkpoint", mesh=mesh)
+    log.bytes, log.by_tensor()["blocks.attn.W_Q"]
 """
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,47 @@ from jaxlens.shapes import Params
 
 # the layer index of a per-layer checkpoint tensor: its first all-digit name component
 _LAYER = re.compile(r"(^|\.)(\d+)\.")
+
+
+@dataclasses.dataclass
+class ReadLog:
+    """The tensors one process read while loading (`record_reads`), one entry per read.
+
+    Attributes:
+        entries: (tensor name, region, bytes) per read: the name in the checkpoint (a `jaxlens convert`
+            checkpoint: the flat params name, e.g. "blocks.attn.W_Q"; a Hugging Face folder: the HF name; a
+            .gguf file or in-memory model: the params name of each converted leaf), the region as one
+            (start, stop) per axis, and the bytes read (in the file's dtype; BF16 as widened to float32).
+    """
+
+    entries: list[tuple[str, tuple[tuple[int, int], ...], int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes read in all."""
+        return sum(n for _, _, n in self.entries)
+
+    def by_tensor(self) -> dict[str, int]:
+        """Bytes read per tensor name."""
+        out: dict[str, int] = {}
+        for name, _, n in self.entries:
+            out[name] = out.get(name, 0) + n
+        return out
+
+
+_LOG: contextvars.ContextVar[ReadLog | None] = contextvars.ContextVar("jaxlens_read_log", default=None)
+
+
+@contextlib.contextmanager
+def record_reads() -> Iterator[ReadLog]:
+    """Record every checkpoint read of `load_sharded` (and `from_pretrained(mesh=...)`) in this process
+    while the block runs; yields the ReadLog it fills."""
+    log = ReadLog()
+    token = _LOG.set(log)
+    try:
+        yield log
+    finally:
+        _LOG.reset(token)
 
 
 def load_sharded(source: Any, mesh: Mesh, *, fsdp: bool = False, rules: Mapping[str, str] | None = None,
@@ -70,8 +121,12 @@ def load_sharded(source: Any, mesh: Mesh, *, fsdp: bool = False, rules: Mapping[
         return _load_hf_dir(path, mesh, fsdp, rules, dtype, allow_pickle)
     cfg, params = converters.load(source if path is None else path, allow_pickle=allow_pickle)
     shardings = param_shardings(cfg, mesh, fsdp=fsdp, rules=rules)
+    named = jax.tree_util.tree_flatten_with_path(params)[0]
     flat, tree = jax.tree_util.tree_flatten(params)
     del params
+    for key_path, x in named:  # converted whole on the host: every leaf counts as read
+        _record(".".join(str(k.key) for k in key_path), x.shape, np.asarray(x).nbytes)
+    del named
     placed = []
     for sharding in jax.tree_util.tree_leaves(shardings):
         x = flat.pop(0)  # the numpy leaf is freed once placed
@@ -93,7 +148,8 @@ def _load_converted(path: Path, mesh: Mesh, fsdp: bool, rules, dtype) -> tuple[C
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
         # zero-stride stand-ins: the names and shapes checked against the config before any tensor is read
         check_params(unflatten_params({n: np.broadcast_to(np.float32(0), s) for n, s in shapes.items()}), cfg)
-        out = {name: _place(shapes[name], sharding, lambda idx, name=name: f.get_slice(name)[idx], dtype)
+        out = {name: _place(shapes[name], sharding, functools.partial(_read_slice, f, name, shapes[name]),
+                            dtype)
                for name, sharding in shardings.items()}
     return cfg, unflatten_params(out)
 
@@ -115,7 +171,7 @@ def _load_hf_dir(path: Path, mesh: Mesh, fsdp: bool, rules, dtype,
     for name in source.names():
         m = _LAYER.search(name)
         if m is None:  # embeddings, final norm, head: read once, offered to every layer's converter run
-            read = source.reader(name)
+            read = _recorded(name, source.reader(name))
             shared[name] = functools.cache(read) if callable(read) else read
         else:
             layer = int(m.group(2))
@@ -128,7 +184,8 @@ def _load_hf_dir(path: Path, mesh: Mesh, fsdp: bool, rules, dtype,
     placed: dict[str, jax.Array] = {}
     buffers: dict[str, dict] = {}  # block leaf -> {shard index: host array [layer ...]}
     for layer in range(cfg.n_layers):
-        one = TensorSource({**shared, **{new: source.reader(old) for new, old in by_layer[layer].items()}},
+        one = TensorSource({**shared, **{new: _recorded(old, source.reader(old))
+                                         for new, old in by_layer[layer].items()}},
                            origin=f"{path} (layer {layer})")
         cfg1 = _one_layer(cfg, layer)
         params = module.params_from_checkpoint(one, cfg1, hf)
@@ -160,9 +217,47 @@ def _load_hf_dir(path: Path, mesh: Mesh, fsdp: bool, rules, dtype,
 
 
 def _place(shape: tuple[int, ...], sharding: NamedSharding, read, dtype) -> jax.Array:
-    """A global array built from `read(index)` (a numpy slice) for each of this process's devices."""
-    return jax.make_array_from_callback(tuple(shape), sharding,
-                                        lambda idx: np.asarray(read(idx), dtype=np.dtype(dtype)))
+    """A global array built from `read(index)` (a numpy slice) for each of this process's devices; a slice
+    that several of them hold (the `data` axis replicating it) is read once."""
+    slices: dict[tuple, np.ndarray] = {}
+
+    def one(idx):
+        k = _key(idx)
+        if k not in slices:
+            slices[k] = np.asarray(read(idx), dtype=np.dtype(dtype))
+        return slices[k]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, one)
+
+
+def _read_slice(f, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """`index` of tensor `name` of the open safetensors file `f`, read from the file (and recorded)."""
+    out = f.get_slice(name)[index]
+    _record(name, shape, out.nbytes, index)
+    return out
+
+
+def _recorded(name: str, read):
+    """A lazy HF-checkpoint reader that records its (whole-tensor) read; an array in memory is kept."""
+    if not callable(read):
+        return read
+
+    def recorded():
+        x = read()
+        _record(name, x.shape, x.nbytes)
+        return x
+
+    return recorded
+
+
+def _record(name: str, shape: tuple[int, ...], nbytes: int, index: tuple[slice, ...] | None = None) -> None:
+    log = _LOG.get()
+    if log is None:
+        return
+    index = (slice(None),) * len(shape) if index is None else tuple(index)
+    index = index + (slice(None),) * (len(shape) - len(index))
+    region = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+    log.entries.append((name, region, int(nbytes)))
 
 
 def _one_layer(cfg: Config, layer: int) -> Config:

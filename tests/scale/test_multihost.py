@@ -6,14 +6,11 @@ The workers (multihost_worker.py) share a persistent compilation cache, so only 
 The single-process reference runs here, on the 8 devices of tests/conftest.py, with the same chunks.
 """
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +26,6 @@ from jaxlens.circuits.chunks import map_chunks
 from jaxlens.errors import InputError
 from jaxlens.scale import distributed, make_mesh, replicated
 
-WORKER = Path(__file__).with_name("multihost_worker.py")
 N_CHUNKS = 6  # 40 computed cells (2 layers x 4 positions x 5 heads) in chunks of 8 cells of one layer
 
 
@@ -68,7 +64,7 @@ def test_reference_is_the_plain_patched_forward(reference):
 def test_two_processes_give_the_single_process_result(tmp_path, jax_cache, reference):
     res, mapped = reference
     ckpt = tmp_path / "ckpt"
-    outs = _run(tmp_path, jax_cache, ["--ckpt", str(ckpt), "--other-sweep"])
+    outs = worker.launch(tmp_path, jax_cache, ["--ckpt", str(ckpt), "--other-sweep"])
     for i, out in enumerate(outs):
         assert int(out["process_count"]) == 2 and int(out["device_count"]) == 8
         np.testing.assert_allclose(out["values"], res.values, rtol=1e-6, atol=1e-7, err_msg=f"process {i}")
@@ -93,12 +89,13 @@ def test_two_processes_give_the_single_process_result(tmp_path, jax_cache, refer
 def test_killed_process_then_restart_computes_only_missing_chunks(tmp_path, jax_cache, reference):
     res, _ = reference
     ckpt = tmp_path / "ckpt"
-    codes, logs = _run(tmp_path, jax_cache, ["--ckpt", str(ckpt), "--kill-after", "2"], expect_ok=False,
-                       grace=2)  # then process 1, stuck waiting for its peer, is killed too
+    # then process 1, stuck waiting for its peer, is killed too
+    codes, logs = worker.launch(tmp_path, jax_cache, ["--ckpt", str(ckpt), "--kill-after", "2"],
+                                expect_ok=False, grace=2)
     assert codes[0] == -signal.SIGKILL, logs[0][-3000:]  # process 0 was killed after storing its 2nd chunk
     stored = sorted(p.name for p in (ckpt / "sweep").glob("chunk_*.npz"))
     assert stored == ["chunk_000000.npz", "chunk_000001.npz"]
-    outs = _run(tmp_path, jax_cache, ["--ckpt", str(ckpt)])
+    outs = worker.launch(tmp_path, jax_cache, ["--ckpt", str(ckpt)])
     for i, out in enumerate(outs):
         assert int(out["chunks_run"]) == N_CHUNKS - 2, f"process {i} recomputed stored chunks"
         np.testing.assert_allclose(out["values"], res.values, rtol=1e-6, atol=1e-7, err_msg=f"process {i}")
@@ -107,15 +104,15 @@ def test_killed_process_then_restart_computes_only_missing_chunks(tmp_path, jax_
 
 def test_process_count_that_does_not_match_the_coordinator(tmp_path, jax_cache):
     # process 1 is told 3 processes, the coordinator (process 0) 2: both raise, quickly
-    codes, logs = _run(tmp_path, jax_cache, ["--init-only", "--timeout", "20"], counts=(2, 3),
-                       expect_ok=False, timeout=90)
+    codes, logs = worker.launch(tmp_path, jax_cache, ["--init-only", "--timeout", "20"], counts=(2, 3),
+                                expect_ok=False, timeout=90)
     for code, log in zip(codes, logs, strict=True):
         assert code == 1, log[-3000:]
         assert "InputError: The processes disagree on num_processes (process 0: 2, process 1: 3)" in log, log
     # a coordinator told 2 processes, only one launched: a clear message, then JAX stops it (no hang)
     start = time.monotonic()
-    codes, logs = _run(tmp_path, jax_cache, ["--init-only", "--timeout", "2"], counts=(2,), expect_ok=False,
-                       timeout=90)
+    codes, logs = worker.launch(tmp_path, jax_cache, ["--init-only", "--timeout", "2"], counts=(2,),
+                                expect_ok=False, timeout=90)
     assert codes[0] != 0 and time.monotonic() - start < 60
     assert "not every process connected within 2 s" in logs[0] and "num_processes=2" in logs[0], logs[0]
 
@@ -168,64 +165,3 @@ def test_mesh_and_devices_together_are_refused():
     with pytest.raises(InputError, match="Pass either `mesh` or `devices`, not both"):
         patching.sweep(params, cfg, corrupted, clean, worker.metric, mesh=make_mesh(),
                        devices=jax.devices()[:1], **kw)
-
-
-# -- launching workers -----------------------------------------------------------------------------------
-def _run(tmp_path: Path, jax_cache: Path, extra: list[str], *, counts=(2, 2), expect_ok: bool = True,
-         timeout: float = 240, grace: float = 60):
-    """Launch one worker per entry of `counts` (its --num-processes) on a free localhost port and wait.
-
-    Returns each process's output (expect_ok) or (return codes, logs). Every worker still running at the end
-    (a failure, a timeout, a survivor of a killed peer) is killed: no orphans.
-    """
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(jax_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "PYTHONUNBUFFERED": "1"}
-    outs = [tmp_path / f"out{i}.npz" for i in range(len(counts))]
-    logs = [tmp_path / f"log{i}.txt" for i in range(len(counts))]
-    for f in outs:
-        f.unlink(missing_ok=True)
-    with contextlib.ExitStack() as stack:
-        procs = []
-        for i, n in enumerate(counts):
-            log = stack.enter_context(open(logs[i], "w"))
-            cmd = [sys.executable, str(WORKER), "--port", str(port), "--num-processes", str(n),
-                   "--process-id", str(i), "--out", str(outs[i]), *extra]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        try:
-            codes = _wait(procs, timeout, grace)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    texts = [f.read_text() for f in logs]
-    if not expect_ok:
-        return codes, texts
-    for code, text in zip(codes, texts, strict=True):
-        assert code == 0, text[-4000:]
-    return [dict(np.load(f)) for f in outs]
-
-
-def _wait(procs, timeout: float, grace: float) -> list:
-    """Return codes once every process has ended; once one has ended badly, the others get `grace` seconds
-    (to report their own error; a survivor of a killed peer may wait on it) before they are killed."""
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            deadline = min(deadline, time.monotonic() + grace)
-        if time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            break
-        time.sleep(0.2)
-    return [p.returncode for p in procs]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
