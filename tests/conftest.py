@@ -16,9 +16,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop every compiled program when a test file ends. Each live XLA CPU executable holds memory maps of its
-    own code; a worker that runs a few hundred files would otherwise pass the kernel's 65,530 maps per process
-    (vm.max_map_count) and die with a segmentation fault inside the compiler."""
+    """Drop every compiled program when a test file ends. Each live XLA CPU executable holds memory maps of
+    its own code; a worker that runs a few hundred files would otherwise pass the kernel's 65,530 maps per
+    process (vm.max_map_count) and die with a segmentation fault inside the compiler."""
     yield
     import functools
     import gc
