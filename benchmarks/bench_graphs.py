@@ -20,9 +20,10 @@ GGUF-loaded model, a plain LlamaForCausalLM is rebuilt from its config and dequa
 `rotary_base` from the Hugging Face config. Both graphs get the same token ids.
 
 Time is the wall time of one `attribute` call (jaxlens: also a first call, which compiles, reported apart;
-circuit-tracer: one call). Memory is the process's resident set size, sampled every 5 ms during that call:
-its peak and its rise above the size just before the call. Run it on an idle machine; the load average is
-recorded with the results.
+circuit-tracer: one call), and the CPU time of the process during it (every thread's: on a loaded machine
+the wall-time ratio follows the other jobs, the CPU-time ratio much less). Memory is the process's resident
+set size, sampled every 5 ms during that call: its peak and its rise above the size just before the call. Run
+it on an idle machine; the load average is recorded with the results.
 """
 
 import argparse
@@ -56,7 +57,7 @@ def _rss_mib():
 
 
 def measured(fn):
-    """(result, seconds, peak RSS MiB during the call, RSS MiB just before)."""
+    """(result, seconds, CPU seconds of the process, peak RSS MiB during the call, RSS MiB just before)."""
     before, peak, done = _rss_mib(), [0.0], threading.Event()
 
     def watch():
@@ -66,12 +67,12 @@ def measured(fn):
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     done.set()
     t.join()
-    return out, secs, max(peak[0], _rss_mib()), before
+    return out, secs, cpu, max(peak[0], _rss_mib()), before
 
 
 #: The same sampler in the circuit-tracer process.
@@ -131,10 +132,11 @@ ids = meta["ids"]
 opts = dict(max_n_logits=10, desired_logit_prob=0.95, batch_size=meta["batch_size"], verbose=False)
 if meta["max_feature_nodes"]:
     opts["max_feature_nodes"] = meta["max_feature_nodes"]
-g, secs, peak, before = measured(lambda: attribute(ids, model, **opts))
+g, secs, cpu, peak, before = measured(lambda: attribute(ids, model, **opts))
 replacement, completeness = compute_graph_scores(g)
-out = dict(seconds=secs, peak_rss_mib=peak, rss_before_mib=before, n_active=int(len(g.active_features)),
-           n_selected=int(len(g.selected_features)), logit_tokens=g.logit_token_ids.tolist(),
+out = dict(seconds=secs, cpu_s=cpu, peak_rss_mib=peak, rss_before_mib=before,
+           n_active=int(len(g.active_features)), n_selected=int(len(g.selected_features)),
+           logit_tokens=g.logit_token_ids.tolist(),
            logit_probabilities=g.logit_probabilities.tolist(), replacement=replacement,
            completeness=completeness, threads=torch.get_num_threads())
 (work / "result.json").write_text(json.dumps(out))
@@ -172,15 +174,16 @@ def main(argv=None) -> int:
     def run():
         return attribute(model, tcs, ids, max_feature_nodes=budget, batch_size=jl_batch)
 
-    _, first, _, _ = measured(run)
-    graph, secs, peak, before = measured(run)
+    _, first, first_cpu, _, _ = measured(run)
+    graph, secs, cpu, peak, before = measured(run)
     replacement, completeness = graph.scores()
-    jl = dict(seconds=secs, first_call_s=first, peak_rss_mib=peak, rss_before_mib=before,
+    jl = dict(seconds=secs, cpu_s=cpu, first_call_s=first, first_call_cpu_s=first_cpu, peak_rss_mib=peak,
+              rss_before_mib=before,
               n_active=len(graph.active_features), n_selected=graph.n_features,
               logit_tokens=graph.logit_tokens.tolist(),
               logit_probabilities=graph.logit_probabilities.tolist(), replacement=replacement,
               completeness=completeness)
-    print(f"jaxlens: {secs:.1f} s (first call {first:.1f} s), peak RSS {peak:.0f} MiB "
+    print(f"jaxlens: {secs:.1f} s, CPU {cpu:.1f} s (first call {first:.1f} s), peak RSS {peak:.0f} MiB "
           f"(+{peak - before:.0f}); {graph.n_features} of {len(graph.active_features)} active features; "
           f"replacement {replacement:.3f}, completeness {completeness:.3f}")
     res = {"command": " ".join([sys.executable, *sys.argv]), "date": datetime.date.today().isoformat(),
@@ -192,14 +195,15 @@ def main(argv=None) -> int:
     if not args.skip_circuit_tracer:
         ct = run_circuit_tracer(hub.resolve("smollm2-135m"), tc_dir, ids, budget, args)
         res["circuit_tracer"] = ct
-        res["ratios"] = {"time": ct["seconds"] / secs,
+        res["ratios"] = {"time": ct["seconds"] / secs, "cpu_time": ct["cpu_s"] / cpu,
                          "peak_rss": ct["peak_rss_mib"] / peak,
                          "rss_rise": (ct["peak_rss_mib"] - ct["rss_before_mib"]) / max(peak - before, 1e-9)}
-        print(f"circuit-tracer ({ct['threads']} threads): {ct['seconds']:.1f} s, peak RSS "
-              f"{ct['peak_rss_mib']:.0f} MiB (+{ct['peak_rss_mib'] - ct['rss_before_mib']:.0f}); "
+        print(f"circuit-tracer ({ct['threads']} threads): {ct['seconds']:.1f} s, CPU {ct['cpu_s']:.1f} s, "
+              f"peak RSS {ct['peak_rss_mib']:.0f} MiB (+{ct['peak_rss_mib'] - ct['rss_before_mib']:.0f}); "
               f"{ct['n_selected']} of {ct['n_active']} active; replacement {ct['replacement']:.3f}, "
               f"completeness {ct['completeness']:.3f}")
-        print(f"circuit-tracer / jaxlens: time {res['ratios']['time']:.2f}x, peak RSS "
+        print(f"circuit-tracer / jaxlens: time {res['ratios']['time']:.2f}x (CPU time "
+              f"{res['ratios']['cpu_time']:.2f}x), peak RSS "
               f"{res['ratios']['peak_rss']:.2f}x, RSS rise {res['ratios']['rss_rise']:.2f}x; same top "
               f"logits: {ct['logit_tokens'][:3] == jl['logit_tokens'][:3]}")
     res["machine"]["load_after"] = os.getloadavg()

@@ -10,7 +10,16 @@ of the frozen forward with respect to the additive source sites (the embedding, 
 cotangent one-hot at the target's (layer, position) times its encoder row (a feature) or the demeaned
 unembedding column at the final normalised residual, last position (a logit); the gradients are contracted
 with the sources' vectors (a_s W_dec_s at every layer the feature writes, the error vectors, the token
-embeddings). Rows are vmapped in chunks of `batch_size`, all in one compiled program.
+embeddings).
+
+Rows are computed in chunks of at most `batch_size`, vmapped, one compiled call each, and each call is a
+backward pass alone: the clean run's attention patterns and norm scales are patched in as constants, so none
+of the forward's values is needed. A feature at layer l reads only blocks [0, l], so the rows to compute are
+sorted by layer and each chunk runs the forward truncated at its highest target's layer, rounded up to one of
+a few depths (`_depths`: 1/8, 1/4, 1/2, 3/4 and all of n_layers; one compiled program each). circuit-tracer
+also starts each batch's backward at its highest target layer, but its batches stay in influence order, so
+most of them start near the top. The gradients meet the decoder rows and error vectors site by site
+(`_site_layout`).
 
 As circuit-tracer: the logits kept are the most probable up to `max_n_logits`, the smallest prefix whose
 cumulative probability reaches `desired_logit_prob`; features and errors at the first `zero_positions`
@@ -42,6 +51,9 @@ from jaxlens.graphs.replacement import (
 
 #: Feature batches between two updates of the influence ranking (circuit-tracer's `update_interval`).
 UPDATE_INTERVAL = 4
+#: Rows per compiled call at most (fewer if batch_size is smaller): smaller chunks of the layer-sorted rows
+#: follow their targets' layers more closely (SmolLM2 on CPU: 32 rows about 10% faster than 64).
+CHUNK_ROWS = 32
 
 
 def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
@@ -99,16 +111,16 @@ def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_
     tok_vecs = np.asarray(params["embed"]["W_E"])[tokens]
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     bs = batch_size or default_batch_size(cfg, n_pos, len(dec[0]), ts.d_sae)
-    chunk = min(bs, _pow2(max(n_logits, budget, 1)))
-    rows = functools.partial(_rows, params, cfg, ts, resid0, dec, errors, tok_vecs, n_active, chunk)
+    chunk = min(bs, CHUNK_ROWS, _pow2(max(n_logits, budget, 1)))
+    frozen = _frozen_run(params, cfg, ts, resid0)
+    layout = _site_layout(_with_error_rows(dec, errors, n_active), L, n_pos, n_active + L * n_pos)
+    rows = functools.partial(_rows, params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active, chunk)
 
     logit_offset = n_active + (L + 1) * n_pos
     edges = np.zeros((budget + n_logits, logit_offset + n_logits), np.float32)
     row_node = np.zeros(budget + n_logits, np.int64)
-    for i in range(0, n_logits, bs):  # logit rows first
-        k = min(bs, n_logits - i)
-        edges[i:i + k, :logit_offset] = rows(np.full(k, L), np.full(k, n_pos - 1), logit_vecs[i:i + k])
-        row_node[i:i + k] = logit_offset + np.arange(i, i + k)
+    rows(np.full(n_logits, L), np.full(n_logits, n_pos - 1), logit_vecs, edges[:n_logits, :logit_offset])
+    row_node[:n_logits] = logit_offset + np.arange(n_logits)  # logit rows first
     st, visited = n_logits, np.zeros(n_active, bool)
     while st - n_logits < budget:
         if budget == n_active:
@@ -117,12 +129,11 @@ def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_
             infl = partial_influences(edges[:st], probs, row_node[:st])
             rank = np.argsort(-infl[:n_active], kind="stable")
             pending = rank[~visited[rank]][:min(UPDATE_INTERVAL * bs, budget - (st - n_logits))]
-        for j in range(0, len(pending), bs):
-            idx = pending[j:j + bs]
-            edges[st:st + len(idx), :logit_offset] = rows(active[idx, 0], active[idx, 1], enc_vecs[idx])
-            row_node[st:st + len(idx)] = idx
-            visited[idx] = True
-            st += len(idx)
+        rows(active[pending, 0], active[pending, 1], enc_vecs[pending],
+             edges[st:st + len(pending), :logit_offset])
+        row_node[st:st + len(pending)] = pending
+        visited[pending] = True
+        st += len(pending)
 
     selected = np.nonzero(visited)[0]
     if budget < n_active:
@@ -223,7 +234,7 @@ def partial_influences(edges: np.ndarray, logit_probs: np.ndarray, row_node: np.
 def default_batch_size(cfg, n_pos: int, n_decoder_rows: int, d_sae: int, budget: int = 2**30) -> int:
     """Rows per compiled call so that one call's backward passes fit `budget` bytes (at least 1, at most 512,
     circuit-tracer's default)."""
-    per_row = 4 * (n_decoder_rows + cfg.n_layers * n_pos * (  # decoder dots are chunked (_decoder_dots)
+    per_row = 4 * (n_decoder_rows + cfg.n_layers * n_pos * (  # decoder dots: _site_layout
         8 * cfg.d_model + 2 * cfg.n_heads * n_pos + 3 * cfg.d_mlp + d_sae))
     return int(np.clip(budget // max(per_row, 1), 1, 512))
 
@@ -255,64 +266,127 @@ def _clean_run(params, cfg, ts: TranscoderSet, tokens):
     return resid0, out, encode(ts, out.inputs)
 
 
-def _rows(params, cfg, ts, resid0, dec, errors, tok_vecs, n_active: int, chunk: int, layers, positions,
-          vecs) -> np.ndarray:
-    """Rows [n, n_active + (n_layers + 1) * n_pos] for targets at (layer, pos) with cotangent vectors (layer
-    n_layers: the final normalised residual), `chunk` rows per compiled call (the last one padded)."""
-    n = len(layers)
-    out = []
-    dec = tuple(jnp.asarray(a) for a in dec)
-    errors, tok_vecs = jnp.asarray(errors, jnp.float32), jnp.asarray(tok_vecs, jnp.float32)
-    for i in range(0, n, chunk):
-        k = min(chunk, n - i)
-        part = [_padded(np.asarray(a), i, k, chunk) for a in (layers, positions, vecs)]
-        got = _rows_jit(params, cfg, ts, resid0, dec, errors, tok_vecs, jnp.asarray(part[0], jnp.int32),
-                        jnp.asarray(part[1], jnp.int32), jnp.asarray(part[2], jnp.float32), n_active)
-        out.append(np.asarray(got)[:k])
-    return np.concatenate(out)
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _frozen_run(params, cfg, ts: TranscoderSet, resid0):
+    """The clean run's frozen activations (`frozen_forward`'s keep_frozen)."""
+    out = frozen_forward(params, cfg, ts, resid0, zero_sources(cfg, resid0.shape[1]), keep_frozen=True)
+    return out.frozen
 
 
-def _padded(a: np.ndarray, i: int, k: int, chunk: int) -> np.ndarray:
-    """a[i:i + k], padded to `chunk` rows by repeating its first."""
-    return np.concatenate([a[i:i + k], np.repeat(a[i:i + 1], chunk - k, axis=0)])
+def _depths(n_layers: int) -> np.ndarray:
+    """The layer counts a chunk of rows runs through: n_layers times 1/8, 1/4, 1/2, 3/4 (rounded up) and 1."""
+    return np.unique([-(-n_layers * k // 8) for k in (1, 2, 4, 6, 8)])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_active"))
-def _rows_jit(params, cfg, ts, resid0, dec, errors, tok_vecs, layers, positions, vecs, n_active):
-    L, n_pos, D = cfg.n_layers, resid0.shape[1], cfg.d_model
-    dec_vecs, dec_layer, dec_pos, dec_src = dec
+def _rows(params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active: int, chunk: int, layers, positions,
+          vecs, out) -> None:
+    """Fill `out` [n, n_active + (n_layers + 1) * n_pos] with the rows for targets at (layer, pos) with
+    cotangent vectors (layer n_layers: the final normalised residual): sorted by layer, `chunk` rows per
+    compiled call (the last one padded), each call through the layers its highest target reads, rounded up
+    to one of `_depths`. `layout` is `_site_layout`'s (arrays, blocks up to each layer)."""
+    L = cfg.n_layers
+    depths = _depths(L)
+    (site_arrays, blocks_below), order = layout, np.argsort(layers, kind="stable")
+    tok_vecs = jnp.asarray(tok_vecs, jnp.float32)
+    for i in range(0, len(order), chunk):
+        idx = order[i:i + chunk]
+        depth = int(depths[np.searchsorted(depths, min(int(layers[idx].max()) + 1, L))])
+        part = [_padded(np.asarray(a)[idx], chunk) for a in (layers, positions, vecs)]
+        got = _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs,
+                        jnp.asarray(part[0], jnp.int32), jnp.asarray(part[1], jnp.int32),
+                        jnp.asarray(part[2], jnp.float32), n_active, depth, int(blocks_below[depth]))
+        out[idx] = np.asarray(got)[:len(idx)]
+
+
+def _padded(a: np.ndarray, chunk: int) -> np.ndarray:
+    """a padded to `chunk` rows by repeating its first."""
+    return np.concatenate([a, np.repeat(a[:1], chunk - len(a), axis=0)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_active", "depth", "n_blocks"))
+def _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs, layers, positions, vecs, n_active,
+              depth, n_blocks):
+    """Rows for targets below layer `depth` (or the logits, if depth is n_layers): the vjp of the frozen
+    forward truncated at `depth` layers, with the clean run's `frozen` activations as constants. The
+    cotangents and gradients keep the layer axis first (batch second), as the blocks' scan has them."""
+    L, n_pos = cfg.n_layers, resid0.shape[1]
 
     def targets(src: Sources):
-        out = frozen_forward(params, cfg, ts, resid0, src)
-        return out.inputs, out.final
+        out = frozen_forward(params, cfg, ts, resid0, src, frozen)
+        return (out.inputs, out.final) if depth == L else (out.inputs,)
 
-    _, vjp = jax.vjp(targets, zero_sources(cfg, n_pos))
-
-    def one(layer, pos, vec):
-        at_input = layer < L
-        ct_in = jnp.zeros((L, n_pos, D), jnp.float32).at[jnp.minimum(layer, L - 1), pos].set(
-            jnp.where(at_input, vec, 0.0))
-        ct_final = jnp.zeros((n_pos, D), jnp.float32).at[n_pos - 1].set(jnp.where(at_input, 0.0, vec))
-        (g,) = vjp((ct_in, ct_final))
-        return g.mlp_out, g.embed
-
-    g_mlp, g_embed = jax.vmap(one)(layers, positions, vecs)  # [batch layer pos d], [batch pos d]
-    feat = _decoder_dots(g_mlp.reshape(len(layers), L * n_pos, D), dec_layer * n_pos + dec_pos, dec_vecs)
-    feat = jax.ops.segment_sum(feat.T, dec_src, num_segments=n_active).T
-    err = jnp.einsum("blpd,lpd->blp", g_mlp, errors).reshape(len(layers), L * n_pos)
-    tok = jnp.einsum("bpd,pd->bp", g_embed, tok_vecs)
-    return jnp.concatenate([feat, err, tok], axis=1)
+    zero = zero_sources(cfg, n_pos)
+    _, vjp = jax.vjp(targets, Sources(zero.embed, zero.mlp_out[:depth]))
+    # one-hot cotangents [depth batch pos d] built by a select (one pass, no scatter into zeros)
+    hot = ((jnp.arange(depth)[:, None, None, None] == layers[None, :, None, None])
+           & (jnp.arange(n_pos)[None, None, :, None] == positions[None, :, None, None]))
+    cts = (jnp.where(hot, vecs[None, :, None, :], 0.0),)
+    if depth == L:  # logit rows: at the final residual's last position
+        last = (jnp.arange(n_pos)[:, None, None] == n_pos - 1) & (layers == L)[None, :, None]
+        cts += (jnp.where(last, vecs[None], 0.0),)
+    (g,) = jax.vmap(vjp, in_axes=1, out_axes=1)(cts)  # g.mlp_out [depth batch pos d], g.embed [pos batch d]
+    feat_err = _decoder_dots(g.mlp_out, site_arrays, n_blocks, n_active + L * n_pos)
+    tok = jnp.einsum("pbd,pd->bp", g.embed, tok_vecs)
+    return jnp.concatenate([feat_err, tok], axis=1)
 
 
-def _decoder_dots(grads, sites, dec_vecs, budget: int = 2**26):
-    """[batch rows]: each row's gradient at its decoder row's (layer, pos) site dotted with that decoder
-    vector, in chunks of decoder rows so the gathered gradients ([batch chunk d_model]) stay within `budget`
-    bytes instead of [batch n_decoder_rows d_model] at once."""
-    B, _, D = grads.shape
-    n = sites.shape[0]
-    chunk = int(max(1, min(n, budget // (4 * B * D))))
-    pad = -n % chunk
-    sites = jnp.pad(sites, (0, pad)).reshape(-1, chunk)
-    vecs = jnp.pad(dec_vecs, ((0, pad), (0, 0))).reshape(-1, chunk, D)
-    dots = jax.lax.map(lambda sv: jnp.einsum("brd,rd->br", grads[:, sv[0]], sv[1]), (sites, vecs))
-    return jnp.moveaxis(dots, 0, 1).reshape(B, -1)[:, :n]
+#: Decoder rows per block of `_site_layout`.
+SITE_BLOCK = 64
+
+
+def _with_error_rows(dec, errors: np.ndarray, n_active: int):
+    """The decoder rows (`numpy_decoder_rows`) and one row per error node (layer, pos), its source index
+    n_active + layer * n_pos + pos: an error vector meets the gradient at its site as a decoder row does."""
+    L, n_pos, D = errors.shape
+    layer, pos = np.divmod(np.arange(L * n_pos), n_pos)
+    err = (errors.reshape(-1, D).astype(np.float32), layer, pos, n_active + np.arange(L * n_pos))
+    return tuple(np.concatenate([np.asarray(a), b]) for a, b in zip(dec, err, strict=True))
+
+
+def _site_layout(dec, n_layers: int, n_pos: int, n_sources: int, width: int = SITE_BLOCK):
+    """The decoder rows (`numpy_decoder_rows`: vectors, output layer, position, source) in blocks of `width`
+    rows that share a site (output layer, position), layer-major, so a gradient at a site meets its decoder
+    rows in small matrix products rather than a gather of one gradient per row, and the blocks of the first
+    k layers are a prefix.
+
+    Returns:
+        ((vectors [n_blocks width d_model], zero-padded; each block's layer [n_blocks] and position
+        [n_blocks]; each slot's source [n_blocks * width], n_sources for padding), [n_layers + 1] the number
+        of blocks below each layer).
+    """
+    vecs, layer, pos, src = (np.asarray(a) for a in dec)
+    n_sites, D = n_layers * n_pos, vecs.shape[1]
+    site = (layer * n_pos + pos).astype(np.int64)
+    order = np.argsort(site, kind="stable")
+    counts = np.bincount(site, minlength=n_sites)
+    blocks = -(-counts // width)
+    first_block = np.cumsum(blocks) - blocks
+    rank = np.arange(len(site)) - (np.cumsum(counts) - counts)[site[order]]  # place within its site
+    slot = (first_block[site[order]] + rank // width) * width + rank % width
+    n_blocks = int(blocks.sum())
+    V = np.zeros((n_blocks * width, D), np.float32)
+    V[slot] = vecs[order]
+    slot_src = np.full(n_blocks * width, n_sources, np.int32)
+    slot_src[slot] = src[order]
+    block_site = np.repeat(np.arange(n_sites), blocks)
+    below = np.concatenate([[0], np.cumsum(blocks.reshape(n_layers, n_pos).sum(1))])
+    arrays = (jnp.asarray(V.reshape(n_blocks, width, D)), jnp.asarray(block_site // n_pos, jnp.int32),
+              jnp.asarray(block_site % n_pos, jnp.int32), jnp.asarray(slot_src))
+    return arrays, below
+
+
+def _decoder_dots(grads, site_arrays, n_blocks: int, n_sources: int):
+    """[batch n_sources]: each row's gradient at every decoder row's site dotted with that decoder vector,
+    summed per source (a cross-layer feature writes several layers).
+
+    Args:
+        grads: [layer batch pos d_model] gradients at the sites of the first layers.
+        site_arrays: `_site_layout`'s arrays (over every layer).
+        n_blocks: how many blocks lie in the layers of `grads` (`_site_layout`'s count below that layer).
+        n_sources: the number of sources (active features).
+    """
+    V, block_layer, block_pos, slot_src = site_arrays
+    g = grads[block_layer[:n_blocks], :, block_pos[:n_blocks]]  # [block batch d_model]
+    dots = jnp.einsum("kbd,kwd->kwb", g, V[:n_blocks]).reshape(-1, grads.shape[1])
+    per_source = jax.ops.segment_sum(dots, slot_src[:dots.shape[0]], num_segments=n_sources + 1)
+    return per_source[:n_sources].T

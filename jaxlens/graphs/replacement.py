@@ -17,6 +17,10 @@ maps and an MLP passes only its transcoder's linear skip.
     out = frozen_forward(model.params, model.cfg, ts, resid0, zero_sources(model.cfg, n_pos))
     out.logits, out.inputs, out.mlp_out        # [1 pos d_vocab], [layer pos d_model] x2
 
+Attribution rows differentiate it with the clean run's frozen activations (`out.frozen`) patched in as
+constants, so the forward's own values are dead code in the vector-Jacobian product, and with sources for only
+the lowest layers (the rows of a feature at layer l need blocks [0, l] only): the truncated forward.
+
 It is the block runner (`jaxlens.model.runner.run_blocks_carried`) with interventions: the transcoder input is
 carried from its hook to `hook_mlp_out` of the same block (the skip term), so there is no other layer loop.
 
@@ -43,7 +47,7 @@ from jaxlens.config import Config
 from jaxlens.dictionaries.base import DictionaryConfig
 from jaxlens.dictionaries.transcoder import CrossLayerTranscoder, Transcoder, activate
 from jaxlens.errors import InputError
-from jaxlens.interventions import HookPoint
+from jaxlens.interventions import HookPoint, Patch
 from jaxlens.model import runner
 from jaxlens.model.attention import Context
 from jaxlens.model.forward import run, unembed
@@ -112,12 +116,15 @@ class Sources(NamedTuple):
 class FrozenOutputs(NamedTuple):
     """What the frozen forward returns: logits [1 pos d_vocab], the transcoder inputs [layer pos d_model], the
     MLP outputs at the output hook [layer pos d_model], the final normalised residual [pos d_model] (the
-    unembedding's input)."""
+    unembedding's input), and (with keep_frozen) the frozen activations, every attention pattern and norm
+    scale: {relative block name: [layer 1 ...], "ln_final.hook_scale": [1 pos 1]}. `layer` counts the layers
+    run; logits and final are None when that is fewer than n_layers."""
 
-    logits: Array
+    logits: Array | None
     inputs: Array
     mlp_out: Array
-    final: Array
+    final: Array | None
+    frozen: dict[str, Array]
 
 
 def transcoder_set(transcoders: Any, cfg: Config) -> TranscoderSet:
@@ -159,23 +166,30 @@ def zero_sources(cfg: Config, n_pos: int) -> Sources:
 
 
 def frozen_forward(params, cfg: Config, ts: TranscoderSet, resid0: Float[Array, "1 pos d_model"],
-                   sources: Sources) -> FrozenOutputs:
+                   sources: Sources, frozen: Mapping[str, Array] | None = None,
+                   keep_frozen: bool = False) -> FrozenOutputs:
     """The replacement model's forward with `sources` added (see the module docstring).
 
     Args:
         params, cfg: the model.
         ts: the transcoder set (`transcoder_set`).
         resid0: the residual stream entering block 0 (`embedding`).
-        sources: additive inputs at hook_embed (the same as adding to resid0) and at every MLP output.
+        sources: additive inputs at hook_embed (the same as adding to resid0) and at the MLP outputs of the
+            layers to run: `sources.mlp_out` [n_run pos d_model] runs blocks [0, n_run) (every layer: the
+            logits too).
+        frozen: None, or a clean run's `FrozenOutputs.frozen` (at least n_run layers): the patterns and norm
+            scales are then those constants (Patch) rather than this run's activations behind stop_gradient:
+            the same values and Jacobian at the clean run, but a vector-Jacobian product that needs none of
+            the forward's values.
+        keep_frozen: return the frozen activations (`FrozenOutputs.frozen`; else {}: recording them changes
+            the compiled program, whose values then differ from the model's forward in the last bit).
     """
-    L, n_pos = cfg.n_layers, resid0.shape[1]
-    stop = StopGradient()
-    scale, shift = _input_transform(params, cfg, ts)
+    n_run, n_pos = sources.mlp_out.shape[0], resid0.shape[1]
+    scale, shift = (a[:n_run] for a in _input_transform(params, cfg, ts))
     read_at = "ln2.hook_normalized" if ts.input_hook == "mlp.hook_in" else ts.input_hook
-    stacked = {"attn.hook_pattern": [stop]}
-    for name in _norm_scales(cfg):
-        stacked[name] = [stop]
-    W_skip = ts.W_skip if ts.W_skip is not None else jnp.zeros((L, 0, 0), jnp.float32)
+    names = ["attn.hook_pattern", *_norm_scales(cfg)]
+    stacked = {name: [StopGradient() if frozen is None else Patch(frozen[name][:n_run])] for name in names}
+    W_skip = ts.W_skip[:n_run] if ts.W_skip is not None else jnp.zeros((n_run, 0, 0), jnp.float32)
     stacked[read_at] = stacked.get(read_at, []) + [ReadInput(scale, shift)]
     out_at = "hook_mlp_out"
     stacked[out_at] = stacked.get(out_at, []) + [ReplaceMLP(W_skip, sources.mlp_out[:, None])]
@@ -183,13 +197,20 @@ def frozen_forward(params, cfg: Config, ts: TranscoderSet, resid0: Float[Array, 
     ctx = Context(positions=jnp.arange(n_pos)[None], key_valid=None, offset=0)
     resid = resid0 + sources.embed[None].astype(resid0.dtype)
     carry = jnp.zeros((1, n_pos, cfg.d_model), jnp.float32)
-    resid, rec, _, _ = runner.run_blocks_carried(params["blocks"], cfg, resid, ctx, ivs, start=0, stop=L,
-                                                 cache=frozenset({read_at, out_at}), carry=carry)
+    resid, rec, _, _ = runner.run_blocks_carried(params["blocks"], cfg, resid, ctx, ivs, start=0, stop=n_run,
+                                                 cache=frozenset({read_at, out_at, *names * keep_frozen}),
+                                                 carry=carry)
     inputs = _mlp_input(rec[read_at][:, 0], scale[:, None], shift[:, None])
-    top = Hooks(here={"ln_final.hook_scale": [stop]})
+    kept = {name: rec[name] for name in names * keep_frozen}
+    if n_run < cfg.n_layers:
+        return FrozenOutputs(None, inputs, rec[out_at][:, 0], None, kept)
+    top_scale = "ln_final.hook_scale"
+    top = Hooks(here={top_scale: [StopGradient() if frozen is None or top_scale not in frozen
+                                  else Patch(frozen[top_scale])]},
+                names_to_cache=frozenset({top_scale} if keep_frozen else ()))
     final = norm(params.get("ln_final", {}), resid, cfg, top, "ln_final")
     logits = unembed(params, cfg, final)
-    return FrozenOutputs(logits, inputs, rec[out_at][:, 0], final[0])
+    return FrozenOutputs(logits, inputs, rec[out_at][:, 0], final[0], {**kept, **top.cache})
 
 
 def encode(ts: TranscoderSet, x: Float[Array, "layer pos d_model"]) -> Float[Array, "layer pos d_sae"]:

@@ -10,7 +10,7 @@ import pytest
 from jaxlens import forward
 from jaxlens.errors import InputError
 from jaxlens.graphs import attribute
-from jaxlens.graphs.attribute import _decoder_dots, prompt_tokens
+from jaxlens.graphs.attribute import _decoder_dots, _site_layout, prompt_tokens
 from jaxlens.graphs.replacement import TranscoderError
 from tests.graphs.graph_models import TOKENS, random_transcoders, tiny_model
 
@@ -171,13 +171,22 @@ def test_prompt_tokens_prepend_a_special_token_unless_present(gpt2):
         prompt_tokens(model, "abcdefghijkl")
 
 
-@pytest.mark.parametrize("budget", [4 * 3 * 5, 4 * 3 * 5 * 4, 2**20])  # one row per chunk, 4 (padded), all
-def test_decoder_dots_in_chunks_equal_one_gather(budget):
-    """Each row's gradient at its decoder row's site dotted with the vector, however the rows are chunked."""
+@pytest.mark.parametrize("n_layers_run", [3, 2, 1, 0])
+def test_decoder_dots_by_site_equal_one_gather(n_layers_run):
+    """Each row's gradient at its decoder row's site dotted with the vector, summed per source (a source may
+    own several rows, as a cross-layer feature), for the sites of the first layers only (a truncated run),
+    with sites holding more rows than a block."""
     rng = np.random.default_rng(0)
-    grads = rng.normal(size=(3, 6, 5)).astype(np.float32)  # [batch sites d_model]
-    sites = rng.integers(0, 6, size=11)
-    vecs = rng.normal(size=(11, 5)).astype(np.float32)
-    want = np.stack([[grads[b, sites[r]] @ vecs[r] for r in range(11)] for b in range(3)])
-    got = _decoder_dots(jnp.asarray(grads), jnp.asarray(sites), jnp.asarray(vecs), budget=budget)
+    L, P, D, n_rows, n_src = 3, 2, 5, 23, 9
+    layer, pos = rng.integers(0, L, size=n_rows), rng.integers(0, P, size=n_rows)
+    layer[:7], pos[:7] = 1, 0  # one busy site: blocks of 3 rows, so it takes 3 blocks
+    src = np.concatenate([np.arange(n_src), rng.integers(0, n_src, size=n_rows - n_src)])
+    vecs = rng.normal(size=(n_rows, D)).astype(np.float32)
+    grads = rng.normal(size=(n_layers_run, 4, P, D)).astype(np.float32)  # [layer batch pos d_model]
+    want = np.zeros((4, n_src))
+    for r in range(n_rows):
+        if layer[r] < n_layers_run:
+            want[:, src[r]] += grads[layer[r], :, pos[r]] @ vecs[r]
+    arrays, below = _site_layout((vecs, layer, pos, src), L, P, n_src, width=3)
+    got = _decoder_dots(jnp.asarray(grads), arrays, int(below[n_layers_run]), n_src)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
