@@ -40,16 +40,10 @@ def _gemma3_hparams(w, c):
     the window, the final softcap; no layer pattern, local rope base or query scale (the loader
     fixes them)."""
     full = c.rope_parameters["full_attention"]
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    text_model_hparams(w, c, rope_theta=full["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_rope_freq_base(full["rope_theta"])
     w.add_final_logit_softcapping(c.final_logit_softcapping)
     w.add_sliding_window(c.sliding_window)
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -98,15 +98,16 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
     return path
 
 
-def text_model_hparams(w, c) -> None:
-    """The metadata llama.cpp's `TextModel.set_gguf_parameters` writes for every rotary text model."""
+def text_model_hparams(w, c, rope_theta: float | None = None) -> None:
+    """The metadata llama.cpp's `TextModel.set_gguf_parameters` writes for every rotary text model (the rope
+    base from `rope_parameters["rope_theta"]` unless given, e.g. Gemma 3's global layers')."""
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if rope_theta is None else rope_theta)
 
 
 def llama_hparams(w, c, arch: str) -> None:
