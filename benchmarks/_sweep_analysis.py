@@ -32,6 +32,26 @@ def med(xs):
     return float(statistics.median(xs))
 
 
+# -- the matmul reference ------------------------------------------------------------------------------------
+def matmul_fn(n: int, dtype):
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(jnp.dot)
+    jax.block_until_ready(f(a, b))
+    return lambda: jax.block_until_ready(f(a, b)), 2.0 * n ** 3
+
+
+def matmul_round(mm, flops, min_s: float = 0.5) -> tuple[float, float]:
+    """(FLOP/s by wall time, FLOP/s per CPU second) over repeated matmuls for at least min_s seconds."""
+    walls, cpus = [], []
+    t_end = time.perf_counter() + min_s
+    while time.perf_counter() < t_end or len(walls) < 3:
+        _, w, c = timed(mm)
+        walls.append(w)
+        cpus.append(c)
+    return flops / med(walls), flops / max(med(cpus), 1e-9)
+
+
 def cost(compiled) -> float:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -53,11 +73,11 @@ class SweepInfo:
 
 
 def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, budget=None, chunk_size=None,
-                  compile_prep=True) -> SweepInfo:
+                  compile_prep=True, metric_fn=metric) -> SweepInfo:
     """Plan the sweep (`patching.plan_sweep`, as `patching.sweep` plans it) and compile its chunk functions
     afresh (`SweepPlan.lower`): timing, XLA's cost and memory analyses; the analytic FLOPs are the plan's."""
     toks = jnp.asarray(tokens)
-    plan = patching.plan_sweep(params, cfg, toks, clean_cache, metric, hook=hook, axes=axes,
+    plan = patching.plan_sweep(params, cfg, toks, clean_cache, metric_fn, hook=hook, axes=axes,
                                prefix_reuse=reuse, memory_budget=budget, chunk_size=chunk_size)
     prep_s = prep_cpu = float("nan")
     if compile_prep:
@@ -83,6 +103,9 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
         if prog.point:  # the same chunk with the patched block over the window: its loop body's FLOPs
             specs[k_]["window_block_flops"] = cost(plan.lower(k_, point_layer=False).compile()) - \
                 prog.chunk_size * read_flops
+        if prog.last_queries:  # the last layer on the read positions: FLOPs beyond a chunk without it
+            without = cost(plan.lower(k_, last_layer=False).compile())
+            specs[k_]["last_layer_flops"] = specs[k_]["flops"] - without
     # one block over all P positions per cell, as XLA counts it: a reuse chunk of window P, one cell
     comp_full = plan.lower(window=P, chunk_size=1, point_layer=False, prefix_reuse=True).compile()
     block_xla = cost(comp_full) - read_flops
@@ -94,7 +117,11 @@ def analyse_sweep(params, cfg, tokens, clean_cache, hook, axes, *, reuse=True, b
         sp = specs[ch.bucket]
         C = sp["chunk"]
         trips = cfg.n_layers - ch.layer if reuse else cfg.n_layers
-        if reuse and sp["point"]:  # counted once: the one-position block and the loop body (trips - 1 runs)
+        if reuse and sp["point"] and "last_layer_flops" in sp:  # once: the one-position block, the loop
+            # body (layers l+1 .. L-2) and the last layer on the read positions (not run for l = L-1)
+            body, last = sp["window_block_flops"], sp["last_layer_flops"]
+            flops_xla += sp["flops"] + (trips - 3) * body if trips >= 2 else sp["flops"] - body - last
+        elif reuse and sp["point"]:  # counted once: the one-position block and the loop body (trips - 1 runs)
             flops_xla += sp["flops"] + (trips - 2) * sp["window_block_flops"]
         elif reuse:
             flops_xla += sp["flops"] * trips

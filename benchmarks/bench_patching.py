@@ -10,7 +10,8 @@ folder and loaded, unprocessed, into both TransformerLens 4.3 (`TransformerBridg
   vs TransformerLens on its first --tl-cells cells (a counting metric stops TL's loop there; each round is
   timed, the per-cell median extrapolated to the grid). Ratios are of wall time and of process CPU time (the
   CPU machine is shared: CPU time is less sensitive to other processes). TL's values on those cells are
-  checked against jaxlens's.
+  checked against jaxlens's. Also a savvy user's hand-batched TL loop (64 patches per forward through hooks,
+  `_patching_tl.tl_hand_batched`) on its first --tl-batched-forwards forwards, in the same rounds.
 - FLOPs: per chunk function, XLA's `compile().cost_analysis()["flops"]` counts the body of the layer loop
   once, so the sweep's total is sum over chunks of that count x the layers the chunk runs (when the patched
   layer runs on the patched position only, that block once plus the loop body, counted from the same chunk
@@ -25,8 +26,10 @@ folder and loaded, unprocessed, into both TransformerLens 4.3 (`TransformerBridg
   peak RSS.
 - Attribution patching (`patching.attribution_patch`) time vs TL's exact sweep and vs jaxlens's exact sweep,
   with its correlation to the exact grid.
-- The same sweep on SmolLM2-135M (30 layers x 9 heads, 3 kv heads; the real packaged weights when
-  `from_pretrained("smollm2-135m")` loads, else random weights of that shape).
+- The same sweep on SmolLM2-135M (30 layers x 9 heads, 3 kv heads): on the real packaged weights (when
+  `from_pretrained("smollm2-135m")` loads) with an IOI prompt pair and, beside it, TL's own sweep on the same
+  weights (the Hugging Face folder `bench_graphs.hf_folder` caches); else random weights of that shape.
+- Where the time goes, program by program: `profile_patching.py`.
 
     python benchmarks/bench_patching.py           # CPU: writes benchmarks/results/patching_cpu.json
     python benchmarks/bench_patching.py --quick --skip-tl
@@ -52,13 +55,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's progress bar
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _patching_report import NOTES, render  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _patching_report import NOTES, render  # noqa: E402
+from _patching_tl import smollm2_bridge, tl_hand_batched, tl_sweep_cells  # noqa: E402
 from _sweep_analysis import (  # noqa: E402
     ANSWER,
     WRONG,
     analyse_sweep,
     chunk_sizes,
     compile_totals,
+    matmul_fn,
+    matmul_round,
     med,
     metric,
     timed,
@@ -88,26 +95,6 @@ def prompts(d_vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     corrupted[0, 1], corrupted[0, 9] = clean[0, 9], clean[0, 1]
     corrupted[0, 1] = corrupted[0, 1] if corrupted[0, 1] != clean[0, 1] else (clean[0, 1] % (d_vocab - 1)) + 1
     return clean, corrupted
-
-
-# -- timing --------------------------------------------------------------------------------------------------
-def matmul_fn(n: int, dtype):
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.dot)
-    jax.block_until_ready(f(a, b))
-    return lambda: jax.block_until_ready(f(a, b)), 2.0 * n ** 3
-
-
-def matmul_round(mm, flops, min_s: float = 0.5) -> tuple[float, float]:
-    """(FLOP/s by wall time, FLOP/s per CPU second) over repeated matmuls for at least min_s seconds."""
-    walls, cpus = [], []
-    t_end = time.perf_counter() + min_s
-    while time.perf_counter() < t_end or len(walls) < 3:
-        _, w, c = timed(mm)
-        walls.append(w)
-        cpus.append(c)
-    return flops / med(walls), flops / max(med(cpus), 1e-9)
 
 
 # -- models --------------------------------------------------------------------------------------------------
@@ -152,51 +139,11 @@ def build_smollm2(args):
 # -- FLOPs and compiled functions ---------------------------------------------------------------------------
 # The analytic counts (matmuls and attention) are the package's own (`jaxlens.patching.cost`), which
 # `patching.plan_sweep` reports.
-class _Stop(Exception):
-    pass
-
-
-def tl_sweep_cells(br, corrupted, clean_cache, n_cells: int):
-    """Run TL's get_act_patch_attn_head_out_by_pos until n_cells cells are done: (values, wall s, CPU s)."""
-    import torch
-    from transformer_lens import patching as tlp
-
-    vals = []
-
-    def tl_metric(logits):
-        v = (logits[:, -1, ANSWER] - logits[:, -1, WRONG]).mean()
-        vals.append(float(v.detach()))
-        if len(vals) >= n_cells:
-            raise _Stop
-        return v
-
-    toks = torch.as_tensor(corrupted, dtype=torch.long)
-
-    def go():
-        try:
-            with torch.no_grad():
-                tlp.get_act_patch_attn_head_out_by_pos(br, toks, clean_cache, tl_metric)
-        except _Stop:
-            pass
-
-    _, w, c = timed(go)
-    if len(vals) != n_cells:
-        raise RuntimeError(f"TL ran {len(vals)} cells, expected {n_cells}")
-    return np.asarray(vals), w, c
-
-
 # -- the benchmark -------------------------------------------------------------------------------------------
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "unknown"
     dev = jax.devices()[0]
-    return dict(nproc=os.cpu_count(), cpu=model, backend=jax.default_backend(), device=str(dev.device_kind),
+    return dict(nproc=os.cpu_count(), cpu=cpu_model(), backend=jax.default_backend(),
+                device=str(dev.device_kind),
                 n_devices=jax.device_count(), jax=jax.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 load_average_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
@@ -277,11 +224,12 @@ def bench_gpt2(args, R: dict, log):
     # interleaved rounds: matmul peak, exact sweep (and TL's first cells)
     mm_n = args.matmul_n or (8192 if on_gpu else 2048)
     mm, mm_flops = matmul_fn(mm_n, dtype)
-    sweep_w, sweep_c, mm_w, mm_c, tl_w, tl_c = [], [], [], [], [], []
-    tl_vals = None
+    sweep_w, sweep_c, mm_w, mm_c, tl_w, tl_c, hb_w, hb_c = [], [], [], [], [], [], [], []
+    tl_vals = hb_vals = None
     tl_n = args.tl_cells
     if br is not None:
         tl_sweep_cells(br, corrupted, tl_cache, 4)  # warm-up (first-call overheads), not timed
+        tl_hand_batched(br, corrupted, tl_cache, 1)
     for r in range(args.repeats):
         a, b = matmul_round(mm, mm_flops)
         mm_w.append(a)
@@ -294,7 +242,11 @@ def bench_gpt2(args, R: dict, log):
             tl_vals, w, c = tl_sweep_cells(br, corrupted, tl_cache, tl_n)
             tl_w.append(w / tl_n)
             tl_c.append(c / tl_n)
-        tl_msg = f", TL {tl_w[-1] * 1e3:.1f} ms/cell" if br is not None and r < args.tl_rounds else ""
+            hb_vals, w, c = tl_hand_batched(br, corrupted, tl_cache, args.tl_batched_forwards)
+            hb_w.append(w / len(hb_vals))
+            hb_c.append(c / len(hb_vals))
+        tl_msg = (f", TL {tl_w[-1] * 1e3:.1f} ms/cell, hand-batched TL {hb_w[-1] * 1e3:.1f} ms/cell"
+                  if br is not None and r < args.tl_rounds else "")
         log(f"round {r}: sweep {sweep_w[-1]:.2f} s, matmul {a / 1e9:.1f} GFLOP/s{tl_msg}")
     g["exact_sweep"] = dict(wall_s=med(sweep_w), cpu_s=med(sweep_c), wall_all=sweep_w, cpu_all=sweep_c,
                             wall_per_cell_ms=1e3 * med(sweep_w) / n_cells,
@@ -350,6 +302,13 @@ def bench_gpt2(args, R: dict, log):
                        attribution_speedup_wall=tl_cell_w * n_cells / med(aw),
                        attribution_speedup_cpu=tl_cell_c * n_cells / med(ac),
                        no_reuse_speedup_wall=tl_cell_w * n_cells / med(nw))
+        hb = grid.reshape(-1)[:len(hb_vals)]
+        g["tl_hand_batched"] = dict(batch=64, forwards_timed=args.tl_batched_forwards, rounds=len(hb_w),
+                                    wall_per_cell_ms=1e3 * med(hb_w), cpu_per_cell_ms=1e3 * med(hb_c),
+                                    max_abs_diff_vs_jaxlens=float(np.abs(hb_vals - hb).max()),
+                                    speedup_wall=med(hb_w) * n_cells / med(sweep_w),
+                                    speedup_cpu=med(hb_c) * n_cells / med(sweep_c))
+        log(f"TL hand-batched: {g['tl_hand_batched']}")
         log(f"TL: {g['tl']}")
     return model
 
@@ -376,21 +335,59 @@ def bench_compile_depth(args, R: dict, log):
 
 
 def bench_smollm2(args, R: dict, log):
+    """The head x position sweep on SmolLM2-135M: an IOI prompt pair on the real weights (and, with TL, TL's
+    own sweep on the same weights in the same run), else random prompts on random weights of its shape."""
     model, source = build_smollm2(args)
     cfg = model.cfg
-    clean, corrupted = prompts(cfg.d_vocab, seed=1)
+    real = source.startswith("real")
+    if real:
+        from jaxlens.analysis.ioi import ioi_prompts
+
+        ioi = ioi_prompts(model, 1)
+        clean, corrupted = np.asarray(ioi.clean_tokens), np.asarray(ioi.corrupted_tokens)
+        a, b = int(ioi.answer_ids[0]), int(ioi.wrong_ids[0])
+        prompt = f"IOI pair: {ioi.clean[0]!r} / {ioi.corrupted[0]!r}, metric logit({ioi.answers[0]!r}) - " \
+                 f"logit({ioi.wrong[0]!r}) at the last position"
+    else:
+        (clean, corrupted), (a, b) = prompts(cfg.d_vocab, seed=1), (ANSWER, WRONG)
+        prompt = "random prompts differing at positions 1 and 9, metric logit difference of two ids"
+
+    def ioi_metric(logits):
+        return (logits[:, -1, a] - logits[:, -1, b]).mean()
+
     _, cache = model.run_with_cache(clean)
-    exact = sweep_thunk(model, corrupted, cache)
+
+    def exact():
+        return np.asarray(patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, ioi_metric,
+                                                                      progress=False))
     grid, w_cold, _ = timed(exact)
-    info = analyse_sweep(model.params, cfg, corrupted, cache, "attn.hook_z", ("layer", "pos", "head"))
-    ws, cs = [], []
+    info = analyse_sweep(model.params, cfg, corrupted, cache, "attn.hook_z", ("layer", "pos", "head"),
+                         metric_fn=ioi_metric)
+    br = None
+    if real and not args.skip_tl:
+        br, where = smollm2_bridge(args.threads)
+        if br is None:
+            log(f"SmolLM2 TL baseline skipped: {where}")
+        else:
+            import torch
+
+            with torch.no_grad():
+                _, tl_cache = br.run_with_cache(torch.as_tensor(clean, dtype=torch.long))
+            tl_sweep_cells(br, corrupted, tl_cache, 2, a, b)  # warm-up
+    ws, cs, tw, tc = [], [], [], []
+    tl_vals = None
     for _ in range(args.smol_repeats):
         out, w, c = timed(exact)
         ws.append(w)
         cs.append(c)
-    n_cells = cfg.n_layers * N_POS * cfg.n_heads
-    R["smollm2"] = dict(source=source, cells=n_cells, layers=cfg.n_layers, heads=cfg.n_heads,
-                        kv_heads=cfg.n_key_value_heads, d_model=cfg.d_model, wall_s=med(ws), cpu_s=med(cs),
+        if br is not None:
+            tl_vals, w, c = tl_sweep_cells(br, corrupted, tl_cache, args.smol_tl_cells, a, b)
+            tw.append(w / args.smol_tl_cells)
+            tc.append(c / args.smol_tl_cells)
+    n_cells = int(np.prod(grid.shape))
+    R["smollm2"] = dict(source=source, prompt=prompt, tokens=int(clean.shape[1]), cells=n_cells,
+                        layers=cfg.n_layers, heads=cfg.n_heads, kv_heads=cfg.n_key_value_heads,
+                        d_model=cfg.d_model, wall_s=med(ws), cpu_s=med(cs),
                         wall_per_cell_ms=1e3 * med(ws) / n_cells, cold_first_call_s=w_cold,
                         compile_s=compile_totals(info)[0], compile_cpu_s=compile_totals(info)[1],
                         windows=windows(info), chunk_sizes=chunk_sizes(info),
@@ -398,6 +395,13 @@ def bench_smollm2(args, R: dict, log):
                         ratio_reuse_vs_naive_xla=info.flops_xla / info.naive_flops_xla,
                         ratio_reuse_vs_naive_analytic=info.flops_analytic / info.naive_flops_analytic,
                         sweep_flops_per_s=info.flops_xla / med(ws))
+    if tw:
+        R["smollm2"]["tl"] = dict(cells_timed=args.smol_tl_cells, rounds=len(tw), hf_folder=where,
+                                  wall_per_cell_ms=1e3 * med(tw), cpu_per_cell_ms=1e3 * med(tc),
+                                  max_abs_diff_vs_jaxlens=float(np.abs(tl_vals - grid.reshape(-1)[
+                                      :len(tl_vals)]).max()),
+                                  speedup_wall=med(tw) * n_cells / med(ws),
+                                  speedup_cpu=med(tc) * n_cells / med(cs))
     log(f"SmolLM2: {R['smollm2']}")
 
 
@@ -413,6 +417,10 @@ def main(argv=None) -> dict:
                     help="warm runs of the exact sweep (default 3, quick 1)")
     ap.add_argument("--tl-cells", type=int, default=None, help="TL cells per round (default 96, quick 12)")
     ap.add_argument("--tl-rounds", type=int, default=None, help="TL rounds (default 3, quick 1)")
+    ap.add_argument("--tl-batched-forwards", type=int, default=3,
+                    help="forwards of 64 patches timed per round of the hand-batched TL loop")
+    ap.add_argument("--smol-tl-cells", type=int, default=None,
+                    help="TL cells per round on the real SmolLM2 (default 27, quick 9)")
     ap.add_argument("--naive-repeats", type=int, default=1, help="warm runs of the prefix_reuse=False sweep")
     ap.add_argument("--naive-layers", type=int, default=2, help="layers timed with prefix_reuse=False")
     ap.add_argument("--smol-repeats", type=int, default=None,
@@ -430,6 +438,7 @@ def main(argv=None) -> dict:
     args.tl_cells = args.tl_cells or (12 if q else 96)
     args.tl_rounds = args.tl_rounds or (1 if q else 3)
     args.smol_repeats = args.smol_repeats or (1 if q else 2)
+    args.smol_tl_cells = args.smol_tl_cells or (9 if q else 27)
     kind = args.device_kind or ("cpu" if jax.default_backend() == "cpu" else jax.default_backend())
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     out = args.out or ROOT / "benchmarks" / "results" / f"patching_{kind}{suffix}{'_quick' if q else ''}.json"

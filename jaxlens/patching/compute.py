@@ -14,7 +14,10 @@ Two forms, with identical results:
   so block l runs on that one position (its keys and values read from the target run's cache) and the window
   starts at layer l + 1 from the target run's residual with position p replaced.
 
-Either way only the logits the metric reads are computed when `logit_reads` could find them.
+Either way only the logits the metric reads are computed when `logit_reads` could find them. When those sit
+at the last positions of a causal model (`logits[:, -1]`), the last layer computes its queries, attention
+output and MLP at those positions only: the other window positions contribute just their keys and values
+(`ChunkSpec.last_queries`), which cuts a window-wide block from every cell.
 """
 
 import dataclasses
@@ -24,11 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxlens.interventions import Patch
-from jaxlens.model.attention import Context, KVState
+from jaxlens.model.attention import Context, KVState, attention_sublayer
 from jaxlens.model.forward import final_logits, run, unembed
 from jaxlens.model.hooks import Hooks
 from jaxlens.model.norms import norm
-from jaxlens.model.runner import BlockInterventions, run_blocks
+from jaxlens.model.runner import NO_INTERVENTIONS, BlockInterventions, run_blocks, windows
 from jaxlens.patching.logit_reads import LogitReads
 from jaxlens.patching.plan import POS_AXES, Target
 
@@ -56,6 +59,7 @@ class ChunkSpec:
         metric: the user's metric of logits.
         reads: the metric rebuilt on the logits it reads, or None for full logits.
         point_layer: allow the one-position patched block (see `point`).
+        last_layer: allow the last layer on the read positions only (see `last_queries`).
     """
 
     target: Target
@@ -65,6 +69,7 @@ class ChunkSpec:
     metric: Callable
     reads: LogitReads | None
     point_layer: bool = True
+    last_layer: bool = True
 
     @property
     def point(self) -> bool:
@@ -73,6 +78,19 @@ class ChunkSpec:
         t = self.target
         return (self.point_layer and self.reuse and t.kind == "block" and t.rel in POINTWISE
                 and t.cfg.attention_dir == "causal" and _swept_pos(t) is not None)
+
+    @property
+    def last_queries(self) -> int | None:
+        """Query positions of the last layer when it runs unpatched on the read positions only: the metric
+        reads positions [n_pos - last_queries, n_pos) at most, inside the window, under causal attention (the
+        other window positions give the last layer only their keys and values). None: the last layer runs
+        on the whole window."""
+        t = self.target
+        if not (self.last_layer and self.reuse and self.reads is not None and t.cfg.attention_dir == "causal"
+                and (t.kind == "pre" or self.point)):
+            return None
+        n = self.n_pos - int(self.reads.positions.min())
+        return n if n < self.window else None
 
 
 def chunk_values(spec: ChunkSpec, params, data: dict, layer, idx):
@@ -118,15 +136,42 @@ def _blocks(spec: ChunkSpec, params, data, resid, start, patch):
     """Run layers start..L-1 on the window; `patch` ({hook: [intervention]}) applies in block `start` only.
 
     One traced block serves every layer (the runner's loop with data bounds): the patch is selected in where
-    the loop index equals `start`.
+    the loop index equals `start`. With `spec.last_queries` (never with a patch) the last layer returns only
+    its last `last_queries` positions (`_last_layer`).
     """
-    cfg = spec.target.cfg
+    cfg, L = spec.target.cfg, spec.target.cfg.n_layers
     w0 = spec.n_pos - spec.window
     b, s = resid.shape[:2]
     ctx = Context(positions=jnp.broadcast_to(jnp.arange(w0, spec.n_pos), (b, s)), key_valid=None, offset=w0)
     ivs = BlockInterventions({}, {k: [(start, iv) for iv in v] for k, v in (patch or {}).items()})
     kv = KVState(data["k"], data["v"]) if w0 else None
-    return run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=jnp.asarray(start), stop=cfg.n_layers,
+    n_q = spec.last_queries
+    stop = L if n_q is None else L - 1
+    resid = run_blocks(params["blocks"], cfg, resid, ctx, ivs, start=jnp.asarray(start), stop=stop, kv=kv)[0]
+    if n_q is None:
+        return resid
+    if isinstance(start, int):  # hooks before the blocks: every layer runs
+        return _last_layer(spec, params, data, resid, n_q)
+    # a chunk patched in the last layer has no layer left to run (its point block was the last layer)
+    return jax.lax.cond(start < L, lambda r: _last_layer(spec, params, data, r, n_q),
+                        lambda r: r[:, s - n_q:], resid)
+
+
+def _last_layer(spec: ChunkSpec, params, data, resid, n_q: int):
+    """The last block, unpatched, at the window's last `n_q` positions: the keys and values of the whole
+    window (the rest of that attention sublayer is dead code, which XLA drops), then the block itself on those
+    positions, reading them."""
+    cfg, L = spec.target.cfg, spec.target.cfg.n_layers
+    w0, P = spec.n_pos - spec.window, spec.n_pos
+    b, s = resid.shape[:2]
+    p = jax.tree_util.tree_map(lambda x: x[L - 1], params["blocks"])
+    kv = KVState(data["k"][L - 1], data["v"][L - 1])
+    ctx = Context(positions=jnp.broadcast_to(jnp.arange(w0, P), (b, s)), key_valid=None, offset=w0)
+    _, kv = attention_sublayer(p["attn"], p.get("ln1", {}), resid, cfg, Hooks(), ctx, windows(cfg)[L - 1], kv)
+    ctx = Context(positions=jnp.broadcast_to(jnp.arange(P - n_q, P), (b, n_q)), key_valid=None,
+                  offset=P - n_q)
+    kv = KVState(kv.k[None], kv.v[None])
+    return run_blocks(params["blocks"], cfg, resid[:, s - n_q:], ctx, NO_INTERVENTIONS, start=L - 1, stop=L,
                       kv=kv)[0]
 
 

@@ -7,6 +7,7 @@ unembedding of the logits the metric reads; norms, activations, the softmax and 
 counted. All figures are per batch row; a sweep multiplies by the batch.
 
     block_flops(cfg, window=5, n_pos=7)          # one block on 5 query positions over 7 keys
+    kv_flops(cfg, window=5)                      # the keys and values of 5 positions
     forward_flops(cfg, n_pos=7)                  # a full forward with the full unembedding
 """
 
@@ -20,6 +21,11 @@ def block_flops(cfg: Config, window: int, n_pos: int) -> float:
     return 2.0 * window * proj + 4.0 * window * n_pos * H * E
 
 
+def kv_flops(cfg: Config, window: int) -> float:
+    """FLOPs of the key and value projections of `window` positions (one batch row)."""
+    return 4.0 * window * cfg.d_model * cfg.n_key_value_heads * cfg.d_head
+
+
 def unembed_flops(cfg: Config, n_logits: int) -> float:
     """FLOPs of computing `n_logits` logits (positions x vocabulary entries) of one batch row."""
     return 2.0 * n_logits * cfg.d_model
@@ -31,7 +37,7 @@ def forward_flops(cfg: Config, n_pos: int) -> float:
 
 
 def cell_flops(cfg: Config, kind: str, *, layer: int, window: int, n_pos: int, reuse: bool, point: bool,
-               n_logits: int) -> float:
+               n_logits: int, last_queries: int | None = None) -> float:
     """FLOPs of one patched forward of one batch row, as the sweep's chunk functions compute it.
 
     Args:
@@ -41,16 +47,22 @@ def cell_flops(cfg: Config, kind: str, *, layer: int, window: int, n_pos: int, r
         reuse: start at the patched layer from the corrupted run (else every layer runs on every position).
         point: the patched block runs on the patched position only (`compute.ChunkSpec.point`).
         n_logits: logits the metric reads (positions x vocabulary entries).
+        last_queries: the last layer runs on this many positions, plus the window's keys and values
+            (`compute.ChunkSpec.last_queries`; None: on the whole window).
     """
     L = cfg.n_layers
+    window_blocks = lambda n: n * block_flops(cfg, window, n_pos)  # noqa: E731
+    if last_queries is not None:
+        last = kv_flops(cfg, window) + block_flops(cfg, last_queries, n_pos)
+        window_blocks = lambda n: (n - 1) * block_flops(cfg, window, n_pos) + last if n else 0.0  # noqa: E731
     if kind == "post":
         blocks = 0.0
     elif not reuse:
         blocks = L * block_flops(cfg, n_pos, n_pos)
     elif kind == "pre":
-        blocks = L * block_flops(cfg, window, n_pos)
+        blocks = window_blocks(L)
     elif point:
-        blocks = block_flops(cfg, 1, n_pos) + (L - layer - 1) * block_flops(cfg, window, n_pos)
+        blocks = block_flops(cfg, 1, n_pos) + window_blocks(L - layer - 1)
     else:
         blocks = (L - layer) * block_flops(cfg, window, n_pos)
     return blocks + unembed_flops(cfg, n_logits)
