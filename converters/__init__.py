@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxlens import hub
 from jaxlens.config import Config
-from jaxlens.converters import _gguf
+from jaxlens.converters import _gguf, _registry
 from jaxlens.converters._checkpoint import TensorSource, load_dir_tensors
 from jaxlens.converters._converted import flatten_params as flatten_params
 from jaxlens.converters._converted import is_converted as is_converted
@@ -39,6 +39,7 @@ from jaxlens.converters._converted import load_converted as load_converted
 from jaxlens.converters._converted import save_converted as save_converted
 from jaxlens.converters._converted import unflatten_params as unflatten_params
 from jaxlens.converters._gguf_header import read_gguf as read_gguf
+from jaxlens.converters._gguf_quant import float_dtype
 from jaxlens.converters._gguf_tokenizer import tokenizer_from_gguf as tokenizer_from_gguf
 from jaxlens.converters._registry import ENCODER_ARCHITECTURES as ENCODER_ARCHITECTURES
 from jaxlens.converters._registry import FAMILIES as FAMILIES
@@ -48,31 +49,36 @@ from jaxlens.converters._registry import family_for as family_for
 from jaxlens.errors import CheckpointError
 
 
-def load(source: Any, *, allow_pickle: bool = False) -> tuple[Config, dict]:
-    """(Config, float32 numpy params) from a checkpoint, unprocessed (no fold_ln or centring).
+def load(source: Any, *, allow_pickle: bool = False, dtype=np.float32) -> tuple[Config, dict]:
+    """(Config, numpy params of `dtype`) from a checkpoint, unprocessed (no fold_ln or centring).
 
     Args:
-        source: a Hugging Face folder, a .gguf file, a `jaxlens convert` checkpoint, a cached Hugging Face
-            repo id or packaged model name (`jaxlens.hub.resolve`), or an in-memory `transformers` model.
+        source: a Hugging Face folder, a .gguf file (or any part of a split one), a `jaxlens convert`
+            checkpoint, a cached Hugging Face repo id or packaged model name (`jaxlens.hub.resolve`), or an
+            in-memory `transformers` model.
         allow_pickle: accept pickled `*.bin` weights (they can execute code when loaded).
+        dtype: float32, float16 or bfloat16: each tensor is cast (a GGUF tensor decoded) to it as it is read,
+            so a half-precision model never has a float32 copy (a `jaxlens convert` checkpoint: cast after).
 
     Raises:
         CheckpointError: missing config, unknown architecture or config keys, missing / leftover / misshapen
             tensors.
         UnsafeCheckpointError: pickled weights without allow_pickle=True.
         ModelNotFoundError: a name that matches nothing local.
+        InputError: a dtype other than float32, float16, bfloat16.
     """
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         config = source.config
         hf = config.to_diff_dict() if hasattr(config, "to_diff_dict") else config.to_dict()
         hf.setdefault("architectures", [type(source).__name__])
         sd = {k: _tensor_to_numpy(v) for k, v in source.state_dict().items()}
-        return convert(hf, TensorSource(sd, origin=f"in-memory {type(source).__name__}"))
+        return convert(hf, TensorSource(sd, origin=f"in-memory {type(source).__name__}"), dtype=dtype)
     path = hub.resolve(source)
     if is_converted(path):
-        return load_converted(path)
+        cfg, params = load_converted(path)
+        return cfg, _registry._to_dtype(params, float_dtype(dtype))
     if path.is_file():
-        return _gguf.load(path)
+        return _gguf.load(path, dtype=dtype)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory holding config.json and weights.")
     config_file = path / "config.json"
@@ -80,7 +86,7 @@ def load(source: Any, *, allow_pickle: bool = False) -> tuple[Config, dict]:
         raise CheckpointError(f"{path} has no config.json; jaxlens needs it to know the architecture.")
     hf = json.loads(config_file.read_text())
     family_for(hf)  # an unknown architecture is reported before any weight is read
-    return convert(hf, load_dir_tensors(path, allow_pickle=allow_pickle))
+    return convert(hf, load_dir_tensors(path, allow_pickle=allow_pickle), dtype=dtype)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

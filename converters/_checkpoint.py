@@ -125,12 +125,17 @@ class TensorSource:
     Args:
         readers: {name: () -> np.ndarray}; a name may also map straight to an array.
         origin: where the tensors came from (for messages).
+
+    Attributes:
+        dtype: the dtype floating tensors are cast to when taken (float32; `convert(..., dtype=)` sets float16
+            or bfloat16 for a half-precision model, so that no float32 copy of it is made).
     """
 
     def __init__(self, readers: Mapping[str, Callable[[], np.ndarray] | np.ndarray],
                  origin: str = "checkpoint"):
         self._readers, self.origin = dict(readers), origin
         self._taken: set[str] = set()
+        self.dtype = np.dtype(np.float32)
 
     def names(self) -> list[str]:
         return list(self._readers)
@@ -148,7 +153,8 @@ class TensorSource:
         self._readers = {k.removeprefix(prefix): v for k, v in self._readers.items()}
 
     def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """The tensor `name` (as float32 if floating), marked as used; checked against `shape` if given."""
+        """The tensor `name` (as `self.dtype` if floating), marked as used; checked against `shape` if
+        given."""
         if name not in self._readers:
             raise CheckpointError(
                 f"{self.origin}: tensor {name!r} is missing. Found {len(self._readers)} tensors, e.g. "
@@ -156,8 +162,9 @@ class TensorSource:
             )
         r = self._readers[name]
         arr = r() if callable(r) else np.asarray(r)
-        if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
+        floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"
+        if floating and arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise CheckpointError(
                 f"{self.origin}: tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)} from "

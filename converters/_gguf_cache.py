@@ -5,6 +5,10 @@ file. Cache files are written atomically and durably (`jaxlens._atomic`), and th
 recorded in a JSON written after it, so an interrupted or damaged cache is recomputed, never read.
 
     metadata, tensors = cached_dequantize(path)   # every tensor; the second call reads the cache
+
+A split model (`_gguf_split`) is one entry, keyed by the hashes of all its parts. A float16 / bfloat16 load
+(`dtype=`) decodes straight from the GGUF file into that dtype and neither reads nor writes the float32 cache:
+reading the cache would hold float32 copies, and the direct decode is the cheap part of loading such a model.
 """
 
 import contextlib
@@ -20,7 +24,8 @@ import numpy as np
 
 from jaxlens import _atomic
 from jaxlens.converters._checkpoint import read_safetensors, write_safetensors
-from jaxlens.converters._gguf_header import dequantize_all
+from jaxlens.converters._gguf_header import dequantize_all, read_gguf
+from jaxlens.converters._gguf_quant import float_dtype
 from jaxlens.errors import CheckpointError
 
 #: Bumped whenever the cached representation or the decoders change, so that old cache entries are not reused.
@@ -36,7 +41,8 @@ def default_cache_dir() -> Path:
 
 
 def cached_dequantize(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, progress: bool = True
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
+    dtype=np.float32,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """`dequantize_all(path)`, kept on disk so that the next call only reads a safetensors file.
 
@@ -47,15 +53,17 @@ def cached_dequantize(
     renamed into place, the JSON last. A missing, partial or damaged entry is recomputed.
 
     Args:
-        path: a `.gguf` file.
+        path: a `.gguf` file (any part of a split model).
         cache_dir: where to keep entries; default `default_cache_dir()` ($JAXLENS_CACHE or ~/.cache/jaxlens).
         progress: show a progress bar while dequantising.
+        dtype: float32 (cached), or float16 / bfloat16: decoded directly, without the cache.
 
     Returns:
         `(metadata, tensors)`, as `dequantize_all` returns them.
 
     Raises:
         CheckpointError: as `read_gguf` and `GGUFFile.get`.
+        InputError: a dtype other than float32, float16, bfloat16.
 
     Warns:
         RuntimeWarning: an existing entry was damaged (it is recomputed), or the entry could not be written
@@ -64,15 +72,18 @@ def cached_dequantize(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No GGUF file at {path}.")
+    gf = read_gguf(path)
+    if float_dtype(dtype) != np.float32:
+        return dequantize_all(gf, progress=progress, dtype=dtype)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    digest = _sha256_file(path)
+    digest = _sha256_parts(gf.parts)
     stem = f"gguf-{digest}-v{CACHE_FORMAT_VERSION}"
     tensors_path, record_path = cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
 
     hit = _read_cache(tensors_path, record_path, digest)
     if hit is not None:
         return hit
-    metadata, tensors = dequantize_all(path, progress=progress)
+    metadata, tensors = dequantize_all(gf, progress=progress)
     try:
         _write_cache(tensors_path, record_path, digest, path, metadata, tensors)
     except OSError as e:
@@ -80,6 +91,13 @@ def cached_dequantize(
                       "dequantise again. Set $JAXLENS_CACHE or pass cache_dir= to use a writable directory.",
                       RuntimeWarning, stacklevel=2)
     return metadata, tensors
+
+
+def _sha256_parts(parts: list[Path]) -> str:
+    """The file's SHA-256; of a split model, the SHA-256 of its parts' hashes (one per line)."""
+    if len(parts) == 1:
+        return _sha256_file(parts[0])
+    return hashlib.sha256("\n".join(_sha256_file(p) for p in parts).encode()).hexdigest()
 
 
 def _sha256_file(path: Path) -> str:

@@ -9,6 +9,10 @@ seconds on a tokenizer's strings); tensors are decoded by `_gguf_quant.dequantiz
     gf.metadata["llama.block_count"]              # 30
     gf.shape("blk.0.attn_q.weight")               # (576, 576): numpy order, the reverse of GGUF's dims
     gf.get("token_embd.weight")                   # float32 [49152, 576]
+    gf.get("token_embd.weight", jnp.bfloat16)     # bfloat16, decoded without a float32 copy
+
+A model split by llama.cpp's `gguf-split` (`NAME-00001-of-00003.gguf`, ...) opens from any one part as one
+GGUFFile (`_gguf_split.read_parts`).
 """
 
 import difflib
@@ -21,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxlens.converters._gguf_quant import can_dequantize, dequantize, supported_types
+from jaxlens.converters._gguf_quant import can_dequantize, dequantize, float_dtype, supported_types
 from jaxlens.errors import CheckpointError
 
 
@@ -30,27 +34,31 @@ class _TensorInfo(NamedTuple):
     shape: tuple[int, ...]  # numpy order
     offset: int  # absolute byte offset in the file
     n_bytes: int
+    part: int = 0  # which file of a split model holds it (index into `GGUFFile.parts`)
 
 
 class GGUFFile:
     """One GGUF file: its metadata, and its tensors read and dequantised one at a time on request.
 
-    Build it with `read_gguf`. The file is memory-mapped, so a tensor costs memory only once `get` returns it.
+    Build it with `read_gguf`. Tensor data is read from the file only when `get` asks for it, with plain reads
+    (no memory map, whose pages would count towards the process's memory beside the decoded copy).
 
     Attributes:
-        path: the file.
+        path: the file (of a split model: its first part).
+        parts: every file of the model, in order: `[path]`, or the parts of a split model.
         metadata: every key/value pair of the header as plain Python values (str, int, float, bool, lists
-            of them), e.g. `metadata["general.architecture"] == "llama"`.
+            of them), e.g. `metadata["general.architecture"] == "llama"`; of a split model, the first part's
+            without the `split.*` keys.
         version: the GGUF format version of the file.
     """
 
     def __init__(self, path: Path, metadata: dict[str, Any], version: int, infos: dict[str, _TensorInfo],
-                 data: np.ndarray):
+                 parts: list[Path] | None = None):
         self.path = path
+        self.parts = [path] if parts is None else parts
         self.metadata = metadata
         self.version = version
         self._infos = infos
-        self._data = data
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self._infos)} tensors, {len(self.metadata)} metadata keys)"
@@ -84,11 +92,17 @@ class GGUFFile:
         """
         return self._info(name).type_name
 
-    def get(self, name: str) -> np.ndarray:
-        """Tensor `name`, dequantised to a new float32 array of shape `self.shape(name)`.
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Tensor `name`, dequantised to a new array of shape `self.shape(name)` and `dtype`.
+
+        Args:
+            name: the tensor's GGUF name.
+            dtype: float32, float16 or bfloat16; a narrower dtype is decoded into directly (no float32 copy),
+                equal to the float32 result cast to it (`_gguf_quant.dequantize`).
 
         Raises:
             CheckpointError: no tensor of that name, or it is stored in a type outside `supported_types()`.
+            InputError: another dtype.
         """
         info = self._info(name)
         if not can_dequantize(info.type_name):
@@ -98,8 +112,11 @@ class GGUFFile:
                 "Use a GGUF file quantised to one of these (llama.cpp's `llama-quantize` can re-quantise a "
                 "model), or upgrade the gguf package."
             )
-        raw = self._data[info.offset: info.offset + info.n_bytes]
-        return dequantize(raw, info.type_name, info.shape)
+        raw = np.fromfile(self.parts[info.part], np.uint8, count=info.n_bytes, offset=info.offset)
+        if raw.size != info.n_bytes:
+            raise CheckpointError(f"{self.parts[info.part]} was truncated after it was opened: tensor "
+                                  f"{name!r} needs {info.n_bytes} bytes at offset {info.offset}.")
+        return dequantize(raw, info.type_name, info.shape, dtype, reuse_raw=True)
 
     def _info(self, name: str) -> _TensorInfo:
         try:
@@ -115,6 +132,9 @@ class GGUFFile:
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open a GGUF file: parse its metadata and tensor table now, read tensor data later (`GGUFFile.get`).
 
+    A part of a split model (metadata `split.count` > 1) opens the whole model: every part, found by
+    llama.cpp's naming `NAME-0000k-of-0000N.gguf`, checked complete and consistent (`_gguf_split`).
+
     Args:
         path: a `.gguf` file.
 
@@ -122,7 +142,23 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         The GGUFFile, with `metadata` decoded to plain Python values.
 
     Raises:
-        CheckpointError: the file is missing, is not GGUF (bad magic), or is truncated or corrupt.
+        CheckpointError: the file is missing, is not GGUF (bad magic), or is truncated or corrupt; a part of
+            a split model is missing, or the parts disagree.
+    """
+    version, metadata, infos = read_header(path)
+    path = Path(path)
+    if int(metadata.get("split.count", 1)) > 1:
+        from jaxlens.converters._gguf_split import read_parts
+
+        return read_parts(path, metadata)
+    return GGUFFile(path, metadata, version, infos)
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, dict[str, Any], dict[str, _TensorInfo]]:
+    """(version, metadata, tensor table) of one GGUF file, split or not; no tensor data read.
+
+    Raises:
+        CheckpointError: as `read_gguf`, for this one file.
     """
     path = Path(path)
     if not path.is_file():
@@ -139,32 +175,38 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                 "b'GGUF'. The file is corrupt or in another format."
             )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            version, metadata, infos = _Header(mm, path).parse()
-    return GGUFFile(path, metadata, version, infos, np.memmap(path, dtype=np.uint8, mode="r"))
+            return _Header(mm, path).parse()
 
 
 def dequantize_all(
-    path: str | os.PathLike, *, progress: bool = True
+    path: str | os.PathLike | GGUFFile, *, progress: bool = True, dtype=np.float32
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a GGUF file and dequantise every tensor to float32.
+    """Read a GGUF file (or every part of a split one) and dequantise every tensor to `dtype`.
+
+    Vectors (norm weights, biases) stay float32 whatever `dtype`: they cost next to nothing, and a converter's
+    arithmetic on them (Gemma's norm offset) then rounds once, as on the float32 path.
 
     Args:
-        path: a `.gguf` file.
+        path: a `.gguf` file, or one already opened by `read_gguf`.
         progress: show a tqdm progress bar over the tensors.
+        dtype: float32, float16 or bfloat16, decoded into directly (`GGUFFile.get`).
 
     Returns:
-        `(metadata, tensors)`: the header as plain Python values, and `{name: float32 array}` in file order.
+        `(metadata, tensors)`: the header as plain Python values, and `{name: array}` in file order (matrices
+        in `dtype`, vectors in float32).
 
     Raises:
         CheckpointError: as `read_gguf` and `GGUFFile.get`.
+        InputError: another dtype.
     """
     from tqdm.auto import tqdm
 
-    gf = read_gguf(path)
+    dtype = float_dtype(dtype)
+    gf = path if isinstance(path, GGUFFile) else read_gguf(path)
     names = gf.names()
     tensors = {}
     for name in tqdm(names, desc=f"Dequantising {gf.path.name}", unit="tensor", disable=not progress):
-        tensors[name] = gf.get(name)
+        tensors[name] = gf.get(name, dtype if len(gf.shape(name)) > 1 else np.float32)
     return gf.metadata, tensors
 
 

@@ -270,8 +270,8 @@ def architecture(metadata: Mapping[str, Any]) -> str:
         )
     if int(metadata.get("split.count", 1)) > 1:
         raise CheckpointError(
-            f"This GGUF file is one of {metadata['split.count']} parts of a split model. Merge them first: "
-            "`llama-gguf-split --merge first-part.gguf merged.gguf`."
+            f"This metadata is that of one part of a GGUF model split into {metadata['split.count']} files; "
+            "open the model with `read_gguf` (or `jaxlens.converters.load`), which reads every part."
         )
     return arch
 

@@ -1,4 +1,5 @@
-"""GGUF tensor types decoded to float32: every type the `gguf` package can decode, in numpy (no PyTorch).
+"""GGUF tensor types decoded to float32 (or straight to float16 / bfloat16): every type the `gguf` package
+can decode, in numpy (no PyTorch).
 
 A quantised GGUF tensor is a sequence of fixed-size blocks, each holding `block_size` elements in `type_size`
 bytes (scales, minimums and packed integers). `dequantize` decodes a tensor a chunk of blocks at a time, so
@@ -9,18 +10,26 @@ the temporaries stay a few MiB, with one of two decoders per type:
 - a hand-written fast path below (`_FAST`), only for types where `benchmarks/bench_dequant.py` measured it
   faster than `gguf.quants` and `tests/converters/test_gguf_quants.py` checks it bit-identical to it.
 
+`dequantize(..., dtype=)` writes each decoded chunk straight into an array of the target dtype (float16 or
+bfloat16 for a half-precision model), so no float32 copy of the tensor exists: a tensor already stored in the
+target dtype (F16 -> float16, BF16 -> bfloat16, F32 -> float32) is copied as it is, bits unchanged; any other
+is decoded to float32 a chunk at a time and rounded to the nearest `dtype` value (what `.astype(dtype)` of
+the float32 result gives, exactly).
+
 A ggml type that neither decodes (Q8_1 and Q8_K, ggml's dot-product intermediates; integer tensors; a type
 newer than the installed `gguf`) is a CheckpointError naming it and the decodable types.
 
-    dequantize(raw_bytes, "Q4_K", (576, 1536))     # float32 [576, 1536]
+    dequantize(raw_bytes, "Q4_K", (576, 1536))                       # float32 [576, 1536]
+    dequantize(raw_bytes, "BF16", (576, 1536), dtype=jnp.bfloat16)   # the stored bits, as bfloat16
 """
 
 import functools
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 
-from jaxlens.errors import CheckpointError
+from jaxlens.errors import CheckpointError, InputError
 
 _CHUNK_ELEMENTS = 1 << 20  # elements decoded per step: bounds the decoders' temporaries to a few MiB
 
@@ -53,21 +62,28 @@ def can_dequantize(type_name: str) -> bool:
     return type_name in supported_types()
 
 
-def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode one tensor's raw GGUF bytes to float32.
+def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], dtype=np.float32, *,
+               reuse_raw: bool = False) -> np.ndarray:
+    """Decode one tensor's raw GGUF bytes to `dtype`, without a float32 copy when `dtype` is narrower.
 
     Args:
         raw: the tensor's bytes as uint8 (any shape; read in C order).
         type_name: its ggml type, one of `supported_types()`.
         shape: its shape in numpy order; the last axis is the GGUF row, a whole number of blocks long.
+        dtype: float32, float16 or bfloat16 (`float_dtype`): the float32 decoding rounded to it, or the
+            stored values themselves when the tensor is stored in that dtype.
+        reuse_raw: `raw` is a buffer of the caller's own that may become the result: a tensor stored in
+            `dtype` is then returned as a view of it, without a copy.
 
     Returns:
-        A new float32 array of `shape`.
+        A new array of `shape` and `dtype` (with `reuse_raw`, possibly a view of `raw`).
 
     Raises:
         CheckpointError: a type nothing here decodes, or a byte count or row length that does not fit the
             type's blocks.
+        InputError: `dtype` is not one of float32, float16, bfloat16.
     """
+    dtype = float_dtype(dtype)
     if not can_dequantize(type_name):
         raise CheckpointError(
             f"Cannot dequantise ggml type {type_name}: neither jaxlens nor gguf {_gguf_version()}'s "
@@ -82,13 +98,37 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
             f"A {type_name} tensor of shape {shape} needs rows that are a multiple of {block_size} elements "
             f"and {n // block_size * type_size} bytes; got {raw.size} bytes. The file is corrupt."
         )
+    if _STORED.get(type_name) == dtype.name:  # stored in the target dtype: the bits as they are
+        out = raw.view(dtype).reshape(shape)
+        return out if reuse_raw else out.copy()
     blocks = raw.reshape(-1, type_size)
     decode = _FAST.get(type_name) or _gguf_decoder(type_name)
-    out = np.empty((len(blocks), block_size), np.float32)
+    out = np.empty((len(blocks), block_size), dtype)
     step = max(1, _CHUNK_ELEMENTS // block_size)
     for start in range(0, len(blocks), step):
-        out[start: start + step] = decode(blocks[start: start + step])
+        out[start: start + step] = decode(blocks[start: start + step])  # float32 chunk, rounded to dtype
     return out.reshape(shape)
+
+
+def float_dtype(dtype) -> np.dtype:
+    """`dtype` (np.float32, jnp.bfloat16, "float16", ...) as the numpy dtype that checkpoints load to.
+
+    Raises:
+        InputError: anything but float32, float16 or bfloat16.
+    """
+    try:
+        found = np.dtype(ml_dtypes.bfloat16 if isinstance(dtype, str) and dtype == "bfloat16" else dtype)
+    except TypeError:
+        found = None
+    if found is None or found.name not in _FLOAT_DTYPES:
+        raise InputError(f"jaxlens loads params as float32, float16 or bfloat16; got dtype={dtype!r}. Pass "
+                         "e.g. dtype=jnp.bfloat16 (or np.float16, np.float32).")
+    return found
+
+
+# ggml types whose stored values are a numpy dtype already: decoded by a copy, not a conversion
+_STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _gguf_decoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -38,6 +38,7 @@ from jaxlens.converters import (
     stablelm,
 )
 from jaxlens.converters._checkpoint import TensorSource
+from jaxlens.converters._gguf_quant import float_dtype
 from jaxlens.errors import CheckpointError
 from jaxlens.params import check_params
 
@@ -70,23 +71,28 @@ def family_for(hf: Mapping[str, Any]) -> ModuleType:
     return REGISTRY[archs[0]]
 
 
-def convert(hf: Mapping[str, Any], tensors: TensorSource) -> tuple[Config, dict]:
-    """(Config, float32 numpy params) from a config dict and its tensors; every tensor must be used.
+def convert(hf: Mapping[str, Any], tensors: TensorSource, *, dtype=np.float32) -> tuple[Config, dict]:
+    """(Config, numpy params of `dtype`) from a config dict and its tensors; every tensor must be used.
+
+    `dtype` (float32, or float16 / bfloat16 for a half-precision model) is what each tensor is cast to as the
+    converter takes it (`TensorSource.dtype`), so a narrower model never has a float32 copy.
 
     Raises:
         CheckpointError: as `family_for` and the family's config check; missing / leftover / misshapen
             tensors.
+        InputError: a dtype other than float32, float16, bfloat16.
     """
     module = family_for(hf)
     cfg = module.config_from_hf(hf)
+    tensors.dtype = float_dtype(dtype)
     params = module.params_from_checkpoint(tensors, cfg, hf)
     tensors.finish()
-    params = _to_float32(params)
+    params = _to_dtype(params, tensors.dtype)
     check_params(params, cfg)
     return cfg, params
 
 
-def _to_float32(tree):
+def _to_dtype(tree, dtype: np.dtype):
     if isinstance(tree, dict):
-        return {k: _to_float32(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float32)
+        return {k: _to_dtype(v, dtype) for k, v in tree.items()}
+    return np.asarray(tree, dtype)

@@ -56,7 +56,9 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
             refactor_factored_attn_matrices: TL's experimental refactoring, after the rest: the same QK / OV
                 circuits with orthogonal factors (`weight_processing.refactor_factored_attn_matrices`; not for
                 rotary or grouped-query models).
-            dtype: dtype of params and compute (jnp.float32 or jnp.bfloat16); processing runs in float32.
+            dtype: dtype of params and compute (jnp.float32, jnp.bfloat16 or jnp.float16). Processing runs in
+                float32 on the float32 weights, then casts; with every processing step off, the checkpoint
+                is read (a GGUF file decoded) straight to `dtype` instead, so no float32 copy exists.
             tokenizer: a Hugging Face tokenizer; by default the one saved beside the weights.
             allow_pickle: accept pickled `*.bin` weights (they can execute code when loaded).
             default_prepend_bos: whether `to_tokens` prepends BOS by default (None: the family's default).
@@ -73,8 +75,12 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
         # a directory, a .gguf file, a cached HF repo id or a packaged model name
         if hub.is_path_like(source):
             source = hub.resolve(source)
+        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         if mesh is None:
-            cfg, params = converters.load(source, allow_pickle=allow_pickle)
+            processing = refactor_factored_attn_matrices or any(flags.values())  # needs float32 weights
+            cfg, params = converters.load(source, allow_pickle=allow_pickle,
+                                          dtype=jnp.float32 if processing else dtype)
             params = numpy_to_jax(params)
         else:
             from jaxlens.scale import load_sharded
@@ -82,8 +88,6 @@ class HookedTransformer(TokenMethods, WeightMethods, HookContext):
             cfg, params = load_sharded(source, mesh, fsdp=fsdp, allow_pickle=allow_pickle)
         if tokenizer is None and isinstance(source, Path):
             tokenizer = converters.load_tokenizer(source)
-        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         new_cfg = processed_config(cfg, **flags)
         if refactor_factored_attn_matrices:
             check_refactorable(new_cfg)

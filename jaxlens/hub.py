@@ -19,6 +19,7 @@ this module, never the other way round.
 
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,14 +141,20 @@ def _from_hf_cache(name: str, revision: str) -> tuple[Path | None, list[str]]:
         if (snap / "config.json").is_file():
             return snap, []
         ggufs = sorted(snap.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0], []
+        if len(ggufs) == 1 or _parts_of_one_split(ggufs):
+            return ggufs[0], []  # a split model loads from its first part
         if ggufs:
             raise CheckpointError(f"{snap} holds several GGUF files ({[g.name for g in ggufs]}); pass the "
                                   "path of the one to load.")
         looked.append(f"the Hugging Face cache {snap}: neither config.json nor a .gguf file "
                       "(incomplete download?)")
     return None, looked
+
+
+def _parts_of_one_split(files: list[Path]) -> bool:
+    """Whether `files` are all parts of one split GGUF model (llama.cpp's `NAME-0000k-of-0000N.gguf`)."""
+    found = [re.fullmatch(r"(.+)-\d{5}-of-(\d{5})\.gguf", f.name, re.IGNORECASE) for f in files]
+    return all(found) and len({(m[1], m[2]) for m in found}) == 1
 
 
 def _snapshot(repo: Path, revision: str) -> Path | None:

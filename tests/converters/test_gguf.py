@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from gguf_writing import write_out
 
 from jaxlens.converters import _gguf_quant
 from jaxlens.converters._gguf_header import dequantize_all, read_gguf
@@ -159,10 +160,7 @@ def write_gguf(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
             w.add_tensor(name, t[0], raw_dtype=t[1])
         else:
             w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 
@@ -293,10 +291,7 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     q = gguf.quants.quantize(rng.normal(size=(3, 64)).astype(np.float32), QT.Q8_0)
     w.add_tensor("w.q8", q, raw_dtype=QT.Q8_0)
     w.add_tensor("w.f32", rng.normal(size=(2, 5, 3)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     gf, reader = read_gguf(path), gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert gf.metadata == fields
@@ -363,10 +358,7 @@ def test_big_endian_file_is_refused(tmp_path):
     path = tmp_path / "be.gguf"
     w = gguf.GGUFWriter(path, arch="llama", endianess=gguf.GGUFEndian.BIG)
     w.add_tensor("a", np.ones((2, 4), np.float32).byteswap())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     with pytest.raises(CheckpointError, match="big-endian"):
         read_gguf(path)
 
@@ -408,10 +400,7 @@ def _tiny_bpe_gguf(path: Path) -> Path:
     w.add_unk_token_id(0)
     w.add_pad_token_id(2)
     w.add_tensor("x", np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 

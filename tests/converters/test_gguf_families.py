@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf_writing import write_out
 from test_smollm2 import write_like_llama_cpp
 
 from jaxlens import HookedTransformer, testing
@@ -79,9 +80,6 @@ def test_unknown_architecture_is_named_with_the_known_ones(built, tmp_path):
     w = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
     for t in gf.tensors:
         w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     with pytest.raises(CheckpointError, match=r"'mamba' is not supported.*'llama'.*'qwen3'"):
         _gguf.load(tmp_path / "mamba.gguf", cache_dir=tmp_path, progress=False)

@@ -10,6 +10,7 @@ gguf.quants on many blocks.
 import gguf
 import numpy as np
 import pytest
+from gguf_writing import write_out
 
 from jaxlens.converters import _gguf_quant
 from jaxlens.converters._gguf_header import read_gguf
@@ -69,10 +70,7 @@ def write_raw(path, name: str, raw: np.ndarray, type_name: str, shape) -> None:
         w.add_tensor(name, raw.view(np.float16).reshape(shape))
     else:
         w.add_tensor(name, raw.reshape(shape[0], -1), raw_dtype=QT[type_name])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
 
 
 def test_every_type_is_either_decodable_or_named_undecodable():

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf_writing import write_out
 from test_gguf_families import _hf_tensors
 from test_smollm2 import text_model_hparams, write_like_llama_cpp
 
@@ -315,10 +316,7 @@ def _write_vocab_gguf(case: str, tok, path, pre: str | None = None):
     w.add_pad_token_id(vocab[special[2]])
     w.add_add_bos_token(add_bos)
     w.add_tensor("x", np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 

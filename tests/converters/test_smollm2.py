@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf_writing import write_out
 
 from jaxlens import HookedTransformer, testing
 from jaxlens.converters import _gguf, _gguf_cache, _gguf_map, convert
@@ -53,17 +54,19 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None = None,
-                         quantise: dict | None = None, tensors: dict | None = None, hparams=None) -> Path:
+                         quantise: dict | None = None, tensors: dict | None = None, hparams=None,
+                         split_max_tensors: int = 0) -> Path:
     """Write `hf` (a transformers model) as an F32 GGUF file the way llama.cpp's converter does.
 
     `quantise` maps GGUF tensor names to a `gguf.GGMLQuantizationType` to store them in instead of F32;
     `tensors` replaces the model's state dict (as numpy arrays, HF names), e.g. with experts split per
     projection; `hparams(writer, hf_config)` writes the architecture's metadata instead of the Llama-style
-    keys (`llama_hparams`).
+    keys (`llama_hparams`); `split_max_tensors` > 0 splits the file as `llama-gguf-split` does (the gguf
+    package's writer: parts `<stem>-0000k-of-0000N.gguf`; the first part's path is returned).
     """
     c = hf.config
     H, G = c.num_attention_heads, c.num_key_value_heads
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     (hparams or partial(llama_hparams, arch=arch))(w, c)
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], c.num_hidden_layers)
     if tensors is None:
@@ -91,11 +94,8 @@ def write_like_llama_cpp(hf, arch: str, path: Path, extra_tensors: dict | None =
             w.add_tensor(name, data[0], raw_dtype=data[1])
         else:
             w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    write_out(w)
+    return Path(w.format_shard_names(path)[0])
 
 
 def text_model_hparams(w, c, rope_theta: float | None = None) -> None:
@@ -237,7 +237,7 @@ def test_extra_tensor_is_refused_by_name(synthetic, tmp_path):
     (lambda m, t: m.update({"llama.attention.head_count_kv": [2, 2, 1]}), "per-layer"),
     (lambda m, t: m.update({"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0}),
      "'longrope' is not implemented"),
-    (lambda m, t: m.update({"split.count": 3}), "llama-gguf-split"),
+    (lambda m, t: m.update({"split.count": 3}), r"one part of a GGUF model split into 3 files.*read_gguf"),
 ])
 def test_bad_metadata_is_a_clear_error(synthetic, tmp_path, edit, match):
     metadata, tensors = _dequantised(synthetic, tmp_path)
