@@ -19,6 +19,10 @@ missing=()
 [ -d /usr/share/games/fortunes ] || missing+=(fortunes)
 [ -f /usr/share/doc/jargon-text/jargon.txt.gz ] || missing+=(jargon-text)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# what building the CPython 3.13 of the gemma reference environment needs (tests/ref_python.py)
+for p in gcc make libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   export DEBIAN_FRONTEND=noninteractive

@@ -30,3 +30,5 @@ layers, `remat`), whose values belong to the inner trace; use the transform's ow
 from jaxlens.flax._hooked import HookedFlax as HookedFlax
 from jaxlens.flax._instrument import LayoutError as LayoutError
 from jaxlens.flax._instrument import UnknownFlaxHookError as UnknownFlaxHookError
+from jaxlens.flax.gemma_lib import from_gemma as from_gemma
+from jaxlens.flax.gemma_lib import to_gemma as to_gemma
