@@ -242,7 +242,10 @@ def main(work: Path) -> int:
     clean, corrupted = data["clean"], data["corrupted"]
     res = {"boot_s": m["seconds"], "threads": torch.get_num_threads(), "torch": torch.__version__}
     steps = meta["steps"]
-    ig, res["eap_ig"] = measured(lambda: eap_ig_scores(model, es, clean, corrupted, metric, steps))
+    if meta.get("eap_ig", True):
+        ig, res["eap_ig"] = measured(lambda: eap_ig_scores(model, es, clean, corrupted, metric, steps))
+    else:  # exact patching only (bench_circuits.py --tl-exact-only)
+        ig, res["eap_ig"] = np.full(len(es.edge_src), np.nan, np.float32), None
     which = data["exact_edges"]
     prepared, m = measured(lambda: exact_prepare(model, es, clean, corrupted, metric))
     ex, m_edges = measured(lambda: exact_scores(model, es, clean, corrupted, metric, which, prepared))

@@ -8,8 +8,9 @@
 - "eap-ig-activations": the gradient averaged over runs in which one node group (the input, all heads of one
   layer, one MLP) outputs alpha clean + (1 - alpha) corrupted, alpha = k/steps, k = 1 .. steps (the groups
   and steps vmapped, in chunks).
-- "exact": the metric with exactly that edge patched (`edges.masked_metric`), minus the clean metric: every
-  edge's patched run is one item of one compiled, chunked, sharded computation (`chunks.map_chunks`).
+- "exact": the metric with exactly that edge patched, minus the clean metric: the clean run from the edge's
+  destination layer on with the source's difference added at the destination's input (`exact`); edges into
+  one layer are one group of a compiled, chunked, sharded, resumable computation (`chunks.map_groups`).
 
     graph = attribute_edges(model, clean_tokens, corrupted_tokens, metric, method="eap-ig", steps=5)
     graph.top_n(100).heads()
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlens.circuits import chunks, edges
+from jaxlens.circuits import chunks, edges, exact
 from jaxlens.circuits.graph import Graph, Layout, UnsupportedModelError
 from jaxlens.config import Config
 from jaxlens.errors import InputError
@@ -93,8 +94,8 @@ def attribute_edges(model, clean_tokens, corrupted_tokens, metric: Callable, met
         raise InputError(f"edges= chooses the edges of exact patching; method {method!r} scores every edge "
                          "at once. Drop edges= or use method='exact'.")
     if method == "exact":
-        which = None if edges is None else pb.graph.edge_index(edges)
-        scores = _exact(pb, chunk_size, devices, checkpoint_dir, progress, on_chunk, which)
+        which = np.arange(pb.graph.n_edges) if edges is None else pb.graph.edge_index(edges)
+        scores = exact.exact_scores(pb, which, chunk_size, devices, checkpoint_dir, progress, on_chunk)
     else:
         scores = _gradient_scores(pb, method, int(steps), chunk_size)
     return pb.graph.with_scores(scores, method)
@@ -144,30 +145,24 @@ def _reads(metric: Callable, shape: tuple, dtype) -> LogitReads | None:
 # -- exact -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MaskedRun:
-    """fn(args, item) for `chunks.map_chunks`: the metric with an edge mask built from `item`.
-
-    kind "edge": item is an edge number to patch (-1: none); kind "mask": item is a [n_edges] mask."""
+    """fn(args, item) for `chunks.map_chunks`: the metric with the edge mask `item` [n_edges] (1 keeps an
+    edge, 0 patches it)."""
 
     cfg: Config
     layout: Layout
     metric: Callable
     reads: LogitReads | None
-    kind: str
 
     def __call__(self, args, item):
         params, resid0, corrupted, src, dst = args
-        if self.kind == "edge":
-            mask = (jnp.arange(src.shape[0]) != item).astype(jnp.float32)
-        else:
-            mask = item.astype(jnp.float32)
-        value = edges.masked_metric(params, self.cfg, self.layout, resid0, corrupted, src, dst, mask,
-                                    self.metric, self.reads)
+        value = edges.masked_metric(params, self.cfg, self.layout, resid0, corrupted, src, dst,
+                                    item.astype(jnp.float32), self.metric, self.reads)
         return jnp.asarray(value, jnp.float32)
 
 
-def run_masks(pb: Problem, kind: str, items: np.ndarray, chunk_size, devices, checkpoint_dir=None,
-              progress=False, on_chunk=None) -> np.ndarray:
-    """Metric values of the clean run with the edge masks `items` describe (see `MaskedRun`)."""
+def run_masks(pb: Problem, items: np.ndarray, chunk_size, devices) -> np.ndarray:
+    """Metric values of the clean run with the edge masks `items` [n, n_edges] (see `MaskedRun`): whole
+    circuits, every source's difference carried through every layer (`edges.masked_metric`)."""
     g, cfg = pb.graph, pb.cfg
     mesh = distributed.data_mesh(None, devices)  # default: every device of every process
     n_dev = mesh.shape["data"]
@@ -178,23 +173,10 @@ def run_masks(pb: Problem, kind: str, items: np.ndarray, chunk_size, devices, ch
                                                n_dev)
         bucket = max(n_dev, 1 << max(0, len(items) - 1).bit_length())  # few shapes, little padding
         chunk_size = min(chunk_size, bucket)
-    fn = MaskedRun(cfg, g.layout, pb.metric, pb.reads, kind)
+    fn = MaskedRun(cfg, g.layout, pb.metric, pb.reads)
     resid0 = edges.embed(pb.params, cfg, pb.clean_tokens)
     args = (pb.params, resid0, pb.corrupted, jnp.asarray(g.edge_src), jnp.asarray(g.edge_dst))
-    fp = chunks.fingerprint_of(repr(cfg), kind, pb.clean_tokens, pb.corrupted_tokens, items,
-                               np.float32(pb.clean_metric), np.float32(pb.corrupted_metric))
-    return chunks.map_chunks(fn, args, items, chunk_size=chunk_size, mesh=mesh,
-                             checkpoint_dir=checkpoint_dir, fingerprint=fp, progress=progress,
-                             on_chunk=on_chunk)
-
-
-def _exact(pb: Problem, chunk_size, devices, checkpoint_dir, progress, on_chunk, which=None) -> np.ndarray:
-    which = np.arange(pb.graph.n_edges) if which is None else np.asarray(which)
-    items = np.concatenate([[-1], which]).astype(np.int32)  # -1: nothing patched (the baseline)
-    values = run_masks(pb, "edge", items, chunk_size, devices, checkpoint_dir, progress, on_chunk)
-    scores = np.full(pb.graph.n_edges, np.nan, np.float32)
-    scores[which] = values[1:] - values[0]
-    return scores
+    return chunks.map_chunks(fn, args, items, chunk_size=chunk_size, mesh=mesh)
 
 
 # -- gradient methods ------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ written atomically (`jaxlens.scale.store`) and a rerun skips the chunks already 
 (`jaxlens.testing.interrupt_after` stops a run part-way, as a killed job would).
 """
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,34 +57,71 @@ def map_chunks(fn: Callable, args, items: np.ndarray, *, chunk_size: int, device
         InputError: a non-positive chunk size, a checkpoint_dir of another computation, both `mesh` and
             `devices`, processes given different items.
     """
-    items = np.asarray(items)
+    return map_groups([Group(fn, args, np.asarray(items), chunk_size)], devices=devices, mesh=mesh,
+                      checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, progress=progress,
+                      on_chunk=on_chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Items that share one function and its arguments (`map_groups`): fn(args, item) for each item."""
+
+    fn: Callable
+    args: Any
+    items: np.ndarray
+    chunk_size: int
+
+
+def map_groups(groups: Sequence[Group], *, devices: Sequence | None = None, mesh: Mesh | None = None,
+               checkpoint_dir: str | os.PathLike | None = None, fingerprint: str = "",
+               progress: bool = False, on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """`map_chunks` over several groups: the values of every group's items, concatenated in group order.
+
+    A chunk never mixes groups, so each group's arguments (e.g. the layer its items start at) are the same
+    for the whole chunk; groups whose `fn`, argument shapes and chunk size agree share one compiled program.
+    The chunks of every group are numbered in one sequence, stored in one `checkpoint_dir` and counted
+    together by `progress` and `on_chunk`. The values of every group must have one shape and dtype.
+
+    Args and Raises: as `map_chunks` (each group has its own `chunk_size`).
+    """
     mesh = distributed.data_mesh(mesh, devices)
-    if chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive number of items; found {chunk_size}.")
     n_dev = mesh.shape["data"]
-    C = -(-int(chunk_size) // n_dev) * n_dev
-    n = len(items)
-    n_chunks = -(-n // C)
-    if not n_chunks:
+    plan, sizes, start = [], [], 0  # per chunk: (group, padded chunk size, rows in the group, rows overall)
+    for g in groups:
+        if g.chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive number of items; found {g.chunk_size}.")
+        C = -(-int(g.chunk_size) // n_dev) * n_dev
+        n = len(g.items)
+        for c in range(-(-n // C)):
+            local = np.arange(c * C, min((c + 1) * C, n))
+            plan.append((g, C, local, start + local))
+        sizes.append(C)
+        start += n
+    if not plan:
         return np.zeros((0,), np.float32)
-    distributed.check_same(fingerprint_of(fingerprint, items, str(C)), "map_chunks items")
-    store = ChunkStore(checkpoint_dir, fingerprint, what="map_chunks", details={"chunk_size": C})
+    items = [g.items for g in groups]
+    distributed.check_same(fingerprint_of(fingerprint, *items, str(sizes)), "map_chunks items")
+    details = {"chunk_size": sizes[0]} if len(groups) == 1 else {"chunk_sizes": sizes}
+    store = ChunkStore(checkpoint_dir, fingerprint, what="map_chunks", details=details)
     rep, split = replicated(mesh), split_leading(mesh)
-    args_d = distributed.place(args, rep)
-    out = jax.eval_shape(fn, args_d, items[0])
-    values, done = np.zeros((n,) + out.shape, out.dtype), np.zeros(n, bool)
+    first = plan[0][0]
+    out = jax.eval_shape(first.fn, first.args, first.items[0])
+    values, done = np.zeros((start,) + out.shape, out.dtype), np.zeros(start, bool)
     store.load(values, done)
-    todo = [c for c in range(n_chunks) if not done[c * C:(c + 1) * C].all()]
-    compiled = _compiled(fn, mesh)
+    todo = [c for c, (*_, rows) in enumerate(plan) if not done[rows].all()]
+    placed: dict[int, Any] = {}
     bar = tqdm(total=len(todo), disable=not (progress and distributed.is_writer()), desc="circuits",
                unit="chunk")
     try:
         for k, c in enumerate(todo):
-            rows = np.arange(c * C, min((c + 1) * C, n))
-            pad = np.concatenate([rows, np.repeat(rows[-1:], C - len(rows))])
-            part = distributed.gather(compiled(args_d, distributed.place(items[pad], split)))[: len(rows)]
-            values[rows] = part
-            store.save(c, rows, part)
+            g, C, local, rows = plan[c]
+            if id(g) not in placed:
+                placed = {id(g): distributed.place(g.args, rep)}  # one group's arguments on device at a time
+            pad = np.concatenate([local, np.repeat(local[-1:], C - len(local))])
+            part = distributed.gather(_compiled(g.fn, mesh)(placed[id(g)],
+                                                            distributed.place(g.items[pad], split)))
+            values[rows] = part[: len(rows)]
+            store.save(c, rows, part[: len(rows)])
             bar.update(1)
             if on_chunk is not None:
                 on_chunk(k + 1, len(todo))
@@ -104,3 +143,14 @@ def default_chunk_size(n_src: int, batch: int, n_pos: int, d_model: int, n_heads
     per_dev = int(np.clip(budget // max(per_item, 1), 1, 256))
     return per_dev * n_devices
 
+
+
+def forward_chunk_size(cfg, batch: int, n_pos: int, itemsize: int, n_devices: int,
+                       budget: int = 2**30) -> int:
+    """Items per chunk so that one chunk's forward activations of one block (split q/k/v inputs, attention
+    scores, MLP hidden units) fit `budget` bytes per device (at least one item per device, at most 256 per
+    device)."""
+    H, KV, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model
+    per_item = itemsize * batch * n_pos * (3 * (H + 2 * KV) * d + 4 * cfg.d_mlp + 3 * H * n_pos + 8 * d)
+    per_dev = int(np.clip(budget // max(per_item, 1), 1, 256))
+    return per_dev * n_devices

@@ -126,13 +126,18 @@ def masked_resid(params: Params, cfg: Config, layout: Layout, resid0: Float[Arra
     corrupted run, starting from the current run's input `resid0`."""
     ivs, w_logits = edge_interventions(layout, patch, corrupted)
     table_ivs = runner.BlockInterventions({k.removeprefix("blocks."): [v] for k, v in ivs.items()}, {})
-    b, s = resid0.shape[:2]
-    ctx = Context(positions=jnp.broadcast_to(jnp.arange(s), (b, s)), key_valid=None, offset=0)
+    ctx = context(resid0)
     carry = jnp.zeros((layout.n_src,) + resid0.shape, resid0.dtype)
     carry = carry.at[0].set((corrupted.resid0 - resid0).astype(resid0.dtype))
     resid, _, _, carry = runner.run_blocks_carried(params["blocks"], cfg, resid0, ctx, table_ivs, start=0,
                                                    stop=cfg.n_layers, carry=carry)
     return resid + jnp.einsum("sbpd,s->bpd", carry, w_logits.astype(carry.dtype)).astype(resid.dtype)
+
+
+def context(resid: Float[Array, "batch pos d_model"]) -> Context:
+    """The block runner's context of a run on `resid`: positions 0.., no padding."""
+    b, s = resid.shape[:2]
+    return Context(positions=jnp.broadcast_to(jnp.arange(s), (b, s)), key_valid=None, offset=0)
 
 
 def masked_metric(params: Params, cfg: Config, layout: Layout, resid0, corrupted: SourceOutputs, edge_src,

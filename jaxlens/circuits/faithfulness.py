@@ -98,7 +98,7 @@ def faithfulness(model, graph: Graph, clean_tokens, corrupted_tokens, metric: Ca
     masks = np.stack([c.in_graph for c in circuits])
     ends = np.stack([np.ones(graph.n_edges, bool), np.zeros(graph.n_edges, bool)])
     items = np.concatenate([ends, masks] + ([~masks] if complement else []))
-    values = run_masks(pb, "mask", items, chunk_size, devices)
+    values = run_masks(pb, items, chunk_size, devices)
     clean, corrupted, k = float(values[0]), float(values[1]), len(circuits)
     norm = lambda v: (v - corrupted) / (clean - corrupted) if clean != corrupted else np.full_like(v, np.nan)
     circ = values[2:2 + k]

@@ -87,8 +87,9 @@ def test_gradient_scores_match_tl(setup, name, method, steps):
     _close(got, want)
 
 
-def test_exact_matches_tl(setup):
-    jl, br, g, es, clean, corrupted = setup("gpt2")
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_exact_matches_tl(setup, name):
+    jl, br, g, es, clean, corrupted = setup(name)
     which = g.edge_index(EXACT_EDGES)
     want = tlb.exact_scores(br, es, clean, corrupted, tlb.logit_diff(ANSWER, WRONG), which)
     got = attribute_edges(jl, clean, corrupted, _jl_metric(), method="exact", edges=EXACT_EDGES).scores
