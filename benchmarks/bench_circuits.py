@@ -15,6 +15,8 @@ Measured, jaxlens each after a first call that compiles (its time reported separ
     python benchmarks/bench_circuits.py                     # writes benchmarks/results/circuits_vs_tl.json
     python benchmarks/bench_circuits.py --prompts 4 --top 200 --tl-edges 10 --skip-faithfulness
     python benchmarks/bench_circuits.py --skip-tl           # jaxlens only: benchmarks/results/circuits.json
+    python benchmarks/bench_circuits.py --prompts 4 --top 200 --tl-edges 6 --skip-faithfulness \
+        --tl-exact-only --out benchmarks/results/circuits_exact_vs_tl.json   # exact patching alone
 
 The baseline runs in a child process of the same venv that imports neither JAX nor jaxlens, on a Hugging Face
 Llama folder made once from the packaged GGUF (bench_graphs.py's `HF_FOLDER`); jaxlens loads the GGUF itself.
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--skip-tl", action="store_true", help="jaxlens only")
     ap.add_argument("--skip-faithfulness", action="store_true")
+    ap.add_argument("--tl-exact-only", action="store_true",
+                    help="the baseline patches edges only (its EAP-IG scores and ratios left out)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/circuits_vs_tl.json (circuits.json with --skip-tl)")
     args = ap.parse_args(argv)
@@ -129,7 +133,8 @@ def measured(fn) -> tuple[object, dict]:
     from bench_graphs import measured as sampled
 
     cpu = time.process_time()
-    out, secs, peak, before = sampled(fn)
+    got = sampled(fn)  # (out, seconds, [cpu seconds,] peak, before)
+    out, secs, peak, before = got[0], got[1], got[-2], got[-1]
     return out, {"seconds": secs, "cpu_s": time.process_time() - cpu, "peak_rss_mib": peak,
                  "rss_before_mib": before}
 
@@ -151,6 +156,7 @@ def run_baseline(args, model, graph, prompts, tl_edges) -> tuple[dict, dict]:
     source = hub.resolve(args.model)
     hf_dir = source if source.is_dir() else hf_folder(source)
     meta = {"hf_dir": str(hf_dir), "gguf": str(source), "steps": args.steps, "threads": args.threads,
+            "eap_ig": not args.tl_exact_only,
             "src_names": graph.src_names(), "dst_names": graph.dst_names()}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -179,12 +185,15 @@ def agreement(jl_ig, tl_ig, jl_exact, tl_exact) -> dict:
     import numpy as np
 
     scale = float(np.abs(jl_ig).max())
+    exact = {"edges": len(jl_exact), "max_abs_diff": float(np.abs(jl_exact - tl_exact).max()),
+             "max_abs_score": float(np.abs(jl_exact).max())}
+    if np.isnan(tl_ig).all():  # --tl-exact-only
+        return {"exact": exact}
     return {"eap_ig": {"pearson": float(np.corrcoef(jl_ig, tl_ig)[0, 1]), "spearman": rank_corr(jl_ig, tl_ig),
                        "max_abs_diff": float(np.abs(jl_ig - tl_ig).max()), "max_abs_score": scale,
                        "top_1000_overlap": int(len(np.intersect1d(np.argsort(-np.abs(jl_ig))[:1000],
                                                                   np.argsort(-np.abs(tl_ig))[:1000])))},
-            "exact": {"edges": len(jl_exact), "max_abs_diff": float(np.abs(jl_exact - tl_exact).max()),
-                      "max_abs_score": float(np.abs(jl_exact).max())}}
+            "exact": exact}
 
 
 def ratios(res: dict, tl: dict) -> dict:
@@ -192,14 +201,16 @@ def ratios(res: dict, tl: dict) -> dict:
     call."""
     jl_ig, jl_ex = res["eap_ig"], res["exact_top"]
     rise = lambda d: max(d["peak_rss_mib"] - d["rss_before_mib"], 1e-9)
-    return {"eap_ig_time": tl["eap_ig"]["seconds"] / jl_ig["seconds"],
-            "eap_ig_cpu_time": tl["eap_ig"]["cpu_s"] / jl_ig["cpu_s"],
-            "exact_time_per_edge": tl["exact"]["ms_per_edge"] / jl_ex["ms_per_edge"],
-            "exact_cpu_time_per_edge": tl["exact"]["cpu_ms_per_edge"] / jl_ex["cpu_ms_per_edge"],
-            "eap_ig_peak_rss": tl["eap_ig"]["peak_rss_mib"] / jl_ig["peak_rss_mib"],
-            "exact_peak_rss": tl["exact"]["peak_rss_mib"] / jl_ex["peak_rss_mib"],
-            "eap_ig_rss_rise": rise(tl["eap_ig"]) / rise(jl_ig),
-            "exact_rss_rise": rise(tl["exact"]) / rise(jl_ex)}
+    out = {"exact_time_per_edge": tl["exact"]["ms_per_edge"] / jl_ex["ms_per_edge"],
+           "exact_cpu_time_per_edge": tl["exact"]["cpu_ms_per_edge"] / jl_ex["cpu_ms_per_edge"],
+           "exact_peak_rss": tl["exact"]["peak_rss_mib"] / jl_ex["peak_rss_mib"],
+           "exact_rss_rise": rise(tl["exact"]) / rise(jl_ex)}
+    if tl["eap_ig"] is None:  # --tl-exact-only
+        return out
+    return out | {"eap_ig_time": tl["eap_ig"]["seconds"] / jl_ig["seconds"],
+                  "eap_ig_cpu_time": tl["eap_ig"]["cpu_s"] / jl_ig["cpu_s"],
+                  "eap_ig_peak_rss": tl["eap_ig"]["peak_rss_mib"] / jl_ig["peak_rss_mib"],
+                  "eap_ig_rss_rise": rise(tl["eap_ig"]) / rise(jl_ig)}
 
 
 if __name__ == "__main__":

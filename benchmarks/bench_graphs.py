@@ -4,6 +4,12 @@ transcoders, same 16 tokens, in the same run.
     python benchmarks/bench_graphs.py                       # writes benchmarks/results/graphs.json
     python benchmarks/bench_graphs.py --max-feature-nodes 0 --batch-size 128   # every active feature
     python benchmarks/bench_graphs.py --jaxlens-batch-size 16 --skip-circuit-tracer  # jaxlens, less memory
+    python benchmarks/bench_graphs.py --bucketing   # two prompts of one bucket: results/graphs_bucketing.json
+
+`--bucketing` (jaxlens only) times `attribute` on this prompt (16 tokens, first call: it compiles the bucket's
+programs), then on `PROMPT_SHORT` (another length, the same bucket of 16: no compile), then on the short
+prompt without padding (pad_to=None: compiles, as every new length did before bucketing) and both again, warm
+(the cost of computing at the padded length); it counts XLA compiles per call and compares the two graphs.
 
 The transcoders are the trained set under ~/.cache/jaxlens/transcoders/ when one exists (a folder with
 config.yaml, e.g. from `jaxlens train-transcoders`), else random ones of the trained set's shape and sparsity
@@ -45,6 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "dictionaries"))
 
 PROMPT = "When Mary and John went to the big store, John gave a drink to"  # 15 tokens + BOS
+PROMPT_SHORT = "When Mary and John went to the store, John gave it to"  # fewer tokens, the same bucket
 D_SAE, K = 2304, 32
 TRAINED = Path("~/.cache/jaxlens/transcoders").expanduser()
 
@@ -152,8 +159,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for circuit-tracer")
     ap.add_argument("--transcoders", type=Path, default=None, help="a transcoder folder (default: see doc)")
     ap.add_argument("--skip-circuit-tracer", action="store_true")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "graphs.json")
+    ap.add_argument("--bucketing", action="store_true", help="time two prompts of one bucket (see doc)")
+    ap.add_argument("--out", type=Path, default=None, help="results/graphs.json (graphs_bucketing.json)")
     args = ap.parse_args(argv)
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "graphs_bucketing.json" if args.bucketing else "graphs.json")
 
     import jax
     from _machine import cpu_model
@@ -173,6 +183,19 @@ def main(argv=None) -> int:
 
     def run():
         return attribute(model, tcs, ids, max_feature_nodes=budget, batch_size=jl_batch)
+
+    if args.bucketing:
+        res = bucketing(model, tcs, ids, lambda ids, pad_to: attribute(
+            model, tcs, ids, max_feature_nodes=budget, batch_size=jl_batch, pad_to=pad_to))
+        res.update(command=" ".join([sys.executable, *sys.argv]), date=datetime.date.today().isoformat(),
+                   machine={"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": load0,
+                            "load_after": os.getloadavg(), "devices": [str(d) for d in jax.devices()]},
+                   transcoders={"kind": kind, "path": str(tc_dir)}, max_feature_nodes=budget,
+                   batch_size=jl_batch)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+        return 0
 
     _, first, first_cpu, _, _ = measured(run)
     graph, secs, cpu, peak, before = measured(run)
@@ -211,6 +234,50 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def bucketing(model, tcs, ids, run) -> dict:
+    """Wall and CPU seconds and XLA compiles of `run(ids, pad_to)` calls: this prompt first, then the
+    short one of the same bucket, padded and not, first and warm (module docstring)."""
+    import jax
+    import numpy as np
+
+    from jaxlens.graphs.attribute import PAD_TO, bucket_length, prompt_tokens
+
+    short = [int(i) for i in prompt_tokens(model, PROMPT_SHORT)]
+    buckets = [bucket_length(len(x), PAD_TO, model.cfg.n_ctx) for x in (ids, short)]
+    assert len(short) != len(ids) and buckets[0] == buckets[1], (len(ids), len(short), buckets)
+    compiles = []
+    listen = lambda event, secs, **kw: compiles.append(secs) if event.endswith("backend_compile_duration") \
+        else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    calls, graphs = [], {}
+    for name, x, pad in [("first prompt, first call (compiles the bucket)", ids, PAD_TO),
+                         ("second prompt, same bucket", short, PAD_TO),
+                         ("second prompt, pad_to=None, first call", short, None),
+                         ("second prompt, pad_to=None, warm", short, None),
+                         ("second prompt, same bucket, warm", short, PAD_TO)]:
+        compiles.clear()
+        load = os.getloadavg()
+        graphs[pad], secs, cpu, peak, _ = measured(lambda x=x, pad=pad: run(x, pad))
+        calls.append(dict(call=name, n_tokens=len(x), pad_to=pad, seconds=secs, cpu_s=cpu, peak_rss_mib=peak,
+                          xla_compiles=len(compiles), compile_s=sum(compiles), load_before=load))
+        print(f"{name}: {len(x)} tokens, {secs:.1f} s (CPU {cpu:.1f} s), {len(compiles)} compiles "
+              f"({sum(compiles):.1f} s), load {load[0]:.1f}")
+    jax.monitoring.unregister_event_duration_listener(listen)
+    a, b = graphs[PAD_TO].adjacency, graphs[None].adjacency
+    same = a.shape == b.shape and bool(np.array_equal(graphs[PAD_TO].selected_features,
+                                                      graphs[None].selected_features))
+    ratios = {"first_call_over_same_bucket": calls[0]["seconds"] / calls[1]["seconds"],
+              "first_call_over_same_bucket_cpu": calls[0]["cpu_s"] / calls[1]["cpu_s"],
+              "unpadded_first_over_same_bucket": calls[2]["seconds"] / calls[1]["seconds"],
+              "padded_warm_over_unpadded_warm": calls[4]["seconds"] / calls[3]["seconds"],
+              "padded_warm_over_unpadded_warm_cpu": calls[4]["cpu_s"] / calls[3]["cpu_s"]}
+    print(" ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    return {"n_tokens": [len(ids), len(short)], "bucket": buckets[0], "calls": calls,
+            "ratios": ratios, "graphs_agree": {
+                "same_nodes": same, "max_abs_diff_over_max_abs": float(np.abs(a - b).max() / np.abs(b).max())
+                if same else None}}
 
 
 def attribute_ids(model):

@@ -21,6 +21,14 @@ also starts each batch's backward at its highest target layer, but its batches s
 most of them start near the top. The gradients meet the decoder rows and error vectors site by site
 (`_site_layout`).
 
+Prompts are padded on the right to a bucket length (`bucket_length`: powers of two below `pad_to`,
+multiples of `pad_to` from there, at most n_ctx), and the counts that set the compiled programs' shapes
+(the active features, the decoder-row blocks) to powers of two, so every prompt of a bucket reuses the same
+compiled programs (module-level `jax.jit`s, keyed on shapes and the static config, never on the prompt).
+The model is causal, so the real positions' values and Jacobians do not see the padding; the padded
+positions get no feature, error or token node, their columns are dropped, and the logits are read at the
+real last position.
+
 As circuit-tracer: the logits kept are the most probable up to `max_n_logits`, the smallest prefix whose
 cumulative probability reaches `desired_logit_prob`; features and errors at the first `zero_positions`
 positions (the BOS) are zeroed; with `max_feature_nodes`, feature rows are computed in order of their partial
@@ -54,11 +62,13 @@ UPDATE_INTERVAL = 4
 #: Rows per compiled call at most (fewer if batch_size is smaller): smaller chunks of the layer-sorted rows
 #: follow their targets' layers more closely (SmolLM2 on CPU: 32 rows about 10% faster than 64).
 CHUNK_ROWS = 32
+#: `attribute`'s default bucket step (`bucket_length`): prompts of 9-16 tokens share programs, of 17-32, ...
+PAD_TO = 16
 
 
 def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               max_feature_nodes: int | None = None, batch_size: int | None = None,
-              zero_positions: int | None = None) -> AttributionGraph:
+              zero_positions: int | None = None, pad_to: int | None = PAD_TO) -> AttributionGraph:
     """The attribution graph of `prompt` on `model` with `transcoders` replacing its MLPs.
 
     Args:
@@ -76,6 +86,9 @@ def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_
         batch_size: rows per batch of the visiting order (circuit-tracer's batch_size) and at most per
             compiled call; None fits `default_batch_size`'s memory budget.
         zero_positions: how many leading positions have their features and errors zeroed (default 1: BOS).
+        pad_to: the bucket step (`bucket_length`): the prompt is padded on the right to its bucket's length
+            and the compiled programs are shared by every prompt of the bucket (the graph is the same, up to
+            float32 rounding); None computes at the prompt's own length and counts (a compile per prompt).
 
     Returns:
         An AttributionGraph (adjacency in circuit-tracer's node order, unpruned).
@@ -88,33 +101,50 @@ def attribute(model, transcoders, prompt, max_n_logits: int = 10, desired_logit_
     cfg, params = model.cfg, model.params
     ts = transcoder_set(transcoders, cfg)
     _check_options(cfg, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size)
+    if pad_to is not None and (not isinstance(pad_to, int | np.integer) or pad_to < 1):
+        raise InputError(f"pad_to={pad_to!r} must be a positive int (the bucket step prompts are padded to), "
+                         "or None for no padding.")
     tokens = prompt_tokens(model, prompt)
     n_pos, L = len(tokens), cfg.n_layers
     zp = 1 if zero_positions is None else zero_positions
     if not isinstance(zp, int | np.integer) or not 0 <= zp < n_pos:
         raise InputError(f"zero_positions={zero_positions!r} must be an int in [0, n_pos={n_pos}): how many "
                          "leading positions (the BOS, a chat prefix) have their features and errors zeroed.")
-    resid0, clean, acts = _clean_run(params, cfg, ts, jnp.asarray(tokens, jnp.int32)[None])
+    P = bucket_length(n_pos, pad_to, cfg.n_ctx)
+    padded = np.concatenate([tokens, np.repeat(tokens[-1:], P - n_pos)])  # causal: any token will do
+    resid0, clean, acts = _clean_run(params, cfg, ts, jnp.asarray(padded, jnp.int32)[None])
     acts = np.asarray(acts).copy()
     acts[:, :zp] = 0
+    acts[:, n_pos:] = 0  # the padding has no feature nodes
     recon = np.asarray(reconstruct(ts, jnp.asarray(acts), clean.inputs))
-    errors = np.asarray(clean.mlp_out) - recon
+    errors = (np.asarray(clean.mlp_out) - recon)[:, :n_pos]
     errors[:, :zp] = 0
     active = np.stack(np.nonzero(acts), axis=1).astype(np.int64)  # layer-major, then pos, then feature
     values = acts[tuple(active.T)].astype(np.float32)
-    logit_ids, probs, logit_vecs = select_logits(np.asarray(clean.logits[0, -1]),
+    logit_ids, probs, logit_vecs = select_logits(np.asarray(clean.logits)[0, n_pos - 1],
                                                  np.asarray(params["unembed"]["W_U"]), max_n_logits,
                                                  desired_logit_prob)
     n_active, n_logits = len(active), len(logit_ids)
+    S = n_active if pad_to is None else _pow2(max(n_active, 1))  # error sources from S, tokens from S + L*P
     dec = numpy_decoder_rows(ts, active, values)
     enc_vecs = np.asarray(ts.W_enc)[active[:, 0], :, active[:, 2]] if n_active else np.zeros((0, cfg.d_model))
-    tok_vecs = np.asarray(params["embed"]["W_E"])[tokens]
+    tok_vecs = np.zeros((P, cfg.d_model), np.float32)
+    tok_vecs[:n_pos] = np.asarray(params["embed"]["W_E"])[tokens]
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    bs = batch_size or default_batch_size(cfg, n_pos, len(dec[0]), ts.d_sae)
-    chunk = min(bs, CHUNK_ROWS, _pow2(max(n_logits, budget, 1)))
+    # padded: the blocks below layer l are at most l * P (a site's first block, with its error row) + R (the
+    # decoder rows' own), R a power of two: a count per depth that every prompt of the bucket shares
+    R = _pow2(max(-(-len(dec[0]) // SITE_BLOCK), 1))
+    caps = None if pad_to is None else np.arange(L + 1) * P + R
+    arrays, below = _site_layout(_with_error_rows(dec, errors, S, P), L, P, S + L * P,
+                                 n_blocks=None if caps is None else int(caps[-1]))
+    below = below if caps is None else caps  # _decoder_dots masks the blocks above the depth
+    bs = batch_size or default_batch_size(cfg, P, arrays[0].shape[0] * SITE_BLOCK, ts.d_sae)
+    chunk = min(bs, CHUNK_ROWS, _pow2(max(max_n_logits, budget, 1)))
     frozen = _frozen_run(params, cfg, ts, resid0)
-    layout = _site_layout(_with_error_rows(dec, errors, n_active), L, n_pos, n_active + L * n_pos)
-    rows = functools.partial(_rows, params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active, chunk)
+    cols = np.concatenate([np.arange(n_active), S + np.arange(L)[:, None] * P + np.arange(n_pos),
+                           S + L * P + np.arange(n_pos)], axis=None)
+    rows = functools.partial(_rows, params, cfg, ts, resid0, frozen, (arrays, below), tok_vecs, S, chunk,
+                             cols, n_pos - 1)
 
     logit_offset = n_active + (L + 1) * n_pos
     edges = np.zeros((budget + n_logits, logit_offset + n_logits), np.float32)
@@ -231,6 +261,18 @@ def partial_influences(edges: np.ndarray, logit_probs: np.ndarray, row_node: np.
                        "form an acyclic graph (a bug: please report it).")
 
 
+def bucket_length(n_pos: int, pad_to: int | None, n_ctx: int | None = None) -> int:
+    """The length a prompt of `n_pos` tokens is padded to: the smallest power of two >= n_pos below `pad_to`,
+    else the smallest multiple of `pad_to` >= n_pos (never above n_ctx; n_pos itself if pad_to is None).
+
+        bucket_length(5, 16) == 8; bucket_length(16, 16) == 16; bucket_length(17, 16) == 32
+    """
+    if pad_to is None:
+        return n_pos
+    n = min(_pow2(n_pos), pad_to) if n_pos < pad_to else -(-n_pos // pad_to) * pad_to
+    return max(n_pos, min(n, n_ctx or n))
+
+
 def default_batch_size(cfg, n_pos: int, n_decoder_rows: int, d_sae: int, budget: int = 2**30) -> int:
     """Rows per compiled call so that one call's backward passes fit `budget` bytes (at least 1, at most 512,
     circuit-tracer's default)."""
@@ -278,12 +320,13 @@ def _depths(n_layers: int) -> np.ndarray:
     return np.unique([-(-n_layers * k // 8) for k in (1, 2, 4, 6, 8)])
 
 
-def _rows(params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active: int, chunk: int, layers, positions,
-          vecs, out) -> None:
-    """Fill `out` [n, n_active + (n_layers + 1) * n_pos] with the rows for targets at (layer, pos) with
-    cotangent vectors (layer n_layers: the final normalised residual): sorted by layer, `chunk` rows per
-    compiled call (the last one padded), each call through the layers its highest target reads, rounded up
-    to one of `_depths`. `layout` is `_site_layout`'s (arrays, blocks up to each layer)."""
+def _rows(params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active: int, chunk: int, cols, last: int,
+          layers, positions, vecs, out) -> None:
+    """Fill `out` [n, len(cols)] with the rows for targets at (layer, pos) with cotangent vectors (layer
+    n_layers: the final normalised residual, at position `last`): sorted by layer, `chunk` rows per compiled
+    call (the last one padded), each call through the layers its highest target reads, rounded up to one of
+    `_depths`. `layout` is `_site_layout`'s (arrays, blocks up to each layer); `n_active` is the first error
+    source (`_with_error_rows`); `cols` picks the graph's sources out of the program's."""
     L = cfg.n_layers
     depths = _depths(L)
     (site_arrays, blocks_below), order = layout, np.argsort(layers, kind="stable")
@@ -294,8 +337,9 @@ def _rows(params, cfg, ts, resid0, frozen, layout, tok_vecs, n_active: int, chun
         part = [_padded(np.asarray(a)[idx], chunk) for a in (layers, positions, vecs)]
         got = _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs,
                         jnp.asarray(part[0], jnp.int32), jnp.asarray(part[1], jnp.int32),
-                        jnp.asarray(part[2], jnp.float32), n_active, depth, int(blocks_below[depth]))
-        out[idx] = np.asarray(got)[:len(idx)]
+                        jnp.asarray(part[2], jnp.float32), n_active, depth, int(blocks_below[depth]),
+                        jnp.asarray(last, jnp.int32))
+        out[idx] = np.asarray(got)[:len(idx), cols]
 
 
 def _padded(a: np.ndarray, chunk: int) -> np.ndarray:
@@ -305,10 +349,12 @@ def _padded(a: np.ndarray, chunk: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_active", "depth", "n_blocks"))
 def _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs, layers, positions, vecs, n_active,
-              depth, n_blocks):
-    """Rows for targets below layer `depth` (or the logits, if depth is n_layers): the vjp of the frozen
-    forward truncated at `depth` layers, with the clean run's `frozen` activations as constants. The
-    cotangents and gradients keep the layer axis first (batch second), as the blocks' scan has them."""
+              depth, n_blocks, last=None):
+    """Rows for targets below layer `depth` (or the logits, at position `last`, default the final one, if
+    depth is n_layers): the vjp of the frozen forward truncated at `depth` layers, with the clean run's
+    `frozen` activations as constants; columns: the sources up to n_active + n_layers * n_pos, then one per
+    token position. The cotangents and gradients keep the layer axis first (batch second), as the blocks'
+    scan has them."""
     L, n_pos = cfg.n_layers, resid0.shape[1]
 
     def targets(src: Sources):
@@ -322,8 +368,8 @@ def _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs, layers, po
            & (jnp.arange(n_pos)[None, None, :, None] == positions[None, :, None, None]))
     cts = (jnp.where(hot, vecs[None, :, None, :], 0.0),)
     if depth == L:  # logit rows: at the final residual's last position
-        last = (jnp.arange(n_pos)[:, None, None] == n_pos - 1) & (layers == L)[None, :, None]
-        cts += (jnp.where(last, vecs[None], 0.0),)
+        at = (jnp.arange(n_pos)[:, None, None] == (n_pos - 1 if last is None else last))
+        cts += (jnp.where(at & (layers == L)[None, :, None], vecs[None], 0.0),)
     (g,) = jax.vmap(vjp, in_axes=1, out_axes=1)(cts)  # g.mlp_out [depth batch pos d], g.embed [pos batch d]
     feat_err = _decoder_dots(g.mlp_out, site_arrays, n_blocks, n_active + L * n_pos)
     tok = jnp.einsum("pbd,pd->bp", g.embed, tok_vecs)
@@ -334,20 +380,25 @@ def _rows_jit(params, cfg, ts, resid0, frozen, site_arrays, tok_vecs, layers, po
 SITE_BLOCK = 64
 
 
-def _with_error_rows(dec, errors: np.ndarray, n_active: int):
-    """The decoder rows (`numpy_decoder_rows`) and one row per error node (layer, pos), its source index
-    n_active + layer * n_pos + pos: an error vector meets the gradient at its site as a decoder row does."""
-    L, n_pos, D = errors.shape
-    layer, pos = np.divmod(np.arange(L * n_pos), n_pos)
-    err = (errors.reshape(-1, D).astype(np.float32), layer, pos, n_active + np.arange(L * n_pos))
+def _with_error_rows(dec, errors: np.ndarray, n_active: int, n_pos: int | None = None):
+    """The decoder rows (`numpy_decoder_rows`) and one row per error node (layer, pos) of `errors` [layer pos
+    d_model], its source index n_active + layer * n_pos + pos (n_pos: the padded length, default the
+    errors'): an error vector meets the gradient at its site as a decoder row does."""
+    L, n, D = errors.shape
+    layer, pos = np.divmod(np.arange(L * n), n)
+    err = (errors.reshape(-1, D).astype(np.float32), layer, pos, n_active + layer * (n_pos or n) + pos)
     return tuple(np.concatenate([np.asarray(a), b]) for a, b in zip(dec, err, strict=True))
 
 
-def _site_layout(dec, n_layers: int, n_pos: int, n_sources: int, width: int = SITE_BLOCK):
+def _site_layout(dec, n_layers: int, n_pos: int, n_sources: int, width: int = SITE_BLOCK,
+                 n_blocks: int | None = None):
     """The decoder rows (`numpy_decoder_rows`: vectors, output layer, position, source) in blocks of `width`
     rows that share a site (output layer, position), layer-major, so a gradient at a site meets its decoder
     rows in small matrix products rather than a gather of one gradient per row, and the blocks of the first
     k layers are a prefix.
+
+    With `n_blocks`, zero blocks (source n_sources, site 0) are appended up to that many, so that layouts of
+    similar size have the same shapes.
 
     Returns:
         ((vectors [n_blocks width d_model], zero-padded; each block's layer [n_blocks] and position
@@ -363,12 +414,16 @@ def _site_layout(dec, n_layers: int, n_pos: int, n_sources: int, width: int = SI
     first_block = np.cumsum(blocks) - blocks
     rank = np.arange(len(site)) - (np.cumsum(counts) - counts)[site[order]]  # place within its site
     slot = (first_block[site[order]] + rank // width) * width + rank % width
-    n_blocks = int(blocks.sum())
+    n_real = int(blocks.sum())
+    n_blocks = n_real if n_blocks is None else n_blocks
+    if n_blocks < n_real:
+        raise JaxlensError(f"_site_layout: {n_real} blocks do not fit n_blocks={n_blocks} (a bug).")
     V = np.zeros((n_blocks * width, D), np.float32)
     V[slot] = vecs[order]
     slot_src = np.full(n_blocks * width, n_sources, np.int32)
     slot_src[slot] = src[order]
-    block_site = np.repeat(np.arange(n_sites), blocks)
+    pad = np.zeros(n_blocks - n_real, np.int64)  # zero blocks at site 0
+    block_site = np.concatenate([np.repeat(np.arange(n_sites), blocks), pad])
     below = np.concatenate([[0], np.cumsum(blocks.reshape(n_layers, n_pos).sum(1))])
     arrays = (jnp.asarray(V.reshape(n_blocks, width, D)), jnp.asarray(block_site // n_pos, jnp.int32),
               jnp.asarray(block_site % n_pos, jnp.int32), jnp.asarray(slot_src))
@@ -382,11 +437,13 @@ def _decoder_dots(grads, site_arrays, n_blocks: int, n_sources: int):
     Args:
         grads: [layer batch pos d_model] gradients at the sites of the first layers.
         site_arrays: `_site_layout`'s arrays (over every layer).
-        n_blocks: how many blocks lie in the layers of `grads` (`_site_layout`'s count below that layer).
+        n_blocks: how many blocks to visit: at least those in the layers of `grads` (`_site_layout`'s count
+            below that layer); blocks above them count zero.
         n_sources: the number of sources (active features).
     """
     V, block_layer, block_pos, slot_src = site_arrays
-    g = grads[block_layer[:n_blocks], :, block_pos[:n_blocks]]  # [block batch d_model]
+    g = grads[block_layer[:n_blocks], :, block_pos[:n_blocks]]  # [block batch d_model], above: clamped
+    g = jnp.where((block_layer[:n_blocks] < grads.shape[0])[:, None, None], g, 0.0)
     dots = jnp.einsum("kbd,kwd->kwb", g, V[:n_blocks]).reshape(-1, grads.shape[1])
     per_source = jax.ops.segment_sum(dots, slot_src[:dots.shape[0]], num_segments=n_sources + 1)
     return per_source[:n_sources].T
