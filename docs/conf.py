@@ -51,7 +51,8 @@ jaxlens_api_packages = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+# rendered/: the executed notebooks, read through their copies in notebooks/ (_copy_notebooks below)
+exclude_patterns = ["_build", "README.md", "rendered", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 root_doc = "index"
 
 # docstrings: Google style, `x` is code (jaxlens's docstrings use single backticks for code)
@@ -76,7 +77,8 @@ nitpick_ignore_regex = [
                  r"KeyError|ValueError|IndexError|AssertionError|TypeError|RuntimeError|OSError)"),
 ]
 
-# notebooks: rendered as stored (their outputs come from a recorded run; nothing executes at build time)
+# notebooks: shown as rendered by scripts/render_notebooks.py (docs/rendered/: the outputs of a recorded full
+# run on SmolLM2); nothing executes at build time
 nb_execution_mode = "off"
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
@@ -93,19 +95,39 @@ html_show_sourcelink = False
 
 
 def _copy_notebooks(app) -> None:
-    """The notebooks live in notebooks/ at the repository root; Sphinx reads copies from docs/notebooks/. A
-    notebook saved without language metadata gets Python's, so its cells are highlighted (strict mode
-    otherwise flags each cell)."""
+    """The notebooks live in notebooks/ at the repository root, stored without outputs; the site shows their
+    rendered copies (docs/rendered/, executed in full settings by scripts/render_notebooks.py, with a
+    provenance record each), copied to docs/notebooks/ with a line saying when and where they ran. A notebook
+    with no rendered copy stops the build. A notebook saved without language metadata gets Python's, so its
+    cells are highlighted (strict mode otherwise flags each cell)."""
     import json
 
+    from sphinx.errors import ExtensionError
+
+    rendered = DOCS / "rendered"
+    missing = [nb.name for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
+               if not (rendered / nb.name).exists() or not (rendered / f"{nb.stem}.json").exists()]
+    if missing:
+        raise ExtensionError(f"no rendered copy (docs/rendered/<name>.ipynb and .json) of {missing}: the "
+                             "site shows the notebooks with their outputs. Render them with "
+                             "`.venv/bin/python scripts/render_notebooks.py --only NAME` (one --only each).")
     out = DOCS / "notebooks"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        data = json.loads(nb.read_text())
+        data = json.loads((rendered / nb.name).read_text())
+        record = json.loads((rendered / f"{nb.stem}.json").read_text())
         meta = data.setdefault("metadata", {})
         meta.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
         meta.setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
+        commit = (record["git"]["commit"] or "unknown")[:10]
+        cores = record["machine"]["cpu_count"]
+        note = (f"*Outputs from a run in {record['settings']} settings on {record['date_utc'][:10]} (jaxlens "
+                f"commit `{commit}`, {record['wall_s']:.0f} s on {cores} CPU cores), written by "
+                "`scripts/render_notebooks.py`.*")
+        cells = data["cells"]
+        at = 1 if cells and cells[0]["cell_type"] == "markdown" else 0  # after the title
+        cells.insert(at, {"cell_type": "markdown", "id": "rendered-note", "metadata": {}, "source": note})
         (out / nb.name).write_text(json.dumps(data, indent=1))
 
 

@@ -6,6 +6,7 @@ characters the font cannot draw are written as `\\uXXXX`.
 """
 
 import functools
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def thin_ticks(n: int, max_ticks: int) -> list[int]:
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure not attached to pyplot (no global state, nothing shown), in inches, clamped to sane sizes."""
+    _show_in_ipython()
     return Figure(figsize=(min(max(width, 3.0), 40.0), min(max(height, 2.5), 40.0)), layout="constrained")
 
 
@@ -98,3 +100,21 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     with _atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return path
+
+
+def _show_in_ipython() -> None:
+    """In a notebook, a returned figure shows as a PNG, as pyplot's do. The inline backend registers its
+    Figure formatter only once pyplot draws a figure, so figures made without pyplot otherwise show as their
+    repr (`<Figure size 932x360 with 1 Axes>`). A formatter already registered (`%matplotlib inline`, or an
+    `InlineBackend.figure_formats` setting) is kept; outside IPython this does nothing."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    png = shell.display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        from IPython.core.pylabtools import print_figure
+
+        png.for_type(Figure, lambda fig: print_figure(fig, "png"))
