@@ -286,6 +286,9 @@ def fold_scaling(module: Dictionary, scale, scale_out=None) -> Dictionary:
     module.b_dec[...] = module.b_dec[...] / s_out
     if hasattr(module, "W_skip"):
         module.W_skip[...] = module.W_skip[...] * (s_in / s_out)
+    if cfg.rescale_acts_by_decoder_norm and hasattr(module, "topk_threshold"):
+        # the threshold is in units of pre-activation times decoder norm, and the norms shrank by s_out
+        module.topk_threshold[...] = module.topk_threshold[...] / s_out.astype(jnp.float32)
     return module
 
 

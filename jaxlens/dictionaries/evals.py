@@ -4,7 +4,17 @@ held-out text.
     metrics = evaluate(sae, params, cfg, held_out, context_size=128, n_sequences=64)
     metrics["explained_variance"], metrics["ce_loss_recovered"], metrics["dead_fraction"]
 
-Reconstruction, over every token (BOS positions left out with `exclude_bos`, as the activation store does):
+Rows: `n_sequences` rows spread evenly over the whole held-out text (`evaluation_rows`: the middle row of each
+of n equal strata), not its first rows, whose banners and title pages are not typical text.
+
+Positions left out (as the activation store leaves them out, `store.keep_positions`): the BOS position with
+`exclude_bos`, positions holding `exclude_token_ids` (SAELens 6's `run_evals(exclude_special_tokens=...)`),
+and with `exclude_norm_ratio` positions whose activation norm exceeds that multiple of the median norm over
+the batch's other positions. As in SAELens, a left-out position is not patched and counts in no metric (its
+next-token loss and KL included); the counts are reported (`excluded_bos_position`, `excluded_special_tokens`,
+`excluded_high_norm`).
+
+Reconstruction, over every kept token:
 - `explained_variance = 1 - sum ||x - x_hat||^2 / (sum ||x||^2 - N ||mean x||^2)`, accumulated in float64
   (SAELens's `ExplainedVarianceCalculator`); `fvu = 1 - explained_variance`;
 - `mse` = mean per-token ||x - x_hat||^2; `cossim` mean cosine(x, x_hat); `l2_ratio` mean ||x_hat|| / ||x||;
@@ -18,15 +28,16 @@ dictionary's hook; a transcoder's output hook), against the clean model and agai
 zero-ablated:
 `ce_loss_recovered = (CE_zero - CE_dict) / (CE_zero - CE_clean)`, `ce_loss_increase = CE_dict - CE_clean`;
 `kl_div_score = (KL_zero - KL_dict) / KL_zero` with KL(clean || patched) summed over the vocabulary, averaged
-over tokens. The reconstruction is computed from the clean run's activation and patched in (`Patch`): for an
-SAE this is exactly splicing it at its hook (upstream of the hook nothing changes), which the tests check
-against `splice.spliced`; it works as well for a transcoder, which reads one hook and writes another.
+over the kept positions (the prediction made at each). The reconstruction is computed from the clean run's
+activation and patched in (`Patch`): for an SAE this is exactly splicing it at its hook (upstream of the
+hook nothing changes), which the tests check against `splice.spliced`; it works as well for a transcoder,
+which reads one hook and writes another.
 """
 
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -37,7 +48,8 @@ from flax import nnx
 from jaxlens import hook_names
 from jaxlens.config import Config
 from jaxlens.dictionaries.base import Dictionary, DictionaryError
-from jaxlens.dictionaries.corpus import TokenCorpus
+from jaxlens.dictionaries.corpus import CorpusError, TokenCorpus
+from jaxlens.dictionaries.store import check_exclusions, keep_positions
 from jaxlens.errors import InputError
 from jaxlens.interventions import Patch
 from jaxlens.model.forward import lm_cross_entropy_loss, run
@@ -46,29 +58,38 @@ from jaxlens.shapes import Params
 
 def evaluate(dictionary: Dictionary, params: Params, cfg: Config, corpus: TokenCorpus, *,
              context_size: int = 128, n_sequences: int = 64, batch_size: int = 8, exclude_bos: bool = True,
-             dense_threshold: float = 0.1) -> dict[str, float]:
-    """SAELens's evaluation metrics of `dictionary` on the first `n_sequences` rows of `corpus`.
+             exclude_token_ids: Sequence[int] = (), exclude_norm_ratio: float | None = None,
+             rows: Sequence[int] | None = None, dense_threshold: float = 0.1) -> dict[str, float]:
+    """SAELens's evaluation metrics of `dictionary` on `n_sequences` rows spread over `corpus`.
 
     Args:
         dictionary: an SAE or per-layer transcoder whose `cfg.hook_name` (and `hook_name_out`) name hooks of
             the model.
         params, cfg: the model.
         corpus: held-out text (`corpus.load_corpus(corpus.HELDOUT_SOURCE, tokenizer)`).
-        context_size, n_sequences, batch_size: rows of tokens to evaluate on, and per forward.
+        context_size, n_sequences, batch_size: rows of tokens to evaluate on (`evaluation_rows`), and per
+            forward.
         exclude_bos: leave the BOS position out of every metric and un-patched.
+        exclude_token_ids: leave the positions holding these ids out too (`store.special_token_ids`).
+        exclude_norm_ratio: leave out positions whose norm at the hook (a transcoder: either hook) exceeds
+            this multiple of the median over the batch's other positions (None: off).
+        rows: the corpus rows to use instead of `evaluation_rows(n, n_sequences)`.
         dense_threshold: the firing frequency above which a feature counts as dense.
 
     Returns:
         {explained_variance, fvu, mse, cossim, l2_ratio, l0, l1, dead_fraction, dense_fraction,
         ce_loss_clean, ce_loss_with_dictionary, ce_loss_zero_ablation, ce_loss_recovered, ce_loss_increase,
-        kl_div_with_dictionary, kl_div_zero_ablation, kl_div_score, tokens} as floats.
+        kl_div_with_dictionary, kl_div_zero_ablation, kl_div_score, tokens, excluded_bos_position,
+        excluded_special_tokens, excluded_high_norm} as floats (counts as ints).
 
     Raises:
         DictionaryError: a dictionary without hook names, a cross-layer transcoder, or a width that does not
             match the hook.
         UnknownHookError: a hook the model lacks.
-        CorpusError: a corpus shorter than one row.
+        CorpusError: a corpus shorter than one row, or rows out of range.
+        InputError: bad exclusion arguments.
     """
+    ids, ratio = check_exclusions(exclude_token_ids, exclude_norm_ratio, cfg.d_vocab)
     dcfg = dictionary.cfg
     if dcfg.architecture == "clt":
         raise DictionaryError("evaluate takes an SAE or a per-layer transcoder; evaluate a cross-layer "
@@ -83,16 +104,32 @@ def evaluate(dictionary: Dictionary, params: Params, cfg: Config, corpus: TokenC
         layer, _ = table.parse(h)
         if layer == "all":
             raise InputError(f"evaluate needs the hook of one layer; found {h!r}.")
-    n = min(n_sequences, corpus.n_sequences(context_size))
-    rows = corpus.sequences(context_size, np.arange(n))
+    idx = evaluation_rows(corpus.n_sequences(context_size), n_sequences) if rows is None else rows
+    tokens = corpus.sequences(context_size, idx)
     graphdef, state = nnx.split(dictionary)
     totals: dict[str, np.ndarray] = {}
-    for i in range(0, n, batch_size):
-        stats = _batch_stats(params, cfg, jnp.asarray(rows[i:i + batch_size]), graphdef, state, hook_in,
-                             hook_out, exclude_bos)
+    for i in range(0, len(tokens), batch_size):
+        stats = _batch_stats(params, cfg, jnp.asarray(tokens[i:i + batch_size]), graphdef, state, hook_in,
+                             hook_out, exclude_bos, ids, ratio)
         for k, v in jax.device_get(stats).items():
             totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    return _finish(totals, dense_threshold)
+    counts = {f"excluded_{k}": int(totals.pop(k)) for k in ("bos_position", "special_tokens", "high_norm")}
+    return _finish(totals, dense_threshold) | counts
+
+
+def evaluation_rows(n_rows: int, n_sequences: int) -> np.ndarray:
+    """The rows an evaluation reads: `n_sequences` (at most `n_rows`) spread over rows 0..n_rows-1, the
+    middle row of each of n equal strata, floor((i + 1/2) n_rows / n) for i < n; all rows when n = n_rows.
+
+    Raises:
+        CorpusError: no rows, or n_sequences below 1.
+    """
+    if n_rows < 1 or n_sequences < 1:
+        raise CorpusError(f"An evaluation needs at least one row; found a corpus of {n_rows} rows and "
+                          f"n_sequences={n_sequences}. Use more text, a shorter context_size, or "
+                          "n_sequences >= 1.")
+    n = min(n_sequences, n_rows)
+    return (2 * np.arange(n, dtype=np.int64) + 1) * n_rows // (2 * n)
 
 
 def evaluate_transcoder_set(transcoders: Mapping[int, Dictionary], params: Params, cfg: Config,
@@ -123,10 +160,9 @@ def evaluate_transcoder_set(transcoders: Mapping[int, Dictionary], params: Param
     """
     layers, rel_in, rel_out = _set_hooks(transcoders, cfg)
     graphdef, state = _stack(transcoders, layers)
-    n = min(n_sequences, corpus.n_sequences(context_size))
-    rows = corpus.sequences(context_size, np.arange(n))
+    rows = corpus.sequences(context_size, evaluation_rows(corpus.n_sequences(context_size), n_sequences))
     totals: dict[str, np.ndarray] = {}
-    for i in range(0, n, batch_size):
+    for i in range(0, len(rows), batch_size):
         stats = _set_stats(params, cfg, jnp.asarray(rows[i:i + batch_size]), graphdef, state, layers, rel_in,
                            rel_out, exclude_bos)
         for k, v in jax.device_get(stats).items():
@@ -211,7 +247,7 @@ def _set_stats(params, cfg, tokens, graphdef, state, layers, rel_in, rel_out, ex
     zero_mask = jnp.zeros((cfg.n_layers, 1, 1, 1), bool).at[idx].set(True) & keep[None, :, :, None]
     zero = Patch(value=jnp.zeros((cfg.n_layers, 1, 1, 1), x.dtype), mask=zero_mask)
     zeroed = run(params, cfg, tokens, interventions={names[1]: zero})[0]
-    return sums | _ce_sums(tokens, logits, replaced, zeroed)
+    return sums | _ce_sums(tokens, logits, replaced, zeroed, keep)
 
 
 def _set_hooks(transcoders, cfg: Config) -> tuple[tuple[int, ...], str, str]:
@@ -252,20 +288,24 @@ def _stack(transcoders, layers):
     return split[0][0], state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "graphdef", "hook_in", "hook_out", "exclude_bos"))
-def _batch_stats(params, cfg, tokens, graphdef, state, hook_in, hook_out, exclude_bos):
-    """Sums over one batch of rows (the caller adds them up in float64)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "graphdef", "hook_in", "hook_out", "exclude_bos", "ids",
+                                             "ratio"))
+def _batch_stats(params, cfg, tokens, graphdef, state, hook_in, hook_out, exclude_bos, ids=(), ratio=None):
+    """Sums over one batch of rows (the caller adds them up in float64), and the positions left out."""
     names = tuple(dict.fromkeys((hook_in, hook_out)))
     logits, cache, _ = run(params, cfg, tokens, cache_names=names)
     x_in, x = cache[hook_in], cache[hook_out]
-    keep = _keep(tokens, exclude_bos)
+    cand = _keep(tokens, exclude_bos)
+    norms = [jnp.linalg.norm(cache[h].reshape(tokens.shape + (-1,)), axis=-1) for h in names]
+    keep, counts = keep_positions(tokens, norms, ids, ratio, candidates=cand)
     sums, recon = _recon_sums(nnx.merge(graphdef, state), x_in, x, keep, hook_in, hook_out)
     mask = keep.reshape(keep.shape + (1,) * (x.ndim - 2))
     patched = {hook_out: Patch(value=recon, mask=mask)}
     zeroed = {hook_out: Patch(value=jnp.zeros_like(x), mask=mask)}
     logits_dict = run(params, cfg, tokens, interventions=patched)[0]
     logits_zero = run(params, cfg, tokens, interventions=zeroed)[0]
-    return sums | _ce_sums(tokens, logits, logits_dict, logits_zero)
+    counts["bos_position"] = (~cand).sum()
+    return sums | _ce_sums(tokens, logits, logits_dict, logits_zero, keep) | counts
 
 
 def _keep(tokens, exclude_bos: bool):
@@ -300,18 +340,19 @@ def _recon_sums(module: Dictionary, x_in, x, keep, hook_in: str, hook_out: str):
     return sums, recon_flat.reshape(x.shape)
 
 
-def _ce_sums(tokens, logits, logits_dict, logits_zero):
-    """Summed next-token losses and KL(clean || patched) of the clean, dictionary and zero-ablated runs."""
-    # next-token pairs: the prediction at position i is scored at i + 1 (patched positions are 1..)
-    pair = jnp.ones(tokens.shape, bool)
-    ce = lambda lg: (lm_cross_entropy_loss(lg, tokens, pair, per_token=True)).sum()  # noqa: E731
+def _ce_sums(tokens, logits, logits_dict, logits_zero, keep):
+    """Summed next-token losses and KL(clean || patched) of the clean, dictionary and zero-ablated runs, over
+    the predictions made at the kept positions `keep` [batch pos] (SAELens's masks: the loss of the pair
+    (i, i + 1) counts when position i is kept; the last position has no pair)."""
+    pair = keep[:, :-1].astype(jnp.float32)
+    ce = lambda lg: (lm_cross_entropy_loss(lg, tokens, per_token=True) * pair).sum()  # noqa: E731
     logp_clean = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
 
     def kl(lg):
         logp = jax.nn.log_softmax(lg.astype(jnp.float32), -1)
-        return (jnp.exp(logp_clean) * (logp_clean - logp)).sum(-1)[:, 1:].sum()
+        return ((jnp.exp(logp_clean) * (logp_clean - logp)).sum(-1) * keep.astype(jnp.float32)).sum()
 
-    return {"n_pairs": jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32),
+    return {"n_pairs": pair.sum(), "n_kl": keep.astype(jnp.float32).sum(),
             "ce_clean": ce(logits), "ce_dict": ce(logits_dict), "ce_zero": ce(logits_zero),
             "kl_dict": kl(logits_dict), "kl_zero": kl(logits_zero)}
 
@@ -335,7 +376,7 @@ def _recon_metrics(t: dict, dense_threshold: float) -> dict[str, float]:
 def _ce_metrics(t: dict) -> dict[str, float]:
     pairs = float(t["n_pairs"])
     ce_clean, ce_dict, ce_zero = (float(t[k]) / pairs for k in ("ce_clean", "ce_dict", "ce_zero"))
-    kl_dict, kl_zero = float(t["kl_dict"]) / pairs, float(t["kl_zero"]) / pairs
+    kl_dict, kl_zero = float(t["kl_dict"]) / float(t["n_kl"]), float(t["kl_zero"]) / float(t["n_kl"])
     return {"ce_loss_clean": ce_clean, "ce_loss_with_dictionary": ce_dict, "ce_loss_zero_ablation": ce_zero,
             "ce_loss_recovered": (ce_zero - ce_dict) / (ce_zero - ce_clean),
             "ce_loss_increase": ce_dict - ce_clean, "kl_div_with_dictionary": kl_dict,

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from jaxlens.dictionaries.base import (
     Dictionary,
     DictionaryConfig,
+    DictionaryError,
     auxk_loss,
     coefficient,
     mean_l0,
@@ -156,6 +157,25 @@ class TopKSAE(SAE):
 
     def _activate_train(self, h):
         return topk_acts(h, self.cfg.k), {}
+
+    def fold_W_dec_norm(self) -> "TopKSAE":
+        """Fold the decoder row norms n into the encoder (SAELens 6 `_fold_norm_topk`, done when it saves a
+        TopK SAE trained with `rescale_acts_by_decoder_norm`): W_enc[:, i] *= n_i, b_enc *= n_i,
+        W_dec[i] /= n_i. The outputs are unchanged and the decoder rows have unit norm. In place; returned.
+
+        Raises:
+            DictionaryError: the SAE does not rescale by decoder norms (folding would change the top-k
+                choice).
+        """
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            raise DictionaryError("Folding the decoder norms into a TopK SAE changes which features win "
+                                  "unless it rescales by them (rescale_acts_by_decoder_norm=False here); "
+                                  "SAELens refuses it too.")
+        n = self.decoder_norms()
+        self.W_enc[...] = self.W_enc[...] * n
+        self.b_enc[...] = self.b_enc[...] * n
+        self.W_dec[...] = self.W_dec[...] / n[:, None]
+        return self
 
     def training_loss(self, x, target=None, *, coefficients: Mapping[str, Any] | None = None, dead_mask=None):
         h = self.scaled_pre(x)

@@ -9,7 +9,9 @@ The recipe is SAELens 6.x's (shared/RESEARCH.md 2.3): Adam (0.9, 0.999) after gl
 (1.0); a learning rate with linear warm-up and a linear decay to zero over the last `lr_decay_steps`; sparsity
 coefficients warmed up linearly from 0; inputs (and a transcoder's targets) scaled so their mean norm is
 sqrt(width) ("expected_average_only_in"), the factor estimated on the first batches and folded into the
-weights at the end (`fold_scaling`); unit-norm decoder rows after each step for the architectures whose loss
+weights at the end (`fold_scaling`); decoder rows left free, as SAELens 6's trainer leaves them (a TopK SAE
+trained with `rescale_acts_by_decoder_norm` is invariant to their norms, which are folded in when it is
+saved), or, with `normalise_decoder`, rescaled to unit norm after each step for the architectures whose loss
 is not weighted by decoder norms (`DECODER_NORMALISED`); a feature is dead after `dead_feature_window` steps
 without firing, and the dead mask feeds AuxK and the pre-activation loss.
 
@@ -72,6 +74,8 @@ class TrainConfig:
         coefficient_warm_up_steps: the coefficients rise linearly from 0 over these steps.
         dead_feature_window: steps without firing after which a feature counts as dead.
         normalise_activations: scale inputs (and targets) to mean norm sqrt(width), folded in at the end.
+        normalise_decoder: unit-norm decoder rows after every step (topk, batchtopk); off by default, as in
+            SAELens 6.
         n_batches_for_norm_estimate: batches the scaling factors are estimated on.
         checkpoint_every: write a checkpoint every this many steps (0: only at the end of an out_dir run).
         seed: initialises the dictionaries (the data order is the batch source's).
@@ -88,6 +92,7 @@ class TrainConfig:
     coefficient_warm_up_steps: int = 0
     dead_feature_window: int = 1000
     normalise_activations: bool = True
+    normalise_decoder: bool = False
     n_batches_for_norm_estimate: int = 10
     checkpoint_every: int = 0
     seed: int = 0
@@ -258,7 +263,7 @@ def _compiled_step(graphdef, cfg: DictionaryConfig, tc: TrainConfig, replicated)
         with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes float and int32 (decay ** count)
             updates, new_opt = tx.update(grads, opt, params)
         new_params = optax.apply_updates(params, updates)
-        if cfg.architecture in base.DECODER_NORMALISED:
+        if tc.normalise_decoder and cfg.architecture in base.DECODER_NORMALISED:
             new_params = base.normalise_decoder(new_params, cfg)
         new_rest = rest
         if "topk_threshold" in aux:

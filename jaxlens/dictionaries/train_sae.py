@@ -15,6 +15,14 @@ another source), stream activations with `ActivationStore`, train with `train_di
 resumes from the last checkpoint; with a larger `--tokens` it continues the same run (the data order and the
 optimiser state carry on, so the result equals one run of the larger budget when no LR decay is set).
 
+Positions can be left out of training and evaluation alike (off by default, as in SAELens):
+`exclude_special_tokens` (SAELens 6's option of that name: the tokenizer's BOS, EOS, PAD, SEP ids,
+`store.special_token_ids`) and `exclude_norm_ratio` (positions whose norm exceeds that multiple of the median,
+`store.keep_positions`); the counts go into `metrics.json` (`train_excluded`, `eval_excluded_*`). A TopK or
+BatchTopK SAE trains as SAELens 6 trains it: pre-activations rescaled by the decoder norms
+(`rescale_acts_by_decoder_norm`), decoder rows left free (`--normalise-decoder` restores unit-norm rows after
+every step) and the norms folded into the encoder when it is saved (`TopKSAE.fold_W_dec_norm`).
+
 The pieces every training command shares (`TrainingSettings`, `load_model_and_text`, `activation_store`,
 `train_config`, `run_summary`, `add_training_arguments`, `settings_from_args`) live here too;
 `train_transcoders.py` (`jaxlens train-transcoders`) builds on them.
@@ -30,7 +38,7 @@ from jaxlens import _atomic
 from jaxlens.dictionaries import corpus as corpus_mod
 from jaxlens.dictionaries.base import ARCHITECTURES, DictionaryConfig
 from jaxlens.dictionaries.evals import evaluate
-from jaxlens.dictionaries.store import ActivationStore
+from jaxlens.dictionaries.store import ActivationStore, special_token_ids
 from jaxlens.dictionaries.train import TrainConfig, train_dictionaries
 from jaxlens.errors import InputError
 
@@ -59,6 +67,9 @@ class TrainingSettings:
     train_text: str = corpus_mod.TRAIN_SOURCE
     eval_text: str = corpus_mod.HELDOUT_SOURCE
     eval_sequences: int = 64
+    exclude_special_tokens: bool = False
+    exclude_norm_ratio: float | None = None
+    normalise_decoder: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +79,7 @@ class TrainSaeSettings(TrainingSettings):
     hook: str
     architecture: str = "topk"
     hook_out: str | None = None
+    rescale_acts_by_decoder_norm: bool = True
 
 
 def train_sae(settings: TrainSaeSettings, out: str | Path, *, progress: bool = True) -> dict:
@@ -92,23 +104,34 @@ def train_sae(settings: TrainSaeSettings, out: str | Path, *, progress: bool = T
     model, train_corpus, held_out = load_model_and_text(s, "train-sae")
     hooks = [s.hook] + ([s.hook_out] if transcoder else [])
     store = activation_store(model, train_corpus, hooks, s)
-    k = s.k if s.architecture in ("topk", "batchtopk") else None
+    topk = s.architecture in ("topk", "batchtopk")
+    k = s.k if topk else None
     dcfg = DictionaryConfig(architecture=s.architecture, d_in=store.widths[s.hook], d_sae=s.d_sae, k=k,
                             d_out=store.widths[s.hook_out] if transcoder else None, hook_name=s.hook,
-                            hook_name_out=s.hook_out, metadata=metadata(s, s.architecture),
-                            topk_threshold_lr=s.topk_threshold_lr)
+                            hook_name_out=s.hook_out,
+                            metadata=metadata(s, s.architecture, store.exclude_token_ids),
+                            topk_threshold_lr=s.topk_threshold_lr,
+                            rescale_acts_by_decoder_norm=topk and s.rescale_acts_by_decoder_norm)
     tc = train_config(s)
     result = train_dictionaries(dcfg, store.batch, tc, out_dir=out, progress=progress)
     sae = result.dictionaries[0]
+    if dcfg.rescale_acts_by_decoder_norm:
+        sae.fold_W_dec_norm()  # SAELens folds them when it saves: unit-norm decoder rows, same outputs
     metrics = evaluate(sae, model.params, model.cfg, held_out, context_size=s.context_size,
-                       n_sequences=s.eval_sequences)
+                       n_sequences=s.eval_sequences, exclude_token_ids=store.exclude_token_ids,
+                       exclude_norm_ratio=s.exclude_norm_ratio)
     metrics["eval_tokens"] = metrics.pop("tokens")
+    metrics["train_excluded"] = store.exclusion_counts()
     final = result.history[-1] if result.history else {}
     metrics |= run_summary(s, tc, result, t0)
     metrics |= {"train_loss": final.get("loss", [None])[0], "train_l0": final.get("l0", [None])[0],
                 "train_explained_variance": final.get("explained_variance", [None])[0],
                 "model": s.model, "hook": s.hook, "hook_out": s.hook_out, "architecture": s.architecture,
-                "d_sae": s.d_sae, "k": k, "train_text": s.train_text, "eval_text": s.eval_text}
+                "d_sae": s.d_sae, "k": k, "train_text": s.train_text, "eval_text": s.eval_text,
+                "exclude_token_ids": list(store.exclude_token_ids),
+                "exclude_norm_ratio": s.exclude_norm_ratio,
+                "rescale_acts_by_decoder_norm": dcfg.rescale_acts_by_decoder_norm,
+                "normalise_decoder": s.normalise_decoder}
     save_saelens(sae, out)
     _atomic.write_json(out / "metrics.json", metrics)
     return metrics
@@ -136,21 +159,27 @@ def load_model_and_text(s: TrainingSettings, command: str):
 
 
 def activation_store(model, corpus, hooks, s: TrainingSettings) -> ActivationStore:
-    """The store of `hooks` over `corpus`: forwards of 8 rows, a shuffle buffer of about two batches."""
+    """The store of `hooks` over `corpus`: forwards of 8 rows, a shuffle buffer of about two batches (plus the
+    exclusion reserve), leaving out the positions `s` excludes."""
     forward_batch = 8
     per_row = s.context_size - 1
-    buffer = s.buffer_sequences or forward_batch * max(1, math.ceil(2 * s.batch_size / per_row
+    ids = special_token_ids(model.tokenizer) if s.exclude_special_tokens else ()
+    reserve = 0.05 if ids or s.exclude_norm_ratio is not None else 0.0
+    buffer = s.buffer_sequences or forward_batch * max(1, math.ceil(2 * s.batch_size / (1 - reserve) / per_row
                                                                      / forward_batch))
     buffer = min(buffer, forward_batch * (corpus.n_sequences(s.context_size) // forward_batch))
     return ActivationStore(model.params, model.cfg, corpus, hooks, context_size=s.context_size,
                            batch_size=s.batch_size, buffer_sequences=max(buffer, forward_batch),
-                           forward_batch=forward_batch, key=s.seed)
+                           forward_batch=forward_batch, key=s.seed, exclude_token_ids=ids,
+                           exclude_norm_ratio=s.exclude_norm_ratio, exclude_reserve=reserve)
 
 
-def metadata(s: TrainingSettings, architecture: str) -> tuple:
-    """The dictionary config's metadata pairs (model, context, dataset, architecture)."""
+def metadata(s: TrainingSettings, architecture: str, exclude_token_ids=()) -> tuple:
+    """The dictionary config's metadata pairs (model, context, dataset, architecture, and SAELens's
+    `exclude_special_tokens`: the ids left out, or False)."""
     return (("model_name", s.model), ("context_size", s.context_size), ("prepend_bos", True),
-            ("dataset_path", s.train_text), ("training_architecture", architecture))
+            ("dataset_path", s.train_text), ("training_architecture", architecture),
+            ("exclude_special_tokens", tuple(exclude_token_ids) or False))
 
 
 def train_config(s: TrainingSettings) -> TrainConfig:
@@ -160,7 +189,7 @@ def train_config(s: TrainingSettings) -> TrainConfig:
                        coefficients=(("l1", s.l1_coefficient), ("sparsity", s.sparsity_coefficient)),
                        coefficient_warm_up_steps=s.coefficient_warm_up_steps,
                        dead_feature_window=s.dead_feature_window, checkpoint_every=s.checkpoint_every,
-                       seed=s.seed)
+                       seed=s.seed, normalise_decoder=s.normalise_decoder)
 
 
 def run_summary(s: TrainingSettings, tc: TrainConfig, result, t0: float) -> dict:
@@ -181,6 +210,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hook-out", default=None, help="transcoders: the hook written (blocks.3.hook_mlp_out)")
     p.add_argument("--architecture", default=d.architecture,
                    choices=[a for a in ARCHITECTURES if a != "clt"])
+    p.add_argument("--no-rescale-acts-by-decoder-norm", dest="rescale_acts_by_decoder_norm",
+                   action="store_false",
+                   help="topk/batchtopk: do not rescale by decoder norms (SAELens does)")
     add_training_arguments(p, d)
     p.set_defaults(func=_run, subparser=p)
     return p
@@ -208,6 +240,12 @@ def add_training_arguments(p: argparse.ArgumentParser, d: TrainingSettings) -> N
     p.add_argument("--train-text", default=d.train_text, help="registered source or text file (fortunes)")
     p.add_argument("--eval-text", default=d.eval_text, help="held-out source or text file (jargon)")
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
+    p.add_argument("--exclude-special-tokens", action="store_true",
+                   help="leave out BOS/EOS/PAD/SEP positions in training and evaluation (SAELens's option)")
+    p.add_argument("--exclude-norm-ratio", type=float, default=d.exclude_norm_ratio,
+                   help="leave out positions whose norm exceeds this multiple of the median")
+    p.add_argument("--normalise-decoder", action="store_true",
+                   help="unit-norm decoder rows after every step (topk/batchtopk; SAELens 6 does not)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

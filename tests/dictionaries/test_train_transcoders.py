@@ -60,10 +60,12 @@ def straight(setup):
 @pytest.fixture(scope="module")
 def model_and_rows(setup):
     from jaxlens.dictionaries.corpus import load_corpus
+    from jaxlens.dictionaries.evals import evaluation_rows
     from jaxlens.hooked_transformer import HookedTransformer
 
     model = HookedTransformer.from_pretrained(setup / "tiny")
-    rows = load_corpus(setup / "eval.txt", model.tokenizer).sequences(CTX, np.arange(N_EVAL))
+    held = load_corpus(setup / "eval.txt", model.tokenizer)
+    rows = held.sequences(CTX, evaluation_rows(held.n_sequences(CTX), N_EVAL))  # the rows evaluated
     return model, jnp.asarray(rows)
 
 
@@ -120,9 +122,9 @@ def test_replaced_loss_equals_a_layer_by_layer_patched_reference(setup, straight
     keep[:, 0] = False  # the BOS position keeps its MLP, as in training
     patches = {}
 
-    def ce(logits):
+    def ce(logits):  # the prediction made at the BOS position is not counted (SAELens's mask)
         logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
-        return -np.take_along_axis(np.asarray(logp), np.asarray(rows)[:, 1:, None], -1).mean()
+        return -np.take_along_axis(np.asarray(logp)[:, 1:], np.asarray(rows)[:, 2:, None], -1).mean()
 
     with jax.disable_jit():  # six differently patched forwards of a tiny model: cheaper than compiling each
         for layer in range(3):  # each transcoder reads the input of a run where the earlier MLPs are replaced
