@@ -42,7 +42,8 @@ def test_docstring_examples_run(name):
 
 def test_guides_exist_and_have_examples():
     names = {g.stem for g in GUIDES}
-    assert {"from_transformerlens", "architecture", "sweeps"} <= names
+    assert {"from_transformerlens", "architecture", "sweeps", "multihost", "dictionaries", "circuits",
+            "attribution_graphs", "flax_models"} <= names
     for guide in GUIDES:
         assert python_blocks(guide.read_text()), f"{guide.name} has no ```python block"
 
