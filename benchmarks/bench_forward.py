@@ -11,12 +11,16 @@ interleaved runs after warm-up:
 - TransformerLens 4.x (if installed) `TransformerBridge` in compatibility mode, forward and `run_with_cache`.
 
 Also the compile time of the jitted forward (and run_with_cache) for 12 and 48 layers: the blocks run under
-`jax.lax.scan`, so it should barely grow with depth. Measured as `jax.jit(f).lower(shapes).compile()` on
-abstract shapes (no weights allocated).
+`jax.lax.scan`, so it should barely grow with depth, except where the façade unrolls them (models of at most
+`jaxlens.model.layout.UNROLL_MAX_LAYERS` layers on CPU: per-layer weight views, no per-call weight copies);
+unrolled compile is also measured at `--unroll-depths` to show where it stops being acceptable. Measured as
+`jax.jit(f).lower(shapes).compile()` on abstract shapes (no weights allocated). The scanned forward (the path
+before the layout) is timed in the same run. Each timing also records the process CPU time of the call.
 
     python benchmarks/bench_forward.py                 # full run, appends a section to BENCHMARKS.md
     python benchmarks/bench_forward.py --quick --no-append
     python benchmarks/bench_forward.py --dtype bfloat16 --repeats 10
+    python benchmarks/bench_forward.py --quick --no-append --json benchmarks/results/forward16.json
 """
 
 import argparse
@@ -41,14 +45,17 @@ from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when r
 
 import jaxlens  # noqa: E402
 from jaxlens import HookedTransformer, hook_names  # noqa: E402
+from jaxlens._atomic import write_json  # noqa: E402
+from jaxlens.model import layout  # noqa: E402
 from jaxlens.model.forward import run  # noqa: E402
 
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(fns: dict, repeats: int, warmup: int = 2) -> dict[str, tuple[float, float]]:
-    """{name: (median ms, min ms)} of each thunk (which must block until its result is ready).
+def measure(fns: dict, repeats: int, warmup: int = 2) -> dict[str, tuple[float, float, float]]:
+    """{name: (median ms, min ms, median process CPU ms)} of each thunk (which must block until its result is
+    ready).
 
     The thunks are timed in interleaved rounds (a, b, c, a, b, c, ...) so that load from other processes
     falls on every library alike."""
@@ -56,12 +63,14 @@ def measure(fns: dict, repeats: int, warmup: int = 2) -> dict[str, tuple[float, 
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+            cpu[name].append(1e3 * (time.process_time() - c0))
+    return {name: (statistics.median(t), min(t), statistics.median(cpu[name])) for name, t in times.items()}
 
 
 def build_hf(torch_dtype):
@@ -75,7 +84,9 @@ def build_hf(torch_dtype):
 
 def jaxlens_thunks(model: HookedTransformer, tokens: np.ndarray) -> dict:
     toks = jnp.asarray(tokens)
+    scanned = jax.jit(lambda params, t: run(params, model.cfg, t)[0])  # no layout: the scan over layers
     return {("jaxlens", "forward"): lambda: jax.block_until_ready(model(toks)),
+            ("jaxlens", "forward (scan)"): lambda: jax.block_until_ready(scanned(model.params, toks)),
             ("jaxlens", "run_with_cache"): lambda: jax.block_until_ready(model.run_with_cache(toks))}
 
 
@@ -131,35 +142,49 @@ def tl_thunks(br, tokens: np.ndarray) -> dict:
 
 
 COMPILED = {
-    "forward": "forward (no cache)",
-    "per-layer": "forward + default hooks, per-layer names (`blocks.3.attn.hook_z`, as run_with_cache)",
-    "stacked": "forward + default hooks, stacked names (`blocks.attn.hook_z`, [layer ...])",
-    "run_with_cache": "run_with_cache's program: per-layer names, held stacked (`ActivationCache` slices)",
+    "forward": "forward (no cache), scan",
+    "facade forward": "forward as the façade compiles it (unrolled where the layout applies)",
+    "per-layer": "forward + default hooks, per-layer names (`blocks.3.attn.hook_z`), scan",
+    "stacked": "forward + default hooks, stacked names (`blocks.attn.hook_z`, [layer ...]), scan",
+    "run_with_cache": "run_with_cache's program: per-layer names, held stacked (`ActivationCache` slices), "
+                      "as the façade compiles it",
 }
+UNROLLED = "forward, unrolled (per-layer weights, as the layout runs it)"
+
+
+def abstract_layout(cfg: jaxlens.Config, params, unroll: bool) -> layout.Layout | None:
+    """The abstract shapes of the layout `layout.prepare` makes for float32 CPU params (None: the scan)."""
+    if not unroll or params["unembed"]["W_U"].dtype != jnp.float32:
+        return None
+    one = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), params["blocks"])
+    return layout.Layout(tuple(one for _ in range(cfg.n_layers)),
+                         jax.ShapeDtypeStruct((cfg.d_vocab, cfg.d_model), jnp.float32))
 
 
 def compile_seconds(cfg: jaxlens.Config, n_layers: int, n_tokens: int, dtype,
                     kind: str) -> tuple[float, float]:
     """(lower, compile) seconds of jax.jit(forward).lower(abstract shapes).compile() at n_layers layers.
 
-    kind: "forward" (no cache), "per-layer" (every default hook, one name per layer), "stacked" (the same
-    activations as one [layer ...] array per hook) or "run_with_cache" (per-layer names, recorded stacked, as
-    `run_with_cache` compiles them)."""
+    kind: "forward" (no cache, scan), "facade forward" (no cache, unrolled at most UNROLL_MAX_LAYERS layers),
+    "unrolled" (no cache, always unrolled), "per-layer" (every default hook, one name per layer), "stacked"
+    (the same activations as one [layer ...] array per hook) or "run_with_cache" (per-layer names, recorded
+    stacked, unrolled where the layout applies, as `run_with_cache` compiles them)."""
     cfg = cfg.replace(n_layers=n_layers)
     params = jax.eval_shape(lambda: jaxlens.init_params(cfg, jax.random.key(0), dtype=dtype))
     tokens = jax.ShapeDtypeStruct((1, n_tokens), jnp.int32)
-    names = () if kind == "forward" else tuple(hook_names.default_names(cfg))
+    names = () if kind in ("forward", "facade forward", "unrolled") else tuple(hook_names.default_names(cfg))
     if kind == "stacked":
         names = tuple(dict.fromkeys(n if not n.startswith("blocks.") else "blocks." + n.split(".", 2)[2]
                                     for n in names))
+    facade = kind in ("facade forward", "run_with_cache") and n_layers <= layout.UNROLL_MAX_LAYERS
+    lay = abstract_layout(cfg, params, facade or kind == "unrolled")
 
-    def f(params, tokens):  # a fresh function each time: nothing is reused from jit's cache
-        if kind == "run_with_cache":  # what jaxlens.caching.cached_forward jits
-            return run(params, cfg, tokens, cache_names=names, stacked_cache=True)[:2]
-        return jaxlens.forward(params, cfg, tokens, cache_names=names)
+    def f(params, lay, tokens):  # a fresh function each time: nothing is reused from jit's cache
+        return run(params, cfg, tokens, cache_names=names, stacked_cache=kind == "run_with_cache",
+                   layout=lay)[:2]
 
     t0 = time.perf_counter()
-    lowered = jax.jit(f).lower(params, tokens)
+    lowered = jax.jit(f).lower(params, lay, tokens)
     t1 = time.perf_counter()
     lowered.compile()
     return t1 - t0, time.perf_counter() - t1
@@ -181,6 +206,10 @@ def main(argv=None) -> str:
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw results to this JSON file")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile-time rows")
+    ap.add_argument("--unroll-depths", type=int, nargs="*", default=[12, 24],
+                    help="depths at which to time the unrolled forward's compile")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
     lengths = args.lengths or ([16] if args.quick else [16, 256])
@@ -199,7 +228,8 @@ def main(argv=None) -> str:
     hf_eager.set_attn_implementation("eager")
     print(f"models built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    rows = []  # (tokens, library, what, ms)
+    load_start = os.getloadavg()
+    rows = []  # (tokens, library, what, median ms, min ms, median CPU ms)
     rng = np.random.RandomState(0)
     for n in lengths:
         tokens = rng.randint(1, GPT2_SMALL["vocab_size"], (1, n))
@@ -212,19 +242,36 @@ def main(argv=None) -> str:
         thunks = {**jaxlens_thunks(jl, tokens), **hf_thunks(hf, hf_eager, tokens)}
         if br is not None:
             thunks.update(tl_thunks(br, tokens))
-        for (lib, what), (med, best) in measure(thunks, repeats).items():
-            rows.append((n, lib, what, med, best))
-            print(f"{n:>4} tokens  {lib:<16} {what:<20} {med:9.2f} ms (min {best:.2f})", file=sys.stderr)
+        for (lib, what), (med, best, cpu) in measure(thunks, repeats).items():
+            rows.append((n, lib, what, med, best, cpu))
+            print(f"{n:>4} tokens  {lib:<16} {what:<20} {med:9.2f} ms (min {best:.2f}, CPU {cpu:.2f})",
+                  file=sys.stderr)
 
     compile_rows = []
-    for kind in COMPILED:
+    for kind in () if args.no_compile else COMPILED:
         for n_layers in (12, 48):
             lower_s, compile_s = compile_seconds(jl.cfg, n_layers, lengths[0], jnp_dtype, kind)
             compile_rows.append((n_layers, COMPILED[kind], lower_s, compile_s))
             print(f"{n_layers} layers, {kind}: lower {lower_s:.2f} s, compile {compile_s:.2f} s",
                   file=sys.stderr)
+    for n_layers in () if args.no_compile else args.unroll_depths:
+        lower_s, compile_s = compile_seconds(jl.cfg, n_layers, lengths[0], jnp_dtype, "unrolled")
+        compile_rows.append((n_layers, UNROLLED, lower_s, compile_s))
+        print(f"{n_layers} layers, unrolled: lower {lower_s:.2f} s, compile {compile_s:.2f} s",
+              file=sys.stderr)
 
     report = render(args, argv, rows, compile_rows, repeats, br is not None, lengths[0])
+    if args.json is not None:
+        write_json(args.json, {
+            "command": "python benchmarks/bench_forward.py "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
+            "unroll_max_layers": layout.UNROLL_MAX_LAYERS, "dtype": args.dtype, "repeats": repeats,
+            "timings": [dict(tokens=n, library=lib, operation=what, median_ms=med, min_ms=best,
+                             median_cpu_ms=cpu) for n, lib, what, med, best, cpu in rows],
+            "compile": [dict(layers=n, function=what, lower_s=lo, compile_s=co)
+                        for n, what, lo, co in compile_rows]})
+        print(f"wrote {args.json}", file=sys.stderr)
     print(report)
     if not args.no_append:
         append(args.out, report)
@@ -254,13 +301,14 @@ def render(args, argv, rows, compile_rows, repeats, with_tl, compile_tokens) -> 
         "TransformerLens: 4.x TransformerBridge, compatibility mode (processed weights, eager attention); "
         "its run_with_cache records its bridge-only hooks too.",
         "",
-        "| tokens | library | operation | median ms | min ms | median vs jaxlens |",
-        "|---:|---|---|---:|---:|---:|",
+        "| tokens | library | operation | median ms | min ms | median vs jaxlens | CPU ms | CPU vs jaxlens |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    jl = {(n, what): ms for n, lib, what, ms, _ in rows if lib == "jaxlens"}
-    for n, lib, what, ms, best in rows:
-        base = jl[(n, "run_with_cache" if ("cache" in what or "hidden" in what) else "forward")]
-        lines.append(f"| {n} | {lib} | {what} | {ms:.2f} | {best:.2f} | {ms / base:.2f}x |")
+    jl = {(n, what): (ms, cpu) for n, lib, what, ms, _, cpu in rows if lib == "jaxlens"}
+    for n, lib, what, ms, best, cpu in rows:
+        base, base_cpu = jl[(n, "run_with_cache" if ("cache" in what or "hidden" in what) else "forward")]
+        lines.append(f"| {n} | {lib} | {what} | {ms:.2f} | {best:.2f} | {ms / base:.2f}x | {cpu:.1f} | "
+                     f"{cpu / base_cpu:.2f}x |")
     lines += ["", f"Compile time, `jax.jit(f).lower(abstract shapes).compile()`, {compile_tokens} tokens:",
               "",
               "| layers | function | lower s | compile s |", "|---:|---|---:|---:|"]

@@ -22,23 +22,35 @@ from jaxlens.cache import ActivationCache
 from jaxlens.config import Config
 from jaxlens.errors import InputError
 from jaxlens.interventions import Add, intervention_list
-from jaxlens.model import runner
+from jaxlens.model import layout, runner
 from jaxlens.model.forward import lm_cross_entropy_loss, run
 from jaxlens.shapes import AnyArray, Params, ParamsLike, resolve_params
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("cfg", "cache_names", "start_at_layer", "stop_at_layer", "stacked"))
 def run_jit(params: Params, cfg: Config,
             tokens: Int[AnyArray, "batch pos"] | Float[AnyArray, "batch pos d_model"],
             interventions: Mapping[str, Any], attention_mask: Bool[AnyArray, "batch pos"] | None, *,
             cache_names: tuple[str, ...] = (), start_at_layer: int | None = None,
             stop_at_layer: int | None = None, stacked: bool = False) -> tuple[Array, Any]:
-    """`forward.run` under jit (weights and interventions are arguments, names and bounds static)."""
+    """`forward.run` under jit (weights and interventions are arguments, names and bounds static), with the
+    model's weight layout (`layout.prepare`: unrolled per-layer weights for shallow models on CPU)."""
+    params, cfg = resolve_params(params, cfg)
+    return _run_jit(params, layout.prepare(params, cfg), cfg, tokens, interventions, attention_mask,
+                    cache_names=cache_names, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
+                    stacked=stacked)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "cache_names", "start_at_layer", "stop_at_layer", "stacked"))
+def _run_jit(params, lay, cfg, tokens, interventions, attention_mask, *, cache_names, start_at_layer,
+             stop_at_layer, stacked):
     out, cache, _ = run(params, cfg, tokens, interventions=interventions, cache_names=cache_names,
                         start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
-                        attention_mask=attention_mask, stacked_cache=stacked)
+                        attention_mask=attention_mask, stacked_cache=stacked, layout=lay)
     return out, cache
+
+
+run_jit._cache_size = _run_jit._cache_size  # compiled programs (tests and benchmarks count them)
 
 
 def cached_forward(

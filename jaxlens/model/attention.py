@@ -70,9 +70,7 @@ def attention_sublayer(
         q, k, v = (jnp.einsum("bphd,hde->bphe", norm(ln_p, i, cfg, quiet, "ln1"), p[w])
                    for i, w in zip(ins, ("W_Q", "W_K", "W_V"), strict=True))
     else:  # recording the split inputs changes nothing else
-        q = jnp.einsum("bpd,hde->bphe", x, p["W_Q"])
-        k = jnp.einsum("bpd,hde->bphe", x, p["W_K"])
-        v = jnp.einsum("bpd,hde->bphe", x, p["W_V"])
+        q, k, v = (_project(x, p[w]) for w in ("W_Q", "W_K", "W_V"))
     q = hooks("attn.hook_q", q + p["b_Q"])
     k = hooks("attn.hook_k", k + p["b_K"])
     v = hooks("attn.hook_v", v + p["b_V"])
@@ -97,6 +95,20 @@ def attention_sublayer(
     else:
         out = jnp.einsum("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"]
     return out, kv
+
+
+def _project(x: Float[Array, "batch pos d_model"],
+             W: Float[Array, "head_index d_model d_head"]) -> Float[Array, "batch pos head_index d_head"]:
+    """x W per head. For few tokens (batch * pos < d_head) as a product batched over heads, which reads W as
+    stored; XLA's CPU dot would otherwise copy W transposed to [d_model, head_index d_head] on every call,
+    which costs more than the product itself."""
+    b, s, d = x.shape
+    h, _, e = W.shape
+    if b * s >= e:
+        return jnp.einsum("bpd,hde->bphe", x, W)
+    xs = jnp.broadcast_to(x.reshape(1, b * s, d), (h, b * s, d))
+    out = jnp.einsum("hnd,hde->hne", xs, W)  # n = (b p)
+    return out.reshape(h, b, s, e).transpose(1, 2, 0, 3)
 
 
 def _attend(p, q, k, v, cfg: Config, hooks: Hooks, ctx: Context, window, key_valid):

@@ -8,7 +8,8 @@ function.
 Blocks run under `jax.lax.scan` over the stacked `layer` axis: compile time does not grow with depth.
 Per-layer differences (attention windows) and stacked interventions are scanned data; an intervention
 addressed to one layer is applied where the scanned layer index equals it. Nothing is mutated and no hook is
-registered.
+registered. `run(..., layout=layout.prepare(params, cfg))` (what the façade does) runs shallow models on CPU
+unrolled on per-layer weight views instead, with the same results (`jaxlens.model.layout`).
 """
 
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,7 @@ from jaxlens.errors import InputError
 from jaxlens.model import runner
 from jaxlens.model.attention import Context, KVState
 from jaxlens.model.hooks import Hooks
+from jaxlens.model.layout import Layout
 from jaxlens.model.loss import lm_cross_entropy_loss as lm_cross_entropy_loss  # re-exported
 from jaxlens.model.norms import norm
 from jaxlens.shapes import AnyArray, Params, ParamsLike, resolve_params
@@ -100,6 +102,7 @@ def run(
     kv_cache: KVState | None = None,
     pos_offset: Int[Array, ""] | int = 0,
     stacked_cache: bool = False,
+    layout: Layout | None = None,
 ) -> tuple[Array, dict[str, Array] | tuple[dict[str, Array], dict[str, Array]], KVState | None]:
     """`forward`, plus incremental decoding: with `kv_cache` (KVState with a leading layer axis, max_pos long)
     the tokens are placed at absolute positions pos_offset.. and the updated cache is returned third.
@@ -109,7 +112,11 @@ def run(
 
     With `stacked_cache` the second output is `runner.stacks`'s pair ({global or stacked name: activation},
     {relative block name: activations stacked over the layers `runner.stack_layers` lists}): one output per
-    hook, for `ActivationCache`."""
+    hook, for `ActivationCache`.
+
+    With `layout` (`layout.prepare(params, cfg)`, made outside jit) the blocks run unrolled on its per-layer
+    weights and the unembedding reads its transposed W_U: the fast path of shallow models on CPU, same
+    results."""
     params, cfg = resolve_params(params, cfg)
     if kv_cache is not None and attention_mask is not None:
         n_mask, n_slots = jnp.shape(attention_mask)[-1], kv_cache.k.shape[2]
@@ -136,31 +143,42 @@ def run(
         positions = _positions(resid.shape[:2], attention_mask, pos_offset)
     key_valid = None if attention_mask is None else jnp.asarray(attention_mask, bool)
     ctx = Context(positions=positions, key_valid=key_valid, offset=pos_offset)
+    lay = Layout(None, None) if layout is None else layout
+    if lay.layers is not None and len(lay.layers) != cfg.n_layers:
+        raise InputError(f"The weight layout has {len(lay.layers)} layers; the model has n_layers="
+                         f"{cfg.n_layers}. Make it from these params with layout.prepare(params, cfg).")
     resid, recorded, new_kv = runner.run_blocks(params["blocks"], cfg, resid, ctx, block_iv, start=start,
-                                                stop=stop, cache=block_cache, kv=kv_cache)
-    out = resid if stop_at_layer is not None else final_logits(params, cfg, resid, top)
+                                                stop=stop, cache=block_cache, kv=kv_cache, layers=lay.layers)
+    out = resid if stop_at_layer is not None else final_logits(params, cfg, resid, top, W_U_T=lay.W_U_T)
     gather = runner.stacks if stacked_cache else runner.collect
     return out, gather(table, cache_names, top.cache, recorded, start, stop), new_kv
 
 
 def final_logits(params: Params, cfg: Config, resid: Float[Array, "batch pos d_model"],
                  hooks: Hooks | None = None,
-                 vocab: Int[Array, " n"] | None = None) -> Float[Array, "batch pos d_vocab"]:
+                 vocab: Int[Array, " n"] | None = None, *,
+                 W_U_T: Float[Array, "d_vocab d_model"] | None = None) -> Float[Array, "batch pos d_vocab"]:
     """ln_final then the unembedding (with `vocab`, only those logits)."""
     hooks = Hooks() if hooks is None else hooks
-    return unembed(params, cfg, norm(params.get("ln_final", {}), resid, cfg, hooks, "ln_final"), hooks, vocab)
+    x = norm(params.get("ln_final", {}), resid, cfg, hooks, "ln_final")
+    return unembed(params, cfg, x, hooks, vocab, W_U_T=W_U_T)
 
 
 def unembed(params: Params, cfg: Config, x: Float[Array, "batch pos d_model"], hooks: Hooks | None = None,
-            vocab: Int[Array, " n"] | None = None) -> Float[Array, "batch pos d_vocab"]:
+            vocab: Int[Array, " n"] | None = None, *,
+            W_U_T: Float[Array, "d_vocab d_model"] | None = None) -> Float[Array, "batch pos d_vocab"]:
     """Logits from the final normalised residual (with output softcapping where the config has it); with
-    `vocab`, only the logits of those token ids ([batch pos n])."""
+    `vocab`, only the logits of those token ids ([batch pos n]). `W_U_T`: the same W_U stored transposed
+    (`layout.Layout`), which XLA's CPU dot reads faster."""
     W_U, b_U = params["unembed"]["W_U"], params["unembed"]["b_U"]
     if vocab is not None:
-        W_U, b_U = W_U[:, vocab], b_U[vocab]
+        W_U, b_U, W_U_T = W_U[:, vocab], b_U[vocab], None
     if hooks is not None:
         x = hooks("unembed.hook_in", x)
-    logits = jnp.einsum("bpd,dv->bpv", x, W_U) + b_U
+    if W_U_T is None:
+        logits = jnp.einsum("bpd,dv->bpv", x, W_U) + b_U
+    else:
+        logits = jnp.einsum("bpd,vd->bpv", x, W_U_T) + b_U
     if cfg.output_logits_soft_cap is not None:
         logits = cfg.output_logits_soft_cap * jnp.tanh(logits / cfg.output_logits_soft_cap)
     return logits if hooks is None else hooks("unembed.hook_out", logits)

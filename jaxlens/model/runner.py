@@ -11,10 +11,13 @@ scanned data, and the recorded activations come back stacked. With a traced `sta
 layer is data) the same block body runs in a `fori_loop` whose bounds are data, reading each layer's weights
 by dynamic index. Either way an intervention addressed to one layer applies where the layer index equals it,
 so new block behaviour (a spliced dictionary, a frozen pattern, an edge mask) is written once, as an
-intervention or a block function, and reaches every program.
+intervention or a block function, and reaches every program. Given per-layer weights (`layers`, from
+`layout.prepare`: views of the stacked arrays) the same block function runs unrolled, once per layer, on
+those arrays: no per-call weight copies (the fast path of shallow models on CPU), same names, shapes and
+interventions.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -121,10 +124,11 @@ def run_blocks(
     cache: Iterable[str] = frozenset(),
     kv: KVState | None = None,
     block: BlockFn = decoder_block,
+    layers: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array], KVState | None]:
     """Run blocks [start, stop) on `resid` (`run_blocks_carried` without a carry)."""
     resid, stacked, kv, _ = run_blocks_carried(blocks, cfg, resid, ctx, interventions, start=start, stop=stop,
-                                               cache=cache, kv=kv, block=block)
+                                               cache=cache, kv=kv, block=block, layers=layers)
     return resid, stacked, kv
 
 
@@ -141,6 +145,7 @@ def run_blocks_carried(
     kv: KVState | None = None,
     block: BlockFn = decoder_block,
     carry: Any = None,
+    layers: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array], KVState | None, Any]:
     """Run blocks [start, stop) on `resid`, threading `carry` through them.
 
@@ -159,6 +164,8 @@ def run_blocks_carried(
         carry: a pytree carried from layer to layer (None for none): interventions that declare
             `uses_carry` read and update it (`Hooks`), e.g. the per-source output differences of edge
             patching (`jaxlens.circuits`).
+        layers: every layer's block params as separate arrays (`layout.Layout.layers`): with int bounds the
+            blocks then run unrolled on them (no per-layer weight copies; compile time grows with depth).
 
     Returns:
         (residual after block stop - 1, {relative name: [stop - start, ...]}, updated kv or None, the carry
@@ -172,6 +179,19 @@ def run_blocks_carried(
                       names_to_cache=cache, carry=c)
         r, kv_l = block(p, r, cfg, hooks, ctx, window, kv_l)
         return r, hooks.carry, hooks.cache, kv_l
+
+    if isinstance(start, int) and layers is not None and stop > start:
+        rc, recs, kvs = (resid, carry), [], []
+        for j, l in enumerate(range(start, stop)):
+            at = lambda x, j=j: x[j]
+            kv_l = None if kv is None else jax.tree_util.tree_map(at, kv)
+            here = jax.tree_util.tree_map(at, interventions.stacked)
+            *rc, recorded, kv_l = step(layers[l], *rc, jnp.asarray(l, jnp.int32), wins[l], here, kv_l)
+            recs.append(recorded)
+            kvs.append(kv_l)
+        stack = lambda *xs: jnp.stack(xs)
+        new_kv = None if kv is None else jax.tree_util.tree_map(stack, *kvs)
+        return rc[0], jax.tree_util.tree_map(stack, *recs), new_kv, rc[1]
 
     if isinstance(start, int):
         def body(rc, xs):
