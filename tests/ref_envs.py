@@ -61,17 +61,12 @@ def ensure_env(name: str, steps, *, python: str | None = None) -> Path:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     final = root / _key(name, steps, python)
-    exe = final / "bin" / "python"
-    if exe.exists():
-        return exe
-    with open(root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if exe.exists():  # built by another worker while we waited
-            return exe
-        build = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+
+    def build() -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
         try:
-            subprocess.run([python, "-m", "venv", str(build)], check=True)
-            pip = [str(build / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+            subprocess.run([python, "-m", "venv", str(tmp)], check=True)
+            pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
             for step in steps:
                 done = subprocess.run([*pip, *step], capture_output=True, text=True)
                 if done.returncode != 0:
@@ -80,10 +75,24 @@ def ensure_env(name: str, steps, *, python: str | None = None) -> Path:
                         f"{done.stderr[-4000:]}"
                     )
             # the venv's console scripts hard-code the build path; `python -m` / `-c` do not care
-            build.rename(final)
+            tmp.rename(final)
         except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    return build_once(final, final / "bin" / "python", build)
+
+
+def build_once(final: Path, exe: Path, build) -> Path:
+    """`exe`, the product of the cache entry `final`: `build()` makes it (and must leave nothing at `final`
+    when it fails) unless it exists, under a lock file beside `final`, so two test workers never build the
+    same entry at once and the second one reuses the first one's."""
+    if exe.exists():
+        return exe
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not exe.exists():  # else built by another worker while we waited
+            build()
     return exe
 
 

@@ -10,7 +10,6 @@ libsqlite3)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -21,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ref_envs import cache_root
+from ref_envs import build_once, cache_root
 
 # version -> (url of the upstream tarball on the Debian mirror, its sha256)
 SOURCES = {
@@ -65,12 +64,8 @@ def ensure_python(version: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"python-{version}-{key}"
     exe = final / "bin" / f"python{version}"
-    if exe.exists():
-        return exe
-    with open(root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if exe.exists():  # built by another worker while we waited
-            return exe
+
+    def build() -> None:
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}-src-", dir=root))
         # configure's --prefix is baked into the interpreter, so install under the final path's name in a
         # staging root (DESTDIR) and rename the tree into place when every step succeeded
@@ -97,4 +92,5 @@ def ensure_python(version: str) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(stage, ignore_errors=True)
-    return exe
+
+    return build_once(final, exe, build)
