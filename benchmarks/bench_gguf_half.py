@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import PEAK_RSS_PRELUDE, cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jaxlens import HookedTransformer, converters
 from jaxlens.converters import _gguf
 jnp.zeros(1).block_until_ready()
-def status(key):
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM to the current RSS
-base = status("VmRSS")
+""" + PEAK_RSS_PRELUDE + r"""
 t = time.perf_counter()
 if how.startswith("numpy fp32"):
     cfg, params = _gguf.load(path, cache_dir=cache, progress=False)
