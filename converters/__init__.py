@@ -38,8 +38,8 @@ from jaxlens.converters._converted import is_converted as is_converted
 from jaxlens.converters._converted import load_converted as load_converted
 from jaxlens.converters._converted import save_converted as save_converted
 from jaxlens.converters._converted import unflatten_params as unflatten_params
-from jaxlens.converters._gguf_header import read_gguf as read_gguf
 from jaxlens.converters._gguf_quant import float_dtype
+from jaxlens.converters._gguf_split import read_gguf as read_gguf
 from jaxlens.converters._gguf_tokenizer import tokenizer_from_gguf as tokenizer_from_gguf
 from jaxlens.converters._registry import ENCODER_ARCHITECTURES as ENCODER_ARCHITECTURES
 from jaxlens.converters._registry import FAMILIES as FAMILIES

@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxlens import _atomic
 from jaxlens.converters._checkpoint import read_safetensors, write_safetensors
-from jaxlens.converters._gguf_header import dequantize_all, read_gguf
 from jaxlens.converters._gguf_quant import float_dtype
+from jaxlens.converters._gguf_split import dequantize_all, read_gguf
 from jaxlens.errors import CheckpointError
 
 #: Bumped whenever the cached representation or the decoders change, so that old cache entries are not reused.

@@ -11,8 +11,8 @@ seconds on a tokenizer's strings); tensors are decoded by `_gguf_quant.dequantiz
     gf.get("token_embd.weight")                   # float32 [49152, 576]
     gf.get("token_embd.weight", jnp.bfloat16)     # bfloat16, decoded without a float32 copy
 
-A model split by llama.cpp's `gguf-split` (`NAME-00001-of-00003.gguf`, ...) opens from any one part as one
-GGUFFile (`_gguf_split.read_parts`).
+`read_header` parses one file; `_gguf_split.read_gguf` opens a model from one file or (split by llama.cpp's
+`gguf-split`, `NAME-00001-of-00003.gguf`, ...) from any one of its parts, as one GGUFFile.
 """
 
 import difflib
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxlens.converters._gguf_quant import can_dequantize, dequantize, float_dtype, supported_types
+from jaxlens.converters._gguf_quant import can_dequantize, dequantize, supported_types
 from jaxlens.errors import CheckpointError
 
 
@@ -129,31 +129,6 @@ class GGUFFile:
             ) from None
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open a GGUF file: parse its metadata and tensor table now, read tensor data later (`GGUFFile.get`).
-
-    A part of a split model (metadata `split.count` > 1) opens the whole model: every part, found by
-    llama.cpp's naming `NAME-0000k-of-0000N.gguf`, checked complete and consistent (`_gguf_split`).
-
-    Args:
-        path: a `.gguf` file.
-
-    Returns:
-        The GGUFFile, with `metadata` decoded to plain Python values.
-
-    Raises:
-        CheckpointError: the file is missing, is not GGUF (bad magic), or is truncated or corrupt; a part of
-            a split model is missing, or the parts disagree.
-    """
-    version, metadata, infos = read_header(path)
-    path = Path(path)
-    if int(metadata.get("split.count", 1)) > 1:
-        from jaxlens.converters._gguf_split import read_parts
-
-        return read_parts(path, metadata)
-    return GGUFFile(path, metadata, version, infos)
-
-
 def read_header(path: str | os.PathLike) -> tuple[int, dict[str, Any], dict[str, _TensorInfo]]:
     """(version, metadata, tensor table) of one GGUF file, split or not; no tensor data read.
 
@@ -176,38 +151,6 @@ def read_header(path: str | os.PathLike) -> tuple[int, dict[str, Any], dict[str,
             )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _Header(mm, path).parse()
-
-
-def dequantize_all(
-    path: str | os.PathLike | GGUFFile, *, progress: bool = True, dtype=np.float32
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a GGUF file (or every part of a split one) and dequantise every tensor to `dtype`.
-
-    Vectors (norm weights, biases) stay float32 whatever `dtype`: they cost next to nothing, and a converter's
-    arithmetic on them (Gemma's norm offset) then rounds once, as on the float32 path.
-
-    Args:
-        path: a `.gguf` file, or one already opened by `read_gguf`.
-        progress: show a tqdm progress bar over the tensors.
-        dtype: float32, float16 or bfloat16, decoded into directly (`GGUFFile.get`).
-
-    Returns:
-        `(metadata, tensors)`: the header as plain Python values, and `{name: array}` in file order (matrices
-        in `dtype`, vectors in float32).
-
-    Raises:
-        CheckpointError: as `read_gguf` and `GGUFFile.get`.
-        InputError: another dtype.
-    """
-    from tqdm.auto import tqdm
-
-    dtype = float_dtype(dtype)
-    gf = path if isinstance(path, GGUFFile) else read_gguf(path)
-    names = gf.names()
-    tensors = {}
-    for name in tqdm(names, desc=f"Dequantising {gf.path.name}", unit="tensor", disable=not progress):
-        tensors[name] = gf.get(name, dtype if len(gf.shape(name)) > 1 else np.float32)
-    return gf.metadata, tensors
 
 
 # --- header parser ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Split GGUF models: the parts llama.cpp's `gguf-split` writes, opened as one GGUFFile.
+"""Opening a GGUF model (`read_gguf`, `dequantize_all`): one file, or the parts llama.cpp's `gguf-split`
+writes, as one GGUFFile.
 
 `llama-gguf-split --split` cuts a model into files named `NAME-00001-of-0000N.gguf` ...
 `NAME-0000N-of-0000N.gguf` (llama.cpp's `llama_split_path`, "%s-%05d-of-%05d.gguf", parts counted from 1).
@@ -14,11 +15,15 @@ its name.
     gf.parts                                           # [.../SmolLM2-00001-of-00003.gguf, ...]
 """
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxlens.converters._gguf_header import GGUFFile, _TensorInfo, read_header
+from jaxlens.converters._gguf_quant import float_dtype
 from jaxlens.errors import CheckpointError
 
 #: llama.cpp's split metadata keys (`LLM_KV_SPLIT_NO`, `LLM_KV_SPLIT_COUNT`, `LLM_KV_SPLIT_TENSORS_COUNT`).
@@ -50,6 +55,61 @@ def part_paths(path: Path, metadata: dict[str, Any]) -> list[Path]:
             f"NAME-00001-of-{count:05d}.gguf merged.gguf`.")
     prefix = str(path.parent / match["prefix"])
     return [Path(split_path(prefix, i, count)) for i in range(count)]
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open a GGUF file: parse its metadata and tensor table now, read tensor data later (`GGUFFile.get`).
+
+    A part of a split model (metadata `split.count` > 1) opens the whole model: every part, found by
+    llama.cpp's naming `NAME-0000k-of-0000N.gguf`, checked complete and consistent (`_gguf_split`).
+
+    Args:
+        path: a `.gguf` file.
+
+    Returns:
+        The GGUFFile, with `metadata` decoded to plain Python values.
+
+    Raises:
+        CheckpointError: the file is missing, is not GGUF (bad magic), or is truncated or corrupt; a part of
+            a split model is missing, or the parts disagree.
+    """
+    version, metadata, infos = read_header(path)
+    path = Path(path)
+    if int(metadata.get("split.count", 1)) > 1:
+        return read_parts(path, metadata)
+    return GGUFFile(path, metadata, version, infos)
+
+
+def dequantize_all(
+    path: str | os.PathLike | GGUFFile, *, progress: bool = True, dtype=np.float32
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a GGUF file (or every part of a split one) and dequantise every tensor to `dtype`.
+
+    Vectors (norm weights, biases) stay float32 whatever `dtype`: they cost next to nothing, and a converter's
+    arithmetic on them (Gemma's norm offset) then rounds once, as on the float32 path.
+
+    Args:
+        path: a `.gguf` file, or one already opened by `read_gguf`.
+        progress: show a tqdm progress bar over the tensors.
+        dtype: float32, float16 or bfloat16, decoded into directly (`GGUFFile.get`).
+
+    Returns:
+        `(metadata, tensors)`: the header as plain Python values, and `{name: array}` in file order (matrices
+        in `dtype`, vectors in float32).
+
+    Raises:
+        CheckpointError: as `read_gguf` and `GGUFFile.get`.
+        InputError: another dtype.
+    """
+    from tqdm.auto import tqdm
+
+    dtype = float_dtype(dtype)
+    gf = path if isinstance(path, GGUFFile) else read_gguf(path)
+    names = gf.names()
+    tensors = {}
+    for name in tqdm(names, desc=f"Dequantising {gf.path.name}", unit="tensor", disable=not progress):
+        tensors[name] = gf.get(name, dtype if len(gf.shape(name)) > 1 else np.float32)
+    return gf.metadata, tensors
 
 
 def read_parts(path: Path, metadata: dict[str, Any]) -> GGUFFile:

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlens.config import Config
-from jaxlens.converters._rope import default_freqs
 from jaxlens.errors import CheckpointError, InputError
 from jaxlens.flax._instrument import check_layout
 
@@ -125,6 +124,9 @@ def config_from_gemma(config: Any, *, n_ctx: int = 8192) -> Config:
     if any(local) and not (isinstance(window, int) and window > 0):
         raise CheckpointError(f"gemma config: LOCAL_SLIDING layers need a positive int sliding_window_size, "
                               f"found {window!r}.")
+    # imported here: jaxlens.flax is also imported where converters/ is not installed (reference envs)
+    from jaxlens.converters._rope import default_freqs
+
     E = f["head_dim"]
     freqs = lambda base, scale: tuple((default_freqs(float(base), E) / np.float32(scale)).tolist())  # noqa: E731
     return Config(
@@ -332,6 +334,8 @@ def _gemma_config_of(cfg: Config, transpose_gating_einsum: bool) -> dict[str, An
 def _scale_of(freqs, base: float, dim: int, name: str, scale: float | None = None) -> float:
     """The linear scale factor s with freqs == default_freqs(base, dim) / s (1.0 for None); CheckpointError if
     there is none."""
+    from jaxlens.converters._rope import default_freqs
+
     if freqs is None:
         return 1.0
     scale = 1.0 / freqs[0] if scale is None else scale

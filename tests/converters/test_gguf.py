@@ -19,8 +19,8 @@ import pytest
 from gguf_writing import write_out
 
 from jaxlens.converters import _gguf_quant
-from jaxlens.converters._gguf_header import dequantize_all, read_gguf
 from jaxlens.converters._gguf_quant import dequantize, supported_types
+from jaxlens.converters._gguf_split import dequantize_all, read_gguf
 from jaxlens.converters._gguf_tokenizer import tokenizer_from_gguf
 from jaxlens.errors import CheckpointError
 

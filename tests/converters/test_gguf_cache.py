@@ -11,7 +11,7 @@ from test_gguf import make_small_gguf, write_gguf
 
 from jaxlens.converters import _gguf_cache
 from jaxlens.converters._gguf_cache import cached_dequantize
-from jaxlens.converters._gguf_header import dequantize_all
+from jaxlens.converters._gguf_split import dequantize_all
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from test_smollm2 import write_like_llama_cpp
 
 from jaxlens import HookedTransformer, converters, testing
 from jaxlens.converters import _gguf, _gguf_quant
-from jaxlens.converters._gguf_header import dequantize_all, read_gguf
 from jaxlens.converters._gguf_quant import dequantize
+from jaxlens.converters._gguf_split import dequantize_all, read_gguf
 from jaxlens.errors import InputError
 
 QT = gguf.GGMLQuantizationType

@@ -13,8 +13,8 @@ import pytest
 from gguf_writing import write_out
 
 from jaxlens.converters import _gguf_quant
-from jaxlens.converters._gguf_header import read_gguf
 from jaxlens.converters._gguf_quant import can_dequantize, dequantize, supported_types
+from jaxlens.converters._gguf_split import read_gguf
 from jaxlens.errors import CheckpointError
 
 QT = gguf.GGMLQuantizationType

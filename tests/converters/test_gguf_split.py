@@ -21,7 +21,7 @@ from test_smollm2 import _LLAMA, _logits, write_like_llama_cpp
 
 from jaxlens import converters, hub, testing
 from jaxlens.converters import _gguf
-from jaxlens.converters._gguf_header import read_gguf
+from jaxlens.converters._gguf_split import read_gguf
 from jaxlens.errors import CheckpointError
 
 T = 9

@@ -29,7 +29,7 @@ from test_smollm2 import text_model_hparams, write_like_llama_cpp
 
 from jaxlens import HookedTransformer, converters, testing
 from jaxlens.converters import _gguf, _gguf_map, _gguf_tokenizer
-from jaxlens.converters._gguf_header import read_gguf
+from jaxlens.converters._gguf_split import read_gguf
 from jaxlens.errors import CheckpointError
 
 T = 12
