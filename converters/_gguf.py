@@ -3,7 +3,8 @@ converted by the family converter.
 
 The pieces, one module each:
 
-    _gguf_header.py     read_gguf: the header (metadata, tensor table) and tensors read on request
+    _gguf_header.py     read_header, GGUFFile: one file's header (metadata, tensor table), tensors on request
+    _gguf_split.py      read_gguf, dequantize_all: a model from one file or the parts of a split one
     _gguf_quant.py      dequantize: ggml's block quantisations decoded to float32
     _gguf_cache.py      cached_dequantize: every tensor, cached as safetensors keyed by the file's SHA-256
     _gguf_tokenizer.py  tokenizer_from_gguf: the tokenizer rebuilt from the metadata
