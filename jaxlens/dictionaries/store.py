@@ -53,6 +53,9 @@ from jaxlens.errors import InputError
 from jaxlens.model.forward import run
 from jaxlens.shapes import Params
 
+EXCLUDE_RESERVE = 0.05
+"""The share of each shuffle buffer held in reserve for left-out positions when an exclusion is on."""
+
 #: The tokenizer attributes whose ids SAELens 6 excludes with `exclude_special_tokens=True`
 #: (`sae_lens.util.get_special_token_ids`).
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
@@ -77,8 +80,8 @@ class ActivationStore:
             `exclude_special_tokens`; `special_token_ids(tokenizer)` for its `True`).
         exclude_norm_ratio: leave out the positions whose norm at any hook exceeds this multiple (> 1) of that
             hook's median norm over the shuffle buffer (None: off).
-        exclude_reserve: the share of each buffer held in reserve for exclusions (default 0.05 when an
-            exclusion is on, else 0).
+        exclude_reserve: the share of each buffer held in reserve for exclusions (default EXCLUDE_RESERVE
+            when an exclusion is on, else 0).
         dtype: dtype of the returned activations.
 
     Raises:
@@ -110,7 +113,7 @@ class ActivationStore:
         self.exclude_token_ids, self.exclude_norm_ratio = check_exclusions(
             exclude_token_ids, exclude_norm_ratio, cfg.d_vocab)
         on = bool(self.exclude_token_ids) or self.exclude_norm_ratio is not None
-        reserve = (0.05 if on else 0.0) if exclude_reserve is None else exclude_reserve
+        reserve = (EXCLUDE_RESERVE if on else 0.0) if exclude_reserve is None else exclude_reserve
         if not (isinstance(reserve, (int, float)) and 0 <= reserve < 1):
             raise InputError(f"exclude_reserve must be a fraction in [0, 1); found {exclude_reserve!r}.")
         self.exclude_reserve = float(reserve)

@@ -38,7 +38,7 @@ from jaxlens import _atomic
 from jaxlens.dictionaries import corpus as corpus_mod
 from jaxlens.dictionaries.base import ARCHITECTURES, DictionaryConfig
 from jaxlens.dictionaries.evals import evaluate
-from jaxlens.dictionaries.store import ActivationStore, special_token_ids
+from jaxlens.dictionaries.store import EXCLUDE_RESERVE, ActivationStore, special_token_ids
 from jaxlens.dictionaries.train import TrainConfig, train_dictionaries
 from jaxlens.errors import InputError
 
@@ -164,7 +164,7 @@ def activation_store(model, corpus, hooks, s: TrainingSettings) -> ActivationSto
     forward_batch = 8
     per_row = s.context_size - 1
     ids = special_token_ids(model.tokenizer) if s.exclude_special_tokens else ()
-    reserve = 0.05 if ids or s.exclude_norm_ratio is not None else 0.0
+    reserve = EXCLUDE_RESERVE if ids or s.exclude_norm_ratio is not None else 0.0
     buffer = s.buffer_sequences or forward_batch * max(1, math.ceil(2 * s.batch_size / (1 - reserve) / per_row
                                                                      / forward_batch))
     buffer = min(buffer, forward_batch * (corpus.n_sequences(s.context_size) // forward_batch))
